@@ -1,0 +1,200 @@
+"""memguard's own structlog logger for audit records.
+
+Built with ``structlog.wrap_logger`` and an explicit processor chain, wrapper and context class, and
+materialized at once, so neither the application's ``structlog.configure`` nor its ``logging`` setup
+can filter, reformat or redirect audit records, and memguard never changes them either.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+
+from guard.policy.decision import Decision
+from guard.policy.schema import Policy
+
+from .record import (
+    AuditRecord,
+    ModelRef,
+    Outcome,
+    PolicyRef,
+    PromptMode,
+    decision_fields,
+    new_request_id,
+    protect_prompt,
+    utc_timestamp,
+)
+from .sink import AuditLog
+
+__all__ = ["AUDIT_PATH_ENV", "AuditLogger", "AuditRecordError", "open_audit", "resolve_audit_path"]
+
+AUDIT_PATH_ENV = "MEMGUARD_AUDIT_PATH"
+EventDict = MutableMapping[str, Any]
+
+
+class AuditRecordError(ValueError):
+    """An event does not fit the audit record schema (a bug in the caller, not in the log)."""
+
+
+def add_timestamp(_: Any, __: str, event: EventDict) -> EventDict:
+    event.setdefault("timestamp", utc_timestamp())
+    return event
+
+
+def add_request_id(_: Any, __: str, event: EventDict) -> EventDict:
+    if not event.get("request_id"):
+        event["request_id"] = new_request_id()
+    return event
+
+
+class ProtectPrompt:
+    """Replaces the plain prompt by its hash or ``[redacted]`` unless the event already says how it is stored."""
+
+    def __init__(self, mode: PromptMode, salt: str | None = None):
+        self.mode = mode
+        self.salt = salt
+
+    def __call__(self, _: Any, __: str, event: EventDict) -> EventDict:
+        if "prompt_mode" not in event:
+            event["prompt"] = protect_prompt(event.get("prompt"), self.mode, self.salt)
+            event["prompt_mode"] = self.mode
+        return event
+
+
+def validate_record(_: Any, __: str, event: EventDict) -> dict[str, Any]:
+    try:
+        return AuditRecord.model_validate(dict(event)).to_json_dict()
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise AuditRecordError(f"invalid audit record: {where}: {first['msg']}") from None
+
+
+def to_sink(_: Any, __: str, event: EventDict) -> tuple[tuple[dict[str, Any]], dict[str, Any]]:
+    return (dict(event),), {}
+
+
+class _SinkLogger:
+    """The wrapped 'logger': hands each validated record to the hash-chaining sink."""
+
+    def __init__(self, sink: AuditLog):
+        self.sink = sink
+
+    def msg(self, record: dict[str, Any]) -> dict[str, Any]:
+        return self.sink.append(record)
+
+    info = warning = error = critical = debug = msg
+
+
+class AuditLogger:
+    """Writes audit records through memguard's own structlog processor chain into an ``AuditLog``.
+
+    Processors: add a UTC timestamp, add a request id, protect the prompt (hash, redact or plain),
+    validate against ``AuditRecord``; the sink then chains and writes the canonical JSON line.
+    Context bound with ``bind`` (request id, policy, model) goes into every record.
+    """
+
+    def __init__(
+        self,
+        sink: AuditLog,
+        *,
+        prompt_mode: PromptMode = "hash",
+        hash_salt: str | None = None,
+        context: Mapping[str, Any] | None = None,
+    ):
+        self.sink = sink
+        self.prompt_mode = prompt_mode
+        self.hash_salt = hash_salt
+        processors = [add_timestamp, add_request_id, ProtectPrompt(prompt_mode, hash_salt), validate_record, to_sink]
+        self._log = structlog.wrap_logger(
+            _SinkLogger(sink),
+            processors=processors,
+            wrapper_class=structlog.BoundLogger,
+            context_class=dict,
+            cache_logger_on_first_use=False,
+        ).bind(**dict(context or {}))
+
+    @classmethod
+    def for_policy(
+        cls,
+        policy: Policy,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        model_id: str | None = None,
+        model_class: str | None = None,
+    ) -> AuditLogger:
+        """A logger writing where and how ``policy.audit`` says (``path`` and ``$MEMGUARD_AUDIT_PATH`` override)."""
+        sink = AuditLog(resolve_audit_path(policy, path), fsync=policy.audit.fsync)
+        context = {
+            "policy": PolicyRef.of(policy).model_dump(),
+            "model": ModelRef(id=model_id, class_=model_class).model_dump(by_alias=True),
+        }
+        return cls(sink, prompt_mode=policy.audit.prompt, hash_salt=policy.audit.hash_salt, context=context)
+
+    def bind(self, **context: Any) -> AuditLogger:
+        """A logger on the same sink with more context (e.g. ``request_id``) in every record."""
+        clone = object.__new__(AuditLogger)
+        clone.sink, clone.prompt_mode, clone.hash_salt = self.sink, self.prompt_mode, self.hash_salt
+        clone._log = self._log.bind(**context)
+        return clone
+
+    def log(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Validate and write one record; returns it as written (with ``seq``, ``prev_hash``, ``hash``)."""
+        return self._log.info(event, **fields)
+
+    def log_decision(
+        self,
+        decision: Decision,
+        *,
+        prompt: str | None,
+        outcome: Outcome,
+        latency_scoring_ms: float | None = None,
+        latency_generation_ms: float | None = None,
+        error: BaseException | Mapping[str, str] | None = None,
+        extras: Mapping[str, Any] | None = None,
+        **context: Any,
+    ) -> dict[str, Any]:
+        """Write the record of one decision; ``context`` may add e.g. ``request_id``."""
+        fields = decision_fields(
+            decision,
+            prompt=prompt,
+            outcome=outcome,
+            latency_scoring_ms=latency_scoring_ms,
+            latency_generation_ms=latency_generation_ms,
+            error=error,
+            extras=extras,
+        )
+        event = fields.pop("event")
+        return self.log(event, **fields, **context)
+
+    def write(self, record: AuditRecord) -> dict[str, Any]:
+        """Write a record built with ``build_record``."""
+        data = record.to_json_dict()
+        return self.log(data.pop("event"), **data)
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+def resolve_audit_path(policy: Policy, override: str | os.PathLike[str] | None = None) -> Path:
+    """Where records go: ``override`` (a ``Guard`` argument), else ``$MEMGUARD_AUDIT_PATH``, else the policy's."""
+    if override is not None:
+        return Path(override)
+    env = os.environ.get(AUDIT_PATH_ENV)
+    return Path(env) if env else Path(policy.audit.path)
+
+
+def open_audit(
+    policy: Policy,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    model_id: str | None = None,
+    model_class: str | None = None,
+) -> AuditLogger:
+    """Shorthand for ``AuditLogger.for_policy``."""
+    return AuditLogger.for_policy(policy, path=path, model_id=model_id, model_class=model_class)

@@ -1,0 +1,264 @@
+"""Calibration profiles: a model's score distribution on non-memorized prompts.
+
+Relative thresholds (``above_fpr``) are read off this distribution, so one policy fits every model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import CalibrationError
+from .schema import Metric
+
+__all__ = ["CalibrationProfile", "cached_calibration_path", "calibration_cache_dir"]
+
+FORMAT = "memguard-calibration"
+_FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _memguard_version() -> str:
+    try:
+        return version("memguard")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _canonical(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class CalibrationProfile(BaseModel):
+    """The non-memorized score distribution of one model, measured one way.
+
+    A profile only judges scores measured with the same weights (``g_norm``, ``g_cos``), noise
+    ``seed``, ``samples``, ``steps`` and ``prediction_space``. ``norms`` and ``coses`` are optional;
+    they let ``above_fpr`` apply to ``norm`` and ``cos`` conditions too.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["memguard-calibration"] = FORMAT
+    format_version: Literal[1] = 1
+    id: str = ""
+    model_fingerprint: str = Field(min_length=1)
+    model_class: str
+    profile: str
+    g_norm: _FiniteFloat
+    g_cos: _FiniteFloat
+    seed: int = Field(ge=0)
+    samples: int = Field(ge=1)
+    steps: int = Field(ge=1)
+    prediction_space: Literal["eps", "native"]
+    scores: tuple[_FiniteFloat, ...] = Field(min_length=1)
+    norms: tuple[_FiniteFloat, ...] | None = None
+    coses: tuple[_FiniteFloat, ...] | None = None
+    n_prompts: int = Field(ge=1)
+    source: str
+    created: str
+    memguard_version: str = Field(default_factory=_memguard_version)
+
+    @field_validator("scores", "norms", "coses")
+    @classmethod
+    def _sorted(cls, values: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        return None if values is None else tuple(sorted(values))
+
+    @field_validator("created")
+    @classmethod
+    def _utc(cls, value: str) -> str:
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError as err:
+            raise ValueError(f"not an ISO 8601 date: {value!r}") from err
+        if parsed.tzinfo is None or parsed.utcoffset() != timezone.utc.utcoffset(None):
+            raise ValueError("created must be in UTC (end with Z)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CalibrationProfile:
+        for name in ("norms", "coses"):
+            values = getattr(self, name)
+            if values is not None and len(values) != len(self.scores):
+                raise ValueError(f"{name} has {len(values)} values but scores has {len(self.scores)}")
+        if not self.id:
+            object.__setattr__(self, "id", self._content_id())
+        return self
+
+    def _content_id(self) -> str:
+        data = self.model_dump(mode="json", exclude={"id", "created", "memguard_version"})
+        return f"cal-{self.profile}-{hashlib.sha256(_canonical(data)).hexdigest()[:16]}"
+
+    @classmethod
+    def from_scores(
+        cls,
+        scores: Sequence[float],
+        *,
+        fingerprint: str,
+        model_class: str,
+        profile: str,
+        g_norm: float,
+        g_cos: float,
+        seed: int,
+        samples: int,
+        steps: int,
+        prediction_space: Literal["eps", "native"],
+        source: str,
+        norms: Sequence[float] | None = None,
+        coses: Sequence[float] | None = None,
+    ) -> CalibrationProfile:
+        """Build a profile from scores of non-memorized prompts (one per prompt), dated now (UTC)."""
+        try:
+            return cls(
+                model_fingerprint=fingerprint,
+                model_class=model_class,
+                profile=profile,
+                g_norm=g_norm,
+                g_cos=g_cos,
+                seed=seed,
+                samples=samples,
+                steps=steps,
+                prediction_space=prediction_space,
+                scores=tuple(float(s) for s in scores),
+                norms=None if norms is None else tuple(float(v) for v in norms),
+                coses=None if coses is None else tuple(float(v) for v in coses),
+                n_prompts=len(scores),
+                source=source,
+                created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            )
+        except ValidationError as err:
+            raise CalibrationError(f"invalid calibration: {_first_problem(err)}") from None
+
+    @property
+    def resolution(self) -> float:
+        """The smallest false-positive rate this profile can resolve: 1 / number of scores."""
+        return 1.0 / len(self.scores)
+
+    def values(self, metric: Metric = "score") -> tuple[float, ...]:
+        data = {"score": self.scores, "norm": self.norms, "cos": self.coses}[metric]
+        if data is None:
+            raise CalibrationError(f"calibration {self.id} has no {metric} distribution; recalibrate to use it")
+        return data
+
+    def threshold_at_fpr(self, fpr: float, metric: Metric = "score") -> float:
+        """The (1 - fpr) empirical quantile of the non-memorized distribution.
+
+        Rule: the smallest observed value t such that the fraction of calibration values > t is
+        <= ``fpr``, i.e. ``sorted[n - 1 - floor(fpr * n)]``. No extrapolation beyond the data: if
+        ``fpr < 1/n`` this is the maximum observed value, whose true false-positive rate is only
+        known to be below about 1/n, not below ``fpr``; calibrate on more prompts to resolve
+        smaller rates (see ``resolution``).
+        """
+        if not (0.0 < fpr < 1.0) or math.isnan(fpr):
+            raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+        data = self.values(metric)
+        n = len(data)
+        k = math.floor(fpr * n + 1e-9)
+        return data[n - 1 - min(k, n - 1)]
+
+    def fpr_of(self, value: float, metric: Metric = "score") -> float:
+        """Fraction of the non-memorized calibration values strictly above ``value``."""
+        data = self.values(metric)
+        lo, hi = 0, len(data)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if data[mid] <= value:
+                lo = mid + 1
+            else:
+                hi = mid
+        return (len(data) - lo) / len(data)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the profile as JSON, atomically (a reader never sees half a file)."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.model_dump(mode="json"), indent=1) + "\n"
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CalibrationProfile:
+        """Read a profile written by ``save``; ``CalibrationError`` names the file and the problem."""
+        target = Path(path)
+        try:
+            data = json.loads(target.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CalibrationError(f"{target}: calibration profile not found") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CalibrationError(f"{target}: cannot read calibration profile: {err}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise CalibrationError(f"{target}: not a memguard calibration profile")
+        stored_id = data.get("id")
+        try:
+            profile = cls.model_validate({**data, "id": ""})
+        except ValidationError as err:
+            raise CalibrationError(f"{target}: {_first_problem(err)}") from None
+        if stored_id and stored_id != profile.id:
+            raise CalibrationError(f"{target}: content does not match its id {stored_id} (edited?)")
+        return profile
+
+
+def _first_problem(err: ValidationError) -> str:
+    from .loader import format_loc
+
+    first = err.errors()[0]
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{format_loc(first['loc'])}: {msg[:1].lower()}{msg[1:]}"
+
+
+def calibration_cache_dir() -> Path:
+    """Where automatic calibrations are cached: ``$MEMGUARD_CACHE_DIR``, else ``$XDG_CACHE_HOME/memguard``,
+    else ``~/.cache/memguard``."""
+    explicit = os.environ.get("MEMGUARD_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "memguard"
+
+
+def cached_calibration_path(
+    fingerprint: str,
+    *,
+    profile: str,
+    g_norm: float,
+    g_cos: float,
+    seed: int,
+    samples: int,
+    steps: int,
+    prediction_space: str,
+    source: str,
+) -> Path:
+    """The cache file of the calibration of one model measured one way on one prompt set.
+
+    Every argument is part of the key, so changing the weights, the scoring settings or the
+    caption set (pass e.g. ``guard.data.generic_captions_id()`` as ``source``) makes a new profile.
+    """
+    key = {
+        "g_cos": g_cos,
+        "g_norm": g_norm,
+        "prediction_space": prediction_space,
+        "profile": profile,
+        "samples": samples,
+        "seed": seed,
+        "source": source,
+        "steps": steps,
+    }
+    digest = hashlib.sha256(_canonical(key)).hexdigest()[:16]
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in fingerprint)[:40]
+    return calibration_cache_dir() / "calibration" / f"{safe}-{digest}.json"
