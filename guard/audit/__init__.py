@@ -1,4 +1,4 @@
-"""memguard's audit trail: record schema, hash-chained append-only JSONL sink, structlog logger, verification."""
+"""memguard's audit trail: record schema, hash-chained JSONL sink, structlog logger, verification."""
 
 from .logger import AUDIT_PATH_ENV, AuditLogger, AuditRecordError, open_audit, resolve_audit_path
 from .record import (

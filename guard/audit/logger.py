@@ -53,7 +53,7 @@ def add_request_id(_: Any, __: str, event: EventDict) -> EventDict:
 
 
 class ProtectPrompt:
-    """Replaces the plain prompt by its hash or ``[redacted]`` unless the event already says how it is stored."""
+    """Replaces the plain prompt by its hash or ``[redacted]``, unless the event says how it is stored."""
 
     def __init__(self, mode: PromptMode, salt: str | None = None):
         self.mode = mode
@@ -110,7 +110,13 @@ class AuditLogger:
         self.sink = sink
         self.prompt_mode = prompt_mode
         self.hash_salt = hash_salt
-        processors = [add_timestamp, add_request_id, ProtectPrompt(prompt_mode, hash_salt), validate_record, to_sink]
+        processors = [
+            add_timestamp,
+            add_request_id,
+            ProtectPrompt(prompt_mode, hash_salt),
+            validate_record,
+            to_sink,
+        ]
         self._log = structlog.wrap_logger(
             _SinkLogger(sink),
             processors=processors,
@@ -128,7 +134,7 @@ class AuditLogger:
         model_id: str | None = None,
         model_class: str | None = None,
     ) -> AuditLogger:
-        """A logger writing where and how ``policy.audit`` says (``path`` and ``$MEMGUARD_AUDIT_PATH`` override)."""
+        """A logger as ``policy.audit`` says; ``path``, then ``$MEMGUARD_AUDIT_PATH``, override its path."""
         sink = AuditLog(resolve_audit_path(policy, path), fsync=policy.audit.fsync)
         context = {
             "policy": PolicyRef.of(policy).model_dump(),
@@ -182,7 +188,7 @@ class AuditLogger:
 
 
 def resolve_audit_path(policy: Policy, override: str | os.PathLike[str] | None = None) -> Path:
-    """Where records go: ``override`` (a ``Guard`` argument), else ``$MEMGUARD_AUDIT_PATH``, else the policy's."""
+    """Where records go: ``override`` (a Guard argument), else ``$MEMGUARD_AUDIT_PATH``, else the policy."""
     if override is not None:
         return Path(override)
     env = os.environ.get(AUDIT_PATH_ENV)

@@ -63,9 +63,13 @@ class AuditLog:
         try:
             if self.path.parent and not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            fd = os.open(
+                self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644
+            )
         except OSError as err:
-            raise AuditWriteError(err.errno, f"cannot open audit log {self.path}: {err.strerror or err}") from err
+            raise AuditWriteError(
+                err.errno, f"cannot open audit log {self.path}: {err.strerror or err}"
+            ) from err
         self._fd = fd
         self._ino = os.fstat(fd).st_ino
         self._state = None
@@ -129,8 +133,8 @@ class AuditLog:
                 handle.seek(size - 1)
                 if handle.read(1) != b"\n":
                     raise AuditWriteError(
-                        f"audit log {self.path} ends with an incomplete line (truncated write?): the chain is "
-                        f"broken; run `memguard audit verify {self.path}` and rotate the log"
+                        f"audit log {self.path} ends with an incomplete line (truncated write?): chain "
+                        f"is broken; run `memguard audit verify {self.path}` and rotate the log"
                     )
                 end, start, buf = size - 1, size - 1, b""
                 while start > 0 and b"\n" not in buf:

@@ -67,7 +67,11 @@ def verify_log(path: str | os.PathLike[str]) -> VerifyReport:
                 return bad(line_no, "hash mismatch: record edited")
             seq = record["seq"]
             if seq != prev_seq + 1:
-                what = "record(s) deleted" if isinstance(seq, int) and seq > prev_seq + 1 else "records reordered"
+                what = (
+                    "record(s) deleted"
+                    if isinstance(seq, int) and seq > prev_seq + 1
+                    else "records reordered"
+                )
                 return bad(line_no, f"seq {seq} follows seq {prev_seq}: {what}")
             if record["prev_hash"] != prev_hash:
                 where = "the genesis hash" if line_no == 1 else f"the hash of line {line_no - 1}"

@@ -146,7 +146,9 @@ class CalibrationProfile(BaseModel):
     def values(self, metric: Metric = "score") -> tuple[float, ...]:
         data = {"score": self.scores, "norm": self.norms, "cos": self.coses}[metric]
         if data is None:
-            raise CalibrationError(f"calibration {self.id} has no {metric} distribution; recalibrate to use it")
+            raise CalibrationError(
+                f"calibration {self.id} has no {metric} distribution; recalibrate to use it"
+            )
         return data
 
     def threshold_at_fpr(self, fpr: float, metric: Metric = "score") -> float:

@@ -104,7 +104,9 @@ def match_lists(policy: Policy, prompt: str, prompt_index: int = 0) -> Decision 
     )
 
 
-def decide_on_error(policy: Policy, prompt_index: int, error: str, *, score: MemorizationScore | None = None) -> Decision:
+def decide_on_error(
+    policy: Policy, prompt_index: int, error: str, *, score: MemorizationScore | None = None
+) -> Decision:
     """The policy's ``on_error`` decision for a prompt that could not be judged (fail-closed by default)."""
     return Decision(
         prompt_index=prompt_index,
@@ -154,8 +156,14 @@ def decide(
             applied.extend(_resolve(metric, condition, calibration, warnings))
         if all(t.holds(getattr(score, t.metric)) for t in applied):
             label = policy.rule_label(index)
-            measured = ", ".join(f"{t.describe()} with {t.metric}={getattr(score, t.metric):.6g}" for t in applied)
-            target = _rewrite_target(rule.rewrite, applied, calibration, warnings) if rule.action == "rewrite" else None
+            measured = ", ".join(
+                f"{t.describe()} with {t.metric}={getattr(score, t.metric):.6g}" for t in applied
+            )
+            target = (
+                _rewrite_target(rule.rewrite, applied, calibration, warnings)
+                if rule.action == "rewrite"
+                else None
+            )
             return Decision(
                 prompt_index=prompt_index,
                 action=rule.action,
@@ -200,7 +208,11 @@ def check_calibration(calibration: CalibrationProfile, score: MemorizationScore)
         "samples": calibration.samples,
         "prediction_space": calibration.prediction_space,
     }
-    diffs = [f"{k}: score {getattr(score, k)!r} vs calibration {v!r}" for k, v in expected.items() if getattr(score, k) != v]
+    diffs = [
+        f"{k}: score {getattr(score, k)!r} vs calibration {v!r}"
+        for k, v in expected.items()
+        if getattr(score, k) != v
+    ]
     if diffs:
         raise CalibrationMismatch(
             f"calibration {calibration.id} was measured differently from this score ({'; '.join(diffs)}); "
@@ -219,7 +231,9 @@ def _resolve(
     if condition.above_fpr is not None:
         assert calibration is not None
         out.append(
-            AppliedThreshold(metric, ">", calibration.threshold_at_fpr(condition.above_fpr, metric), condition.above_fpr)
+            AppliedThreshold(
+                metric, ">", calibration.threshold_at_fpr(condition.above_fpr, metric), condition.above_fpr
+            )
         )
         _note_resolution(condition.above_fpr, calibration, warnings)
     return out

@@ -16,7 +16,9 @@ class PolicyError(ValueError):
     def __init__(self, source: str, problems: Sequence[tuple[str, str]]):
         self.source = source
         self.problems = tuple(problems)
-        lines = [f"{source}: {path}: {reason}" if path else f"{source}: {reason}" for path, reason in self.problems]
+        lines = [
+            f"{source}: {path}: {reason}" if path else f"{source}: {reason}" for path, reason in self.problems
+        ]
         super().__init__("\n".join(lines))
 
 

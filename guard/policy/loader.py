@@ -22,7 +22,7 @@ _SUFFIXES = (".yaml", ".yml")
 
 
 def _shipped_dir() -> Path | None:
-    """The shipped policies: the installed ``guard._shipped_policies`` package, else ``<checkout>/policies``."""
+    """The shipped policies: installed package ``guard._shipped_policies``, or ``<checkout>/policies``."""
     try:
         spec = importlib.util.find_spec(_SHIPPED_PACKAGE)
     except ImportError:
@@ -53,7 +53,9 @@ def shipped_policy_path(name: str) -> Path:
             if candidate.is_file():
                 return candidate
     available = ", ".join(shipped_policies()) or "none found"
-    raise PolicyError(name, [("", f"no such policy file, and no shipped policy of that name (shipped: {available})")])
+    raise PolicyError(
+        name, [("", f"no such policy file, and no shipped policy of that name (shipped: {available})")]
+    )
 
 
 def load_policy(source: str | os.PathLike[str] | Policy | Mapping[str, Any]) -> Policy:
@@ -93,7 +95,9 @@ def _load_file(path: Path) -> Policy:
         raise PolicyError(label, [("", f"invalid YAML: {where}{problem}")]) from err
     if not isinstance(data, Mapping):
         kind = "empty" if data is None else f"a {type(data).__name__}"
-        raise PolicyError(label, [("", f"the top level must be a mapping of policy fields, but it is {kind}")])
+        raise PolicyError(
+            label, [("", f"the top level must be a mapping of policy fields, but it is {kind}")]
+        )
     return _validate(data, label, path.resolve())
 
 
@@ -124,7 +128,9 @@ def _reason(error: Any, data: Mapping[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         known = _fields_at(error["loc"][:-1])
         hint = difflib.get_close_matches(str(error["loc"][-1]), known, n=1)
-        suggestion = f"; did you mean {hint[0]!r}?" if hint else (f" (known: {', '.join(known)})" if known else "")
+        suggestion = (
+            f"; did you mean {hint[0]!r}?" if hint else (f" (known: {', '.join(known)})" if known else "")
+        )
         return f"unknown field{suggestion}"
     msg: str = error["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):

@@ -148,11 +148,15 @@ class Rule(_Model):
     def _rewrite_settings(self) -> Rule:
         if self.action != "rewrite":
             if self.rewrite is not None:
-                raise ValueError(f"rewrite settings are only allowed with action: rewrite (not {self.action})")
+                raise ValueError(
+                    f"rewrite settings are only allowed with action: rewrite (not {self.action})"
+                )
             return self
         settings = self.rewrite or RewriteSettings()
         score = self.when.score
-        if settings.target is None and (score is None or (score.gte, score.gt, score.above_fpr) == (None,) * 3):
+        if settings.target is None and (
+            score is None or (score.gte, score.gt, score.above_fpr) == (None,) * 3
+        ):
             raise ValueError("rewrite.target is required when the rule has no lower bound on score")
         if self.rewrite is None:
             object.__setattr__(self, "rewrite", settings)
@@ -183,7 +187,9 @@ class ScoringSettings(_Model):
     samples: int = Field(default=1, ge=1, le=64)
     inference_steps: int = Field(default=50, ge=3, le=1000)
     prediction_space: Literal["eps", "native"] = "eps"
-    batch_size: int | None = Field(default=None, ge=1, description="prompts per UNet call; None: scorer default")
+    batch_size: int | None = Field(
+        default=None, ge=1, description="prompts per UNet call; None: scorer default"
+    )
 
 
 def normalize_prompt(prompt: str) -> str:
@@ -285,7 +291,9 @@ class Policy(_Model):
         if isinstance(value, str):
             ok = value and all(ch.isalnum() or ch in "-_." for ch in value) and value[0].isalnum()
             if not ok:
-                raise ValueError(f"not a profile name: {value!r} (use auto, a name like sd1, or {{g_norm, g_cos}})")
+                raise ValueError(
+                    f"not a profile name: {value!r} (use auto, a name like sd1, or {{g_norm, g_cos}})"
+                )
         return value
 
     @field_validator("calibration")
@@ -332,7 +340,7 @@ class Policy(_Model):
 
     @property
     def content_hash(self) -> str:
-        """SHA-256 of the policy's canonical JSON: the same rules give the same hash, wherever they came from."""
+        """SHA-256 of the policy's canonical JSON: same rules, same hash, wherever they came from."""
         canonical = json.dumps(
             self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
         )
