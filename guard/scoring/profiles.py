@@ -1,0 +1,57 @@
+"""Model profiles: the score weights that belong to a model family, not to code."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Weights of ``score = g_norm * norm + g_cos * cos`` for one model family."""
+
+    name: str
+    g_norm: float
+    g_cos: float
+    description: str = ""
+
+
+PROFILES: dict[str, ModelProfile] = {
+    profile.name: profile
+    for profile in (
+        ModelProfile("sd1", 1.0, 2.0, "Stable Diffusion 1.x (epsilon); reference weights"),
+        ModelProfile("sd2", 1.0, 0.1, "Stable Diffusion 2.x (v-prediction); reference weights"),
+        ModelProfile("realistic-vision", 2.0, 1.0, "Realistic Vision (SD 1.5 fine-tune); reference weights"),
+        ModelProfile(
+            "sdxl",
+            1.0,
+            1.0,
+            "Stable Diffusion XL; no published weights, equal weighting - calibrate before relying on it",
+        ),
+    )
+}
+
+ProfileLike = str | ModelProfile | Mapping[str, Any] | tuple[float, float]
+
+
+def get_profile(spec: ProfileLike) -> ModelProfile:
+    """Resolve a profile given by name, object, ``{"g_norm": .., "g_cos": ..}`` or ``(g_norm, g_cos)``."""
+    if isinstance(spec, ModelProfile):
+        return spec
+    if isinstance(spec, str):
+        try:
+            return PROFILES[spec]
+        except KeyError:
+            raise ValueError(f"unknown model profile {spec!r}; known profiles: {', '.join(PROFILES)}") from None
+    if isinstance(spec, tuple):
+        g_norm, g_cos = spec
+        return ModelProfile("custom", float(g_norm), float(g_cos))
+    if isinstance(spec, Mapping):
+        unknown = set(spec) - {"name", "g_norm", "g_cos", "description"}
+        if unknown or not {"g_norm", "g_cos"} <= set(spec):
+            raise ValueError(f"a profile mapping needs g_norm and g_cos (got keys {sorted(spec)})")
+        return ModelProfile(
+            str(spec.get("name", "custom")), float(spec["g_norm"]), float(spec["g_cos"]), spec.get("description", "")
+        )
+    raise TypeError(f"cannot use {type(spec).__name__} as a model profile")

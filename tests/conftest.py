@@ -1,0 +1,33 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("MEMGUARD_CACHE_DIR", os.path.join(os.path.dirname(__file__), ".cache-not-used"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def sd_pipe():
+    from guard.testing import tiny_sd_pipeline
+
+    return tiny_sd_pipeline("epsilon")
+
+
+@pytest.fixture(scope="session")
+def sd2_pipe():
+    from guard.testing import tiny_sd_pipeline
+
+    return tiny_sd_pipeline("v_prediction", seed=1)
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe():
+    from guard.testing import tiny_sdxl_pipeline
+
+    return tiny_sdxl_pipeline(seed=2)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMGUARD_CACHE_DIR", str(tmp_path / "memguard-cache"))
