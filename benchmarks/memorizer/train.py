@@ -1,0 +1,259 @@
+"""Train the small memorizing latent diffusion model and save it as a StableDiffusionPipeline.
+
+Why: no pretrained Stable Diffusion weights are available offline, and the guard needs a model that really
+memorizes some captions (at known duplication levels) to be tested against. Real diffusers/transformers
+classes are used throughout so the saved folder behaves like any SD 1.x checkpoint.
+
+    nice -n 10 python benchmarks/memorizer/train.py --steps 5000 --out guard/assets/memorizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data import LATENT_SHAPE, MemorizerData, build  # noqa: E402
+
+MAX_LEN = 32
+SPECIALS = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]  # ids 0..3; eos != 2 (CLIP legacy pooling)
+SD_BETAS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+}
+
+
+def build_tokenizer(vocab: list[str]) -> PreTrainedTokenizerFast:
+    """Word-level CLIP-style tokenizer: bos + words + eos, padded with <pad> to `MAX_LEN`."""
+    ids = {t: i for i, t in enumerate(SPECIALS)}
+    for w in vocab:
+        ids.setdefault(w, len(ids))
+    tok = Tokenizer(models.WordLevel(vocab=ids, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    # Same split as data.words(): runs of [a-z0-9], or single other non-space characters.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Split(Regex(r"[a-z0-9]+|[^a-z0-9\s]"), behavior="isolated"),
+        ]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", 2), ("<|endoftext|>", 3)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=MAX_LEN,
+        padding_side="right",
+    )
+
+
+def build_models(vocab_size: int) -> tuple[UNet2DConditionModel, CLIPTextModel, AutoencoderKL]:
+    """The ~1M-parameter UNet, 2-layer text encoder and tiny (untrained) VAE."""
+    unet = UNet2DConditionModel(
+        sample_size=LATENT_SHAPE[1],
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=32,
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_LEN,
+            projection_dim=64,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
+    )
+    # vae_scale_factor = 2 ** (len(block_out_channels) - 1) = 4 -> 64x64 images from 16x16 latents.
+    # Training latents are unit-variance by construction, i.e. already "scaled", so scaling_factor = 1.
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=32,
+        sample_size=64,
+        scaling_factor=1.0,
+    )
+    return unet, text, vae
+
+
+def make_pipeline(
+    unet: UNet2DConditionModel, text: CLIPTextModel, vae: AutoencoderKL, tokenizer: PreTrainedTokenizerFast
+) -> StableDiffusionPipeline:
+    """Assemble an SD 1.x-style pipeline (DDIM, leading spacing, steps_offset=1)."""
+    sched = DDIMScheduler(
+        **SD_BETAS,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save(pipe: StableDiffusionPipeline, out: Path, info: dict) -> None:
+    """Save the pipeline in safetensors plus a small training record."""
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / "memorizer_info.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def train(
+    data: MemorizerData,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    out: Path,
+    early: dict[int, Path],
+    cfg_drop: float = 0.1,
+    log_every: int = 100,
+) -> float:
+    """Joint UNet + text-encoder epsilon-prediction training; returns wall seconds."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(data.vocab)
+    unet, text, vae = build_models(len(tokenizer))
+    noise_sched = DDPMScheduler(**SD_BETAS, prediction_type="epsilon")
+    ids = tokenizer(
+        data.train_captions, padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt"
+    ).input_ids
+    empty = tokenizer([""], padding="max_length", max_length=MAX_LEN, return_tensors="pt").input_ids[0]
+    n_unet = sum(p.numel() for p in unet.parameters())
+    n_text = sum(p.numel() for p in text.parameters())
+    print(f"unet params {n_unet:,}  text params {n_text:,}  train pairs {len(ids)}", flush=True)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    warm = 200
+
+    def lr_at(s: int) -> float:
+        # Warm-up then constant: the state at step k does not depend on --steps, so every periodic save
+        # is exactly what `--steps k` would produce.
+        return min(1.0, (s + 1) / warm)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    gen = torch.Generator().manual_seed(seed + 1)
+    unet.train()
+    text.train()
+    t0 = time.time()
+    run_loss = 0.0
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(ids), (batch,), generator=gen)
+        x0 = data.train_latents[data.train_latent_index[idx]]
+        tok = ids[idx].clone()
+        drop = torch.rand(batch, generator=gen) < cfg_drop
+        tok[drop] = empty
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen)
+        xt = noise_sched.add_noise(x0, noise, t)
+        ctx = text(tok)[0]
+        pred = unet(xt, t, encoder_hidden_states=ctx).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        run_loss += loss.item()
+        if step % log_every == 0:
+            el = time.time() - t0
+            print(
+                f"step {step}/{steps} loss {run_loss / log_every:.4f} lr {sched.get_last_lr()[0]:.2e} "
+                f"{el:.0f}s ({el / step:.3f} s/step)",
+                flush=True,
+            )
+            run_loss = 0.0
+        if step in early or step == steps or step % 500 == 0:
+            target = early.get(step, out)
+            info = {
+                "step": step,
+                "batch": batch,
+                "lr": lr,
+                "seed": seed,
+                "data_seed": data.seed,
+                "cfg_drop": cfg_drop,
+                "train_seconds": round(time.time() - t0, 1),
+                "unet_params": n_unet,
+                "text_params": n_text,
+                "reproduce": f"--steps {step} --seed {seed} --data-seed {data.seed} --batch {batch} --lr {lr}",
+            }
+            unet.eval()
+            text.eval()
+            save(make_pipeline(unet, text, vae, tokenizer), target, info)
+            unet.train()
+            text.train()
+            print(f"saved step {step} -> {target}", flush=True)
+    return time.time() - t0
+
+
+def main() -> None:
+    """CLI entry point."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("guard/assets/memorizer"))
+    p.add_argument(
+        "--early",
+        action="append",
+        default=[],
+        metavar="STEP=DIR",
+        help="also save the pipeline at STEP into DIR (repeatable)",
+    )
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    early = {int(s): Path(d) for s, d in (e.split("=", 1) for e in a.early)}
+    secs = train(build(a.data_seed), a.steps, a.batch, a.lr, a.seed, a.out, early)
+    print(f"done in {secs:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
