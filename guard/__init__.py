@@ -1,5 +1,10 @@
 """memguard: a generation-time memorization guard for text-to-image diffusion pipelines."""
 
+from .actions import GuardReport, MemorizationBlocked, MemorizationWarning
+from .audit import AuditLog, verify_log
+from .calibrate import calibrate
+from .guard import Guard, WithheldOutput
+from .policy import CalibrationProfile, Decision, Policy, PolicyError, load_policy
 from .scoring import (
     MemorizationScore,
     ModelProfile,
@@ -13,6 +18,19 @@ from .scoring import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuditLog",
+    "CalibrationProfile",
+    "Decision",
+    "Guard",
+    "GuardReport",
+    "MemorizationBlocked",
+    "MemorizationWarning",
+    "Policy",
+    "PolicyError",
+    "WithheldOutput",
+    "calibrate",
+    "load_policy",
+    "verify_log",
     "MemorizationScore",
     "ModelProfile",
     "NonFiniteScoreError",

@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from .audit import audit
+from .calibrate import calibrate
 from .scan import scan
 
 
@@ -50,3 +52,5 @@ def _quiet_libraries() -> None:
 
 
 main.add_command(scan)
+main.add_command(audit)
+main.add_command(calibrate)

@@ -101,9 +101,13 @@ class Scorer:
         return results
 
     def score_conditioning(
-        self, cond: TextConditioning, prompts: Sequence[str | None] | None = None
+        self, cond: TextConditioning, prompts: Sequence[str | None] | None = None, *, strict: bool = True
     ) -> list[MemorizationScore]:
-        """Score precomputed text conditioning (e.g. embeddings the caller also generates with)."""
+        """Score precomputed text conditioning (e.g. embeddings the caller also generates with).
+
+        A non-finite score raises ``NonFiniteScoreError``; with ``strict=False`` it is returned as is
+        (NaN/inf, with a warning) so that a caller can decide prompt by prompt, as the Guard does.
+        """
         prompts = list(prompts) if prompts is not None else [None] * len(cond)
         if len(prompts) != len(cond):
             raise ValueError(f"got {len(prompts)} prompts for {len(cond)} embeddings")
@@ -115,7 +119,7 @@ class Scorer:
                 cosines.append(cos)
         norm_all, cos_all = torch.cat(norms).tolist(), torch.cat(cosines).tolist()
         return [
-            self._result(prompt, norm, cos, truncated)
+            self._result(prompt, norm, cos, truncated, strict)
             for prompt, norm, cos, truncated in zip(prompts, norm_all, cos_all, cond.truncated)
         ]
 
@@ -185,14 +189,19 @@ class Scorer:
             return math.sqrt(alpha_bar) / (1.0 - alpha_bar)
         return 1.0
 
-    def _result(self, prompt: str | None, norm: float, cos: float, truncated: bool) -> MemorizationScore:
+    def _result(
+        self, prompt: str | None, norm: float, cos: float, truncated: bool, strict: bool = True
+    ) -> MemorizationScore:
         score = self.profile.g_norm * norm + self.profile.g_cos * cos
+        warnings: list[str] = []
         if not all(math.isfinite(value) for value in (norm, cos, score)):
-            raise NonFiniteScoreError(
+            problem = (
                 f"non-finite memorization score for prompt {prompt!r}: norm={norm}, cos={cos} "
                 f"(model {self.adapter.model_class}, dtype {self.adapter.dtype})"
             )
-        warnings: list[str] = []
+            if strict:
+                raise NonFiniteScoreError(problem)
+            warnings.append(problem)
         if truncated:
             warnings.append("prompt longer than the tokenizer's limit: scored (and generated) truncated")
         if prompt == "":
