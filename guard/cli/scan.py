@@ -1,13 +1,10 @@
-"""``memguard scan``: score every prompt of a file against a model."""
+"""``memguard scan``: score every prompt of a file against a model, locally or on a Ray cluster."""
 
 from __future__ import annotations
 
-import json
-
 import click
 
-from ..loading import load_pipeline
-from ..prompts_io import read_prompts, truncate_to_complete_rows
+from ..engines import ScanError, ScanJob
 
 
 @click.command()
@@ -24,26 +21,29 @@ from ..prompts_io import read_prompts, truncate_to_complete_rows
 @click.option("--profile", default=None, help="Score weights by profile name (default: the model family's).")
 @click.option("--resume/--no-resume", default=False, show_default=True,
               help="Continue an interrupted scan: keep OUT's complete rows and score the rest.")
-def scan(model_path, prompts_path, out_path, samples, seed, batch_size, device, dtype, profile, resume) -> None:
+@click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="local: this process; ray: an actor pool on a Ray cluster (pip install 'memguard[ray]').")
+@click.option("--address", default=None, help="[ray] cluster address (default: start a local Ray).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
+              help="[ray] actors, each holding one copy of the pipeline.")
+@click.option("--num-gpus-per-worker", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="[ray] GPUs per actor (0: score on CPU).")
+def scan(model_path, prompts_path, out_path, samples, seed, batch_size, device, dtype, profile, resume,
+         engine, address, workers, num_gpus_per_worker) -> None:
     """Score each non-blank line of PROMPTS and write one JSON object per prompt, in input order."""
-    from tqdm import tqdm
+    job = ScanJob(model=model_path, prompts_path=prompts_path, out_path=out_path, samples=samples, seed=seed,
+                  batch_size=batch_size, device=device, dtype=dtype, profile=profile, resume=resume)
+    try:
+        if engine == "ray":
+            from ..engines.ray_engine import scan_ray
 
-    from ..scoring import Scorer
+            scored = scan_ray(job, address=address, workers=workers, num_gpus_per_worker=num_gpus_per_worker)
+        else:
+            if address is not None or workers != 1 or num_gpus_per_worker:
+                raise ScanError("--address, --workers and --num-gpus-per-worker need --engine ray")
+            from ..engines.local import scan_local
 
-    prompts = read_prompts(prompts_path)
-    done = truncate_to_complete_rows(out_path) if resume else 0
-    if done > len(prompts):
-        raise click.ClickException(f"{out_path} has {done} rows but {prompts_path} only {len(prompts)} prompts")
-    scorer = Scorer(load_pipeline(model_path, device=device, dtype=dtype), samples=samples, seed=seed,
-                    batch_size=batch_size, profile=profile)
-    with open(out_path, "a" if resume else "w", encoding="utf-8") as out, tqdm(
-        total=len(prompts), initial=done, unit="prompt", desc="scan", disable=None
-    ) as progress:
-        for start in range(done, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            for offset, result in enumerate(scorer.score(chunk)):
-                row = {"index": start + offset, **result.to_dict()}
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            out.flush()
-            progress.update(len(chunk))
-    click.echo(f"scored {len(prompts) - done} prompts -> {out_path}", err=True)
+            scored = scan_local(job)
+    except ScanError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"scored {scored} prompts -> {out_path}", err=True)

@@ -1,0 +1,1 @@
+"""memguard as an HTTP service (FastAPI + uvicorn; ``pip install 'memguard[serve]'``)."""
