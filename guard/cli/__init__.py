@@ -9,6 +9,7 @@ import click
 from .audit import audit
 from .calibrate import calibrate
 from .scan import scan
+from .serve import serve
 
 
 class _Main(click.Group):
@@ -54,3 +55,4 @@ def _quiet_libraries() -> None:
 main.add_command(scan)
 main.add_command(audit)
 main.add_command(calibrate)
+main.add_command(serve)

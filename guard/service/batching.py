@@ -1,0 +1,103 @@
+"""Micro-batching: concurrent requests' prompts scored together in one call on one worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class MicroBatcher(Generic[T]):
+    """Collects prompts from concurrent callers for up to ``max_wait_ms`` (or ``max_batch`` prompts)
+    and runs ``fn`` once on all of them in ``executor``, so the scorer sees one batched UNet call
+    instead of many single-prompt ones. ``fn`` must return one result per prompt, in order.
+
+    A request is never split: one with more than ``max_batch`` prompts runs alone.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[list[str]], Sequence[T]],
+        executor: concurrent.futures.Executor,
+        *,
+        max_batch: int = 16,
+        max_wait_ms: float = 10.0,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        self._fn = fn
+        self._executor = executor
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self._queue: asyncio.Queue[tuple[list[str], asyncio.Future]] | None = None
+        self._task: asyncio.Task | None = None
+        self.batches = 0  # calls of fn, for metrics and tests
+
+    def start(self) -> None:
+        """Start the collecting task on the running loop (again, if the loop changed)."""
+        loop = asyncio.get_running_loop()
+        if self._task is not None and not self._task.done() and self._task.get_loop() is loop:
+            return
+        self._queue = asyncio.Queue()
+        self._task = loop.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def submit(self, prompts: list[str]) -> list[T]:
+        """Results for ``prompts``, computed in some batch together with other callers' prompts."""
+        self.start()
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        await self._queue.put((list(prompts), future))
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        while True:
+            batch = [await queue.get()]
+            size = len(batch[0][0])
+            deadline = loop.time() + self.max_wait
+            while size < self.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    break
+                if size + len(item[0]) > self.max_batch:
+                    await self._execute(batch, loop)  # keep requests whole: the newcomer opens the next batch
+                    batch, size, deadline = [], 0, loop.time() + self.max_wait
+                batch.append(item)
+                size += len(item[0])
+            await self._execute(batch, loop)
+
+    async def _execute(self, batch: list[tuple[list[str], asyncio.Future]], loop: asyncio.AbstractEventLoop) -> None:
+        prompts = [prompt for item, _ in batch for prompt in item]
+        self.batches += 1
+        try:
+            results = await loop.run_in_executor(self._executor, self._fn, prompts)
+            if len(results) != len(prompts):
+                raise RuntimeError(f"batched call returned {len(results)} results for {len(prompts)} prompts")
+        except Exception as error:  # every waiting request learns of the failure; none is left hanging
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        start = 0
+        for item, future in batch:
+            if not future.done():
+                future.set_result(list(results[start : start + len(item)]))
+            start += len(item)

@@ -1,0 +1,113 @@
+"""Request and response bodies of the service (they are also its OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_PROMPTS_PER_REQUEST = 256
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CheckRequest(_Strict):
+    """One prompt (``prompt``) or several (``prompts``): scored and decided, nothing generated."""
+
+    prompt: str | None = Field(default=None, description="A single prompt.")
+    prompts: list[str] | None = Field(
+        default=None, min_length=1, max_length=MAX_PROMPTS_PER_REQUEST, description="Several prompts."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> CheckRequest:
+        if (self.prompt is None) == (self.prompts is None):
+            raise ValueError("give exactly one of 'prompt' (a string) or 'prompts' (a list of strings)")
+        return self
+
+    def as_list(self) -> list[str]:
+        return [self.prompt] if self.prompt is not None else list(self.prompts or [])
+
+
+class ScoreOut(BaseModel):
+    """How memorized the prompt looks (higher: more likely), and how that was measured."""
+
+    score: float
+    norm: float
+    cos: float
+    g_norm: float
+    g_cos: float
+    profile: str
+    t_hi: int
+    t_lo: int
+    samples: int
+    seed: int
+    prediction_space: str
+    truncated: bool = False
+    warnings: list[str] = Field(default_factory=list)
+
+
+class DecisionOut(BaseModel):
+    """The policy's verdict on one prompt of the request (``prompt_index`` counts within the request)."""
+
+    prompt_index: int
+    action: Literal["allow", "warn", "block", "rewrite"]
+    rule: str
+    reason: str
+    score: ScoreOut | None = Field(description="None when the prompt was not scored (lists, or a scoring error).")
+    error: str | None = None
+    message: str | None = None
+    thresholds: list[dict[str, Any]] = Field(default_factory=list)
+    calibration_id: str | None = None
+    warnings: list[str] = Field(default_factory=list)
+
+
+class CheckResponse(BaseModel):
+    decisions: list[DecisionOut]
+    blocked: list[int] = Field(description="Indices of the prompts the policy blocks.")
+
+
+class GenerateRequest(_Strict):
+    """A guarded text-to-image call: scored and decided first, generated only if the policy lets it through."""
+
+    prompt: str = Field(min_length=1)
+    negative_prompt: str | None = None
+    num_inference_steps: int = Field(default=25, ge=1, le=200)
+    guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0)
+    height: int | None = Field(default=None, ge=8, le=2048, multiple_of=8)
+    width: int | None = Field(default=None, ge=8, le=2048, multiple_of=8)
+    num_images: int = Field(default=1, ge=1, le=4)
+    seed: int | None = Field(default=None, ge=0, lt=2**63, description="Seed of the generation (not of the guard).")
+
+
+class GenerateResponse(BaseModel):
+    request_id: str
+    images: list[str] = Field(description="PNG images, base64-encoded.")
+    decisions: list[DecisionOut]
+    latency_scoring_ms: float | None = None
+    latency_generation_ms: float | None = None
+
+
+class BlockedResponse(BaseModel):
+    """HTTP 403: the policy blocked the request (or could not score it and fails closed)."""
+
+    error: Literal["blocked"] = "blocked"
+    detail: str
+    request_id: str | None = None
+    decisions: list[DecisionOut]
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: Any = None
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    model: str
+    policy: str
+    policy_version: str
+    scorer_ready: bool
+    detail: str | None = None
