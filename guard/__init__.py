@@ -2,7 +2,7 @@
 
 from .actions import GuardReport, MemorizationBlocked, MemorizationWarning
 from .audit import AuditLog, verify_log
-from .calibrate import calibrate
+from .calibrator import calibrate
 from .guard import Guard, WithheldOutput
 from .policy import CalibrationProfile, Decision, Policy, PolicyError, load_policy
 from .scoring import (

@@ -15,7 +15,7 @@ import torch
 
 from .actions import BatchPlan, GuardReport, MemorizationBlocked, plan_batch, warn_for
 from .audit import AuditLogger, AuditWriteError, new_request_id
-from .calibrate import auto_calibration
+from .calibrator import auto_calibration
 from .policy import (
     CalibrationError,
     CalibrationMissing,
@@ -96,12 +96,24 @@ class Guard:
         adapter = self.scorer.adapter if self.scorer is not None else None
         self.model_class = adapter.model_class if adapter is not None else type(pipe).__name__
         self.model_id = model_id or (adapter.model_id if adapter is not None else None) or self.model_class
-        self.audit = AuditLogger.for_policy(
-            self.policy, path=audit_path, model_id=self.model_id, model_class=self.model_class
-        )
+        self._audit_path = audit_path
+        self._audit: AuditLogger | None = None
+        try:
+            self.audit  # noqa: B018 - open the log now so a bad path shows up at once, as a warning
+        except AuditWriteError as error:
+            warnings.warn(f"memguard: {error}; requests will follow on_error ({self.policy.on_error})", stacklevel=2)
         self._call_signature = _call_signature(pipe)
         if self._call_signature is not None:
             self.__signature__ = self._call_signature
+
+    @property
+    def audit(self) -> AuditLogger:
+        """The audit logger; opened on first use, and retried on each request while it cannot be."""
+        if self._audit is None:
+            self._audit = AuditLogger.for_policy(
+                self.policy, path=self._audit_path, model_id=self.model_id, model_class=self.model_class
+            )
+        return self._audit
 
     def _profile_spec(self) -> ProfileLike | None:
         profile = self.policy.profile
@@ -165,9 +177,7 @@ class Guard:
             if listed is not None:
                 decisions[index] = listed
         if self.scorer is None:
-            error = f"the guard cannot score this model: {self.setup_error}"
-            decisions.update({i: decide_on_error(self.policy, i, error) for i in range(len(prompts)) if i not in decisions})
-            return [decisions[i] for i in range(len(prompts))], cond
+            return self._all_errors(prompts, decisions, f"the guard cannot score this model: {self.setup_error}"), cond
         try:
             with self._lock:
                 if cond is None:
@@ -179,13 +189,15 @@ class Guard:
                     else []
                 )
         except Exception as error:
-            message = f"scoring failed: {type(error).__name__}: {error}"
-            decisions.update({i: decide_on_error(self.policy, i, message) for i in range(len(prompts)) if i not in decisions})
-            return [decisions[i] for i in range(len(prompts))], cond
+            return self._all_errors(prompts, decisions, f"scoring failed: {type(error).__name__}: {error}"), cond
         calibration, calibration_error = self._calibration_or_error()
         for index, score in zip(pending, scores):
             decisions[index] = self._decide_one(prompts[index], score, index, calibration, calibration_error)
         return [decisions[i] for i in range(len(prompts))], cond
+
+    def _all_errors(self, prompts: Sequence[str | None], decided: dict[int, Decision], error: str) -> list[Decision]:
+        """Every prompt not already decided by the lists gets the ``on_error`` decision."""
+        return [decided.get(i) or decide_on_error(self.policy, i, error) for i in range(len(prompts))]
 
     def _calibration_or_error(self) -> tuple[CalibrationProfile | None, str | None]:
         if not self.policy.uses_relative_thresholds:
@@ -385,11 +397,10 @@ class Guard:
 
 
 def _call_signature(pipe: Any) -> inspect.Signature | None:
-    call = getattr(type(pipe), "__call__", None)
-    if call is None or not callable(pipe):
+    """The pipeline's own call signature, so the guard can be called exactly like it."""
+    if not callable(pipe):
         return None
-    signature = inspect.signature(pipe.__call__)
-    return signature
+    return inspect.signature(pipe.__call__)
 
 
 def _ms_since(started: float) -> float:
