@@ -1,0 +1,119 @@
+"""Benchmark: ``memguard audit summary`` and ``report`` on a generated, chain-valid log of 1 million records.
+
+    python benchmarks/audit_summary.py [--records 1000000] [--log /tmp/audit-1m.jsonl] [--keep]
+
+Records are made from real ``build_record`` output (one per kind: allow, warn, rewrite, block, error)
+with varied times, scores and ids, then hash-chained exactly as ``AuditLog`` does, so ``audit verify``
+accepts the file. Prints the generation time, the summary time (target: under 60 s for 1M records) and
+the process's peak memory (RSS) before and after the summary pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import resource
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from guard.audit import GENESIS_HASH, build_record, canonical_json
+from guard.policy import AppliedThreshold, Decision, load_policy
+from guard.scoring import MemorizationScore
+
+_KINDS = (  # action, rule, outcome, weight
+    ("allow", "default", "generated", 0.93),
+    ("warn", "warn-elevated", "generated", 0.04),
+    ("rewrite", "rewrite-suspicious", "rewritten", 0.015),
+    ("block", "block-memorized", "blocked", 0.01),
+    ("block", "on_error", "blocked", 0.005),
+)
+_THRESHOLDS = {"warn-elevated": (1.9, 0.02), "rewrite-suspicious": (2.4, 0.005), "block-memorized": (3.1, 0.001)}
+
+
+def _templates(prompt_mode: str) -> list[dict]:
+    policy = load_policy("balanced")
+    policy = policy.model_copy(update={"audit": policy.audit.model_copy(update={"prompt": prompt_mode})})
+    out = []
+    for action, rule, outcome, _ in _KINDS:
+        score = MemorizationScore("p", 1.0, 0.2, 1.4, 1.0, 2.0, "sd1", 981, 41, 1, 51, "eps")
+        thresholds = ()
+        if rule in _THRESHOLDS:
+            value, fpr = _THRESHOLDS[rule]
+            thresholds = (AppliedThreshold("score", ">", value, fpr),)
+        error = {"type": "NonFiniteScoreError", "message": "non-finite score"} if rule == "on_error" else None
+        decision = Decision(0, action, rule, f"rule {rule}", thresholds=thresholds,
+                            score=None if error else score, error=error and error["message"])
+        extras = {"mitigation": {"score_after": 1.2, "steps": 6, "met": True}} if action == "rewrite" else None
+        record = build_record(decision, policy=policy, request_id="x", prompt="a prompt", outcome=outcome,
+                              model_id="tiny", model_class="StableDiffusionPipeline", error=error, extras=extras,
+                              latency_scoring_ms=12.0)
+        out.append(record.to_json_dict())
+    return out
+
+
+def write_synthetic_log(path: str | Path, records: int, *, seed: int = 0, prompt_mode: str = "hash",
+                        start: datetime | None = None, span_hours: float = 24 * 14) -> Path:
+    """A chain-valid audit log of ``records`` decisions spread over ``span_hours`` from ``start``."""
+    rng = random.Random(seed)
+    templates = _templates(prompt_mode)
+    weights = [k[3] for k in _KINDS]
+    start = start or datetime(2024, 5, 1, tzinfo=timezone.utc)
+    step = span_hours * 3600 / max(records, 1)
+    prev, path = GENESIS_HASH, Path(path)
+    with path.open("w", encoding="utf-8") as handle:
+        for seq in range(1, records + 1):
+            kind = rng.choices(range(len(templates)), weights)[0]
+            record = dict(templates[kind])
+            when = start + timedelta(seconds=seq * step)
+            record["timestamp"] = when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            record["request_id"] = f"{seed:04x}{seq:028x}"
+            prompt = f"prompt number {rng.randrange(10**6)}"
+            record["prompt"] = (prompt if prompt_mode == "plain"
+                                else hashlib.sha256(prompt.encode()).hexdigest() if prompt_mode == "hash"
+                                else "[redacted]")
+            if record["score"] is not None:
+                base = {"allow": 1.2, "warn": 2.1, "rewrite": 2.7, "block": 3.5}[record["action"]]
+                record["norm"] = round(rng.gauss(base - 0.4, 0.15), 6)
+                record["cos"] = round(rng.uniform(0.15, 0.25), 6)
+                record["score"] = round(record["norm"] + 2.0 * record["cos"], 6)
+            record["seq"], record["prev_hash"] = seq, prev
+            record["hash"] = prev = hashlib.sha256(canonical_json(record).encode("utf-8")).hexdigest()
+            handle.write(canonical_json(record) + "\n")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=1_000_000)
+    parser.add_argument("--log", default="/tmp/memguard-audit-bench.jsonl")
+    parser.add_argument("--report", default=None, help="also time `audit report` into this HTML file")
+    parser.add_argument("--keep", action="store_true", help="keep the generated log")
+    args = parser.parse_args()
+
+    from guard.audit.review import render_text, summarize
+
+    t0 = time.perf_counter()
+    log = write_synthetic_log(args.log, args.records)
+    t1 = time.perf_counter()
+    print(f"generated {args.records} records ({log.stat().st_size / 1e6:.0f} MB) in {t1 - t0:.1f} s")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    summary = summarize(log)
+    t2 = time.perf_counter()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(render_text(summary).splitlines()[0])
+    print(f"summary: {t2 - t1:.1f} s ({args.records / (t2 - t1):,.0f} records/s), peak RSS {peak / 1e3:.0f} MB "
+          f"(was {before / 1e3:.0f} MB before it)")
+    if args.report:
+        from guard.audit import verify_log
+        from guard.audit.report import write_report
+
+        write_report(summary, verify_log(log), args.report)
+        print(f"report (verify + render): {time.perf_counter() - t2:.1f} s -> {args.report}")
+    if not args.keep:
+        log.unlink()
+
+
+if __name__ == "__main__":
+    main()
