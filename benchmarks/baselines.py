@@ -90,7 +90,7 @@ def sharpness_scores(scorer: Scorer, prompts: list[str]) -> list[float]:
         cond, uncond = _context(scorer, prompt)
         context = torch.cat([uncond, cond])
 
-        def difference(x: torch.Tensor) -> torch.Tensor:
+        def difference(x: torch.Tensor, context: torch.Tensor = context) -> torch.Tensor:
             eps_u, eps_c = unet(x.repeat(2, 1, 1, 1), timestep, encoder_hidden_states=context)[0].chunk(2)
             return eps_c - eps_u
 

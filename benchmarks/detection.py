@@ -20,7 +20,11 @@ from guard.scoring import Scorer
 
 
 def metrics(positives: list[float], negatives: list[float]) -> list[float]:
-    return [roc_auc(positives, negatives), tpr_at_fpr(positives, negatives, 0.01), tpr_at_fpr(positives, negatives, 0.03)]
+    return [
+        roc_auc(positives, negatives),
+        tpr_at_fpr(positives, negatives, 0.01),
+        tpr_at_fpr(positives, negatives, 0.03),
+    ]
 
 
 def read_levels(path: str) -> dict[str, int]:
