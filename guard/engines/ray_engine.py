@@ -140,7 +140,7 @@ def _score_dataset(ray, blocks, job, loader, workers, num_cpus, num_gpus, max_re
         fn_constructor_args=(job, loader),
         batch_size=job.batch_size,
         batch_format="numpy",
-        concurrency=workers,
+        compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=num_cpus,
         num_gpus=num_gpus or None,
         max_restarts=max_retries,  # a crashed actor is replaced...
