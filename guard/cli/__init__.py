@@ -8,6 +8,7 @@ import click
 
 from .audit import audit
 from .calibrate import calibrate
+from .demo import demo
 from .scan import scan
 from .serve import serve
 
@@ -56,3 +57,4 @@ main.add_command(scan)
 main.add_command(audit)
 main.add_command(calibrate)
 main.add_command(serve)
+main.add_command(demo)
