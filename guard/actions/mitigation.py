@@ -1,0 +1,392 @@
+"""The ``rewrite`` action: change the input of a generation until its memorization score is low (DESIGN.md §3).
+
+Two methods, both driven by memguard's own score so that "mitigated" means what detection means:
+
+* ``prompt_embedding`` (Wen et al. 2024 style): gradient steps on the prompt's text embedding, with the score
+  itself as the loss, until it falls to the target; the pipeline then generates from ``prompt_embeds=c*`` with
+  the caller's own seed.
+* ``initial_noise`` (SAIL, Jeon et al. 2025): gradient steps on a batch of candidate x_T that flatten the
+  guidance around them; the first candidates whose score (measured at that noise) meets the target are passed
+  to the pipeline as ``latents=``. The prompt is unchanged.
+
+Neither touches the model: gradients are taken only with respect to the optimised input
+(``torch.autograd.grad``), so no ``.grad`` accumulates on the UNet and no ``requires_grad`` flag is changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..policy import Decision, decide_on_error
+from ..policy.schema import RewriteSettings
+from ..scoring import Scorer, TextConditioning
+
+__all__ = [
+    "MitigationResult",
+    "apply_rewrites",
+    "initial_latents",
+    "mitigate_initial_noise",
+    "mitigate_prompt_embedding",
+]
+
+
+@dataclass
+class MitigationResult:
+    """What one mitigation did; ``to_dict`` (no tensors) goes into the audit record.
+
+    For ``prompt_embedding``, ``cond`` is the adapted conditioning row (float32). For ``initial_noise``,
+    ``latents`` is the un-scaled noise for the prompt's images and the scores are measured at the
+    generation noise (before: the caller's own noise; after: the noise returned).
+    """
+
+    method: str
+    score_before: float
+    score_after: float
+    steps: int
+    target: float
+    met: bool
+    seconds: float
+    cond: TextConditioning | None = None
+    latents: torch.Tensor | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "score_before": _finite_or_none(self.score_before),
+            "score_after": _finite_or_none(self.score_after),
+            "steps": self.steps,
+            "target": _finite_or_none(self.target),
+            "met": self.met,
+            "seconds": round(self.seconds, 4),
+        }
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+# ---------------------------------------------------------------------------------------------- prompt embedding
+
+
+def mitigate_prompt_embedding(
+    scorer: Scorer,
+    cond_row: TextConditioning,
+    *,
+    target: float,
+    max_steps: int = 10,
+    lr: float = 0.05,
+    proximity: float = 0.0,
+) -> MitigationResult:
+    """Adapt one prompt's text conditioning until ``scorer``'s score is ``<= target``, or ``max_steps`` run out.
+
+    The embedding is optimised in float32 (the UNet still runs in its own dtype), the BOS token is left
+    alone (it carries no prompt content and dominates CLIP's activations), and ``proximity`` penalises the
+    mean squared distance to the original embedding. For SDXL the pooled embedding is optimised with the
+    token embeddings of both encoders. The score is checked before each step, so ``steps`` counts the
+    updates actually needed and ``score_after`` is measured, not estimated.
+    """
+    if len(cond_row) != 1:
+        raise ValueError(f"mitigate one prompt at a time, got {len(cond_row)} rows")
+    started = time.perf_counter()
+    device = scorer.adapter.device
+    original = cond_row.detach().to(device=device, dtype=torch.float32)
+    embeds = original.embeds.clone().requires_grad_(True)
+    pooled = None if original.pooled is None else original.pooled.clone().requires_grad_(True)
+    params = [embeds] if pooled is None else [embeds, pooled]
+    optimizer = torch.optim.Adam(params, lr=lr)
+
+    score_before = score_now = math.nan
+    steps = 0
+    with torch.enable_grad():
+        while True:
+            current = TextConditioning(embeds, pooled, list(original.truncated))
+            score = scorer.combine(*scorer.statistics(current))[0]
+            score_now = float(score.detach())
+            if steps == 0:
+                score_before = score_now
+            if not math.isfinite(score_now) or score_now <= target or steps >= max_steps:
+                break
+            loss = score
+            if proximity > 0.0:
+                loss = loss + proximity * F.mse_loss(embeds, original.embeds, reduction="mean")
+                if pooled is not None:
+                    loss = loss + proximity * F.mse_loss(pooled, original.pooled, reduction="mean")
+            grads = torch.autograd.grad(loss, params)
+            grads[0][:, 0] = 0.0  # BOS token: position 0 in every encoder's hidden states
+            for param, grad in zip(params, grads):
+                param.grad = grad
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+
+    adapted = TextConditioning(embeds.detach(), None if pooled is None else pooled.detach(), list(original.truncated))
+    return MitigationResult(
+        method="prompt_embedding",
+        score_before=score_before,
+        score_after=score_now,
+        steps=steps,
+        target=float(target),
+        met=math.isfinite(score_now) and score_now <= target,
+        seconds=time.perf_counter() - started,
+        cond=adapted,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- initial noise
+
+
+def _default_lam(scorer: Scorer) -> float:
+    """SAIL's Gaussianity weights: 0.05 for epsilon models (SD 1), 0.01 for v-prediction (SD 2)."""
+    return 0.01 if scorer.adapter.prediction_type == "v_prediction" else 0.05
+
+
+def mitigate_initial_noise(
+    scorer: Scorer,
+    cond_row: TextConditioning,
+    latents: torch.Tensor,
+    *,
+    target: float,
+    max_steps: int = 10,
+    lr: float = 0.05,
+    lam: float | None = None,
+    candidates: int = 8,
+    threshold: float | None = None,
+    seed: int = 0,
+) -> MitigationResult:
+    """Find initial noise for one prompt's images at which its memorization score is ``<= target`` (SAIL).
+
+    ``latents`` is the prompt's own un-scaled noise (``[n, C, h, w]``, n = images per prompt, at the
+    generation's latent size); it heads a batch of ``max(candidates, n)`` candidates, the rest drawn from
+    ``seed``. Each step minimises ``||eps_c(x + d) - eps_u(x + d)|| + lam * ||x||`` at ``t_hi``, d being the
+    unit guidance direction at x (detached), which flattens the sharp, memorized basin around x. A candidate
+    is accepted once its memguard score, measured at x itself, is ``<= target`` (and, with ``threshold``,
+    once its SAIL loss is under it); the first n accepted are returned. If fewer are found, the n
+    lowest-scoring candidates come back with ``met=False``.
+
+    The norm is rescaled to the model's native latent size (``sqrt(native / generation)`` elements), so the
+    target keeps its meaning when the caller asks for another resolution.
+    """
+    if len(cond_row) != 1:
+        raise ValueError(f"mitigate one prompt at a time, got {len(cond_row)} rows")
+    if latents.ndim != 4:
+        raise ValueError(f"latents must be [images, C, H, W], got shape {tuple(latents.shape)}")
+    started = time.perf_counter()
+    adapter = scorer.adapter
+    device, dtype = adapter.device, adapter.dtype
+    lam = _default_lam(scorer) if lam is None else lam
+    wanted = latents.shape[0]
+    total = max(candidates, wanted)
+    own = latents.detach().to(device=device, dtype=torch.float32)
+    extra_generator = torch.Generator("cpu").manual_seed(seed)
+    extra = torch.randn((total - wanted, *own.shape[1:]), generator=extra_generator, dtype=torch.float32)
+    x = torch.cat([own, extra.to(device)]).requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=lr)
+
+    text = TextConditioning.cat([cond_row.detach(), adapter.unconditional()]).to(device=device, dtype=dtype)
+    sigma = float(adapter.init_noise_sigma)
+    native = math.prod(adapter.latent_shape)
+    norm_scale = scorer._norm_scale() * math.sqrt(native / own[0].numel())
+
+    def eps(sample32: torch.Tensor, timesteps: list[int]) -> torch.Tensor:
+        """Predictions (in the scorer's space) for cond and uncond at each timestep: [T, 2, B, C, h, w]."""
+        rows = sample32.shape[0]
+        samples = torch.cat([sample32] * (2 * len(timesteps)))
+        labels = torch.tensor([t for t in timesteps for _ in range(2 * rows)], device=device)
+        cond = TextConditioning.cat([text.repeat_each(rows)] * len(timesteps))
+        raw = adapter.predict(samples.to(dtype), labels, cond).float()
+        parts = raw.view(len(timesteps), 2, rows, *raw.shape[1:])
+        per_timestep = [[scorer._to_space(parts[i, j], sample32, t) for j in range(2)] for i, t in enumerate(timesteps)]
+        return torch.stack([torch.stack(pair) for pair in per_timestep])
+
+    accepted: list[int] = []
+    snapshots: dict[int, tuple[torch.Tensor, float]] = {}
+    score_before = math.nan
+    steps = 0
+    scores = torch.full((total,), math.inf)
+    while True:
+        with torch.no_grad():
+            sample = x.detach() * sigma
+            pred = eps(sample, [scorer.t_hi, scorer.t_lo])
+            guidance = pred[0, 0] - pred[0, 1]
+            norm = guidance.flatten(1).norm(dim=1) * norm_scale
+            cos = F.cosine_similarity(pred[1, 1], pred[1, 0] - pred[1, 1], dim=1).flatten(1).mean(dim=1)
+            scores = scorer.combine(norm, cos).cpu()
+            direction = guidance / guidance.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        if steps == 0:
+            score_before = float(scores[:wanted].mean())
+        last = steps >= max_steps
+        sail_loss = None
+        if threshold is not None or not last:
+            with torch.enable_grad():
+                moved = (x + direction) * sigma
+                pred_moved = eps(moved, [scorer.t_hi])
+                sharpness = (pred_moved[0, 0] - pred_moved[0, 1]).flatten(1).norm(dim=1)
+                sail_loss = sharpness + lam * x.flatten(1).norm(dim=1)
+        ok = scores <= target
+        if threshold is not None:
+            ok &= sail_loss.detach().cpu() <= threshold
+        for index in torch.nonzero(ok).flatten().tolist():
+            if index not in snapshots:
+                accepted.append(index)
+                snapshots[index] = (x.detach()[index].clone(), float(scores[index]))
+        if len(accepted) >= wanted or last:
+            break
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(sail_loss.sum(), [x])
+        x.grad = grad
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps += 1
+
+    chosen = [snapshots[i] for i in accepted[:wanted]]
+    if len(chosen) < wanted:
+        rest = [i for i in torch.argsort(scores).tolist() if i not in snapshots]
+        chosen += [(x.detach()[i].clone(), float(scores[i])) for i in rest[: wanted - len(chosen)]]
+    met = len(accepted) >= wanted
+    return MitigationResult(
+        method="initial_noise",
+        score_before=score_before,
+        score_after=sum(score for _, score in chosen) / wanted,
+        steps=steps,
+        target=float(target),
+        met=met,
+        seconds=time.perf_counter() - started,
+        latents=torch.stack([latent for latent, _ in chosen]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- the Guard's hook
+
+
+def _prompt_embeds_dtype(pipe: Any) -> torch.dtype:
+    """The dtype the pipeline's ``encode_prompt`` gives ``prompt_embeds`` (and hence its initial latents)."""
+    is_xl = getattr(pipe, "text_encoder_2", None) is not None or hasattr(pipe, "tokenizer_2")
+    encoder = getattr(pipe, "text_encoder_2" if is_xl else "text_encoder", None)
+    return encoder.dtype if encoder is not None else pipe.unet.dtype
+
+
+def initial_latents(pipe: Any, scorer: Scorer, batch: int, arguments: dict[str, Any]) -> torch.Tensor:
+    """The un-scaled initial noise of the whole call, exactly as the pipeline's ``prepare_latents`` would draw it.
+
+    Drawing it here, from the caller's generator with the same shape, device and dtype, keeps every prompt
+    that is not rewritten bit-identical to an unguarded call, and leaves the generator in the same state.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    per_prompt = arguments.get("num_images_per_prompt") or 1
+    given = arguments.get("latents")
+    if isinstance(given, torch.Tensor):
+        return given
+    channels, native_h, native_w = scorer.adapter.latent_shape
+    vae_scale = getattr(pipe, "vae_scale_factor", 8)
+    height, width = arguments.get("height"), arguments.get("width")
+    shape = (
+        batch * per_prompt,
+        channels,
+        int(height) // vae_scale if height else native_h,
+        int(width) // vae_scale if width else native_w,
+    )
+    device = getattr(pipe, "_execution_device", scorer.adapter.device)
+    return randn_tensor(shape, generator=arguments.get("generator"), device=device, dtype=_prompt_embeds_dtype(pipe))
+
+
+def _noise_seed(latents: torch.Tensor) -> int:
+    """A seed for extra SAIL candidates that follows the caller's noise: same call, same result."""
+    digest = hashlib.sha256(latents.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _fallback(decision: Decision, settings: RewriteSettings, result: MitigationResult) -> Decision:
+    reason = (
+        f"{decision.reason}; rewrite target {result.target:.6g} not reached in {result.steps} steps "
+        f"({result.method}: score {result.score_before:.6g} -> {result.score_after:.6g}); "
+        f"fallback: {settings.fallback}"
+    )
+    return dataclasses.replace(decision, action=settings.fallback, reason=reason)
+
+
+def apply_rewrites(
+    guard: Any,
+    decisions: list[Decision],
+    rewrites: list[Decision],
+    cond: TextConditioning,
+    arguments: dict[str, Any],
+    report: Any,
+) -> list[Decision]:
+    """Mitigate each ``rewrite`` decision's prompt in place of generating it as asked.
+
+    On success the prompt's row of ``cond`` (prompt_embedding) or its rows of ``arguments["latents"]``
+    (initial_noise) are replaced, and ``report.mitigations[i]`` records the result for the audit. A prompt
+    whose target is not met takes its rule's ``fallback`` action; one whose mitigation raises takes the
+    policy's ``on_error`` action. Returns the decisions, updated.
+    """
+    by_index = {decision.prompt_index: decision for decision in decisions}
+    per_prompt = arguments.get("num_images_per_prompt") or 1
+    noise: torch.Tensor | None = None
+    noise_changed = False
+    embeds_copied = False
+    for decision in rewrites:
+        index = decision.prompt_index
+        settings = decision.rewrite or RewriteSettings()
+        target = decision.rewrite_target
+        if target is None or not math.isfinite(target):
+            by_index[index] = decide_on_error(
+                guard.policy, index, f"rewrite has no usable target ({target})", score=decision.score
+            )
+            continue
+        try:
+            with guard._lock:
+                if settings.method == "prompt_embedding":
+                    result = mitigate_prompt_embedding(
+                        guard.scorer,
+                        cond.select([index]),
+                        target=target,
+                        max_steps=settings.max_steps,
+                        lr=settings.lr,
+                        proximity=settings.proximity,
+                    )
+                else:
+                    if noise is None:
+                        noise = initial_latents(guard.pipe, guard.scorer, len(cond), arguments)
+                    rows = noise[index * per_prompt : (index + 1) * per_prompt]
+                    result = mitigate_initial_noise(
+                        guard.scorer,
+                        cond.select([index]),
+                        rows,
+                        target=target,
+                        max_steps=settings.max_steps,
+                        lr=settings.lr,
+                        seed=_noise_seed(rows),
+                    )
+        except Exception as error:  # a mitigation that crashes must not generate the memorized prompt as is
+            message = f"rewrite ({settings.method}) failed: {type(error).__name__}: {error}"
+            by_index[index] = decide_on_error(guard.policy, index, message, score=decision.score)
+            continue
+        if not result.met:
+            by_index[index] = _fallback(decision, settings, result)
+            continue
+        if result.cond is not None:
+            if not embeds_copied:  # never write into the caller's prompt_embeds tensor
+                cond.embeds = cond.embeds.clone()
+                cond.pooled = None if cond.pooled is None else cond.pooled.clone()
+                embeds_copied = True
+            cond.embeds[index] = result.cond.embeds[0].to(device=cond.embeds.device, dtype=cond.embeds.dtype)
+            if cond.pooled is not None and result.cond.pooled is not None:
+                cond.pooled[index] = result.cond.pooled[0].to(device=cond.pooled.device, dtype=cond.pooled.dtype)
+        if result.latents is not None:
+            if not noise_changed:
+                noise = noise.clone()
+                noise_changed = True
+            noise[index * per_prompt : (index + 1) * per_prompt] = result.latents.to(noise.device, noise.dtype)
+        report.mitigations[index] = result
+    if noise_changed:
+        arguments["latents"] = noise
+    return [by_index[decision.prompt_index] for decision in decisions]
