@@ -81,6 +81,20 @@ def _ddim_scheduler(prediction_type: str):
     )
 
 
+def _unet_layout(sample_size: int) -> dict:
+    """Two resolution levels, cross-attention only at the lower one (about 1M parameters)."""
+    return {
+        "sample_size": sample_size,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "norm_num_groups": 32,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    }
+
+
 def _tiny_vae():
     from diffusers import AutoencoderKL
 
@@ -106,14 +120,7 @@ def tiny_sd_pipeline(prediction_type: str = "epsilon", seed: int = 0, sample_siz
     text_encoder = CLIPTextModel(_text_config(tokenizer, hidden_size=32))
     v_style = prediction_type == "v_prediction"
     unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        norm_num_groups=32,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **_unet_layout(sample_size),
         cross_attention_dim=32,
         attention_head_dim=(2, 4) if v_style else 8,
         use_linear_projection=v_style,
@@ -141,14 +148,7 @@ def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8, force_zeros_for_empt
     tokenizer = build_word_tokenizer()
     tokenizer_2 = build_word_tokenizer()
     unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        norm_num_groups=32,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **_unet_layout(sample_size),
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
