@@ -1,4 +1,4 @@
-"""Evidence for the ``rewrite`` action on the memorizing model: memorized prompts stop reproducing their training latent.
+"""Evidence for the ``rewrite`` action: memorized prompts of the memorizing model stop reproducing their latent.
 
 Why: a mitigation is only worth shipping if, on a model that really memorizes, it turns copies into new images
 while leaving ordinary prompts alone. This runs real 50-step DDIM generations (CFG 7.5, latent output) and reports
