@@ -79,7 +79,7 @@ def _require_prediction_type(scheduler_config: Mapping[str, Any], what: str) -> 
     return prediction_type
 
 
-def _weights_digest(module: torch.nn.Module, values_per_tensor: int = 256) -> str:
+def weights_digest(module: torch.nn.Module, values_per_tensor: int = 256) -> str:
     """Hash of every parameter's name, shape and first values: cheap, and distinct across fine-tunes."""
     digest = hashlib.sha256()
     with torch.no_grad():
@@ -178,8 +178,8 @@ class DiffusersAdapter(ModelAdapter):
                 encoder = getattr(self.pipe, name, None)
                 if encoder is not None:
                     digest.update(encoder.config.to_json_string().encode())
-                    digest.update(_weights_digest(encoder).encode())
-            digest.update(_weights_digest(self.unet).encode())
+                    digest.update(weights_digest(encoder).encode())
+            digest.update(weights_digest(self.unet).encode())
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 

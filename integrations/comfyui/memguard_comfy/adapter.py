@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from guard.scoring import ModelAdapter, TextConditioning, UnsupportedPipelineError, scoring_timesteps
-from guard.scoring.adapters import _weights_digest
+from guard.scoring.adapters import weights_digest
 
 __all__ = ["ComfyUIModelAdapter", "conditioning_from_comfy", "comfy_from_conditioning", "native_latent_size"]
 
@@ -219,10 +219,10 @@ class ComfyUIModelAdapter(ModelAdapter):
             config = getattr(getattr(self.base_model, "model_config", None), "unet_config", {}) or {}
             digest.update(repr(sorted((str(k), repr(v)) for k, v in dict(config).items())).encode())
             digest.update(self.sampling_kind.encode())
-            digest.update(_weights_digest(self.base_model.diffusion_model).encode())
+            digest.update(weights_digest(self.base_model.diffusion_model).encode())
             encoder = getattr(self.clip, "cond_stage_model", None)
             if isinstance(encoder, torch.nn.Module):
-                digest.update(_weights_digest(encoder).encode())
+                digest.update(weights_digest(encoder).encode())
             digest.update(b"uncond:" + (b"negative" if self._unconditional is not None else b"empty"))
             if self._unconditional is not None:
                 digest.update(self._unconditional.embeds.detach().float().cpu().numpy().tobytes())
