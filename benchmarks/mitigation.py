@@ -38,7 +38,7 @@ from data import build  # noqa: E402
 from guard import Guard  # noqa: E402
 from guard.actions.mitigation import initial_latents, mitigate_initial_noise, mitigate_prompt_embedding  # noqa: E402
 from guard.assets import shipped_calibration_path  # noqa: E402
-from guard.calibrator import auto_calibration  # noqa: E402
+from guard.calibrator import auto_calibration, calibrate  # noqa: E402
 from guard.policy import CalibrationProfile, decide, load_policy  # noqa: E402
 from guard.scoring import Scorer  # noqa: E402
 
@@ -137,6 +137,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--target-fpr", type=float, default=0.05, help="rewrite target: score at this calibration FPR")
     p.add_argument("--calibration", type=Path, default=None, help="default: the model's own, else auto")
+    p.add_argument(
+        "--calibrate-on-train",
+        type=int,
+        default=0,
+        help="calibrate on the first N ordinary (non-duplicated) training captions instead (the model's own prompts)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--audit-dir", type=Path, default=Path("/tmp/memguard-bench-mitigation"))
@@ -161,7 +167,13 @@ def main() -> None:
     calibration_file = args.calibration or (
         None if args.model == "tiny" else shipped_calibration_path(Path(args.model))
     )
-    calibration = CalibrationProfile.load(calibration_file) if calibration_file else auto_calibration(scorer)
+    if args.calibrate_on_train:
+        ordinary = [c for c in dict.fromkeys(data.train_captions) if c not in own_latent][: args.calibrate_on_train]
+        calibration = calibrate(scorer, ordinary, source=f"memorizer-train-{len(ordinary)}")
+    elif calibration_file:
+        calibration = CalibrationProfile.load(calibration_file)
+    else:
+        calibration = auto_calibration(scorer)
     target = calibration.threshold_at_fpr(args.target_fpr)
     print(
         f"model {args.model}; calibration {calibration.id} ({len(calibration.scores)} prompts); "
