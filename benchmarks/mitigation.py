@@ -136,6 +136,7 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=10)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--target-fpr", type=float, default=0.05, help="rewrite target: score at this calibration FPR")
+    p.add_argument("--target", type=float, default=None, help="absolute rewrite target (overrides --target-fpr)")
     p.add_argument("--calibration", type=Path, default=None, help="default: the model's own, else auto")
     p.add_argument(
         "--calibrate-on-train",
@@ -174,7 +175,7 @@ def main() -> None:
         calibration = CalibrationProfile.load(calibration_file)
     else:
         calibration = auto_calibration(scorer)
-    target = calibration.threshold_at_fpr(args.target_fpr)
+    target = args.target if args.target is not None else calibration.threshold_at_fpr(args.target_fpr)
     print(
         f"model {args.model}; calibration {calibration.id} ({len(calibration.scores)} prompts); "
         f"target = score at FPR {args.target_fpr} = {target:.4f}"
