@@ -345,6 +345,7 @@ class Guard:
             report.request_id, report.decisions, prompts,
             outcome=lambda d: "withheld" if withhold else "blocked",
             latency_scoring_ms=report.latency_scoring_ms,
+            extras=lambda d: _mitigation_extras(report, d.prompt_index),
             refusing=True,
         )
         if withhold:
@@ -410,7 +411,8 @@ def _ms_since(started: float) -> float:
 def _outcome(decision: Decision, plan: BatchPlan, report: GuardReport) -> str:
     if decision.prompt_index in plan.dropped:
         return "dropped"
-    if decision.prompt_index in report.mitigations:
+    mitigation = report.mitigations.get(decision.prompt_index)
+    if mitigation is not None and mitigation.met:
         return "rewritten"
     return "generated"
 

@@ -161,7 +161,9 @@ def test_fallback_block_when_the_budget_runs_out(sd_pipe, tmp_path):
     (decision,) = caught.value.decisions
     assert decision.action == "block"
     assert "not reached in 1 steps" in decision.reason and "fallback: block" in decision.reason
-    assert records(log)[0]["outcome"] == "blocked" and verify_log(log).ok
+    (record,) = records(log)
+    assert record["outcome"] == "blocked" and verify_log(log).ok
+    assert record["extras"]["mitigation"]["met"] is False
 
 
 def test_fallback_drops_only_the_unmitigated_prompt(sd_pipe, tmp_path):
@@ -171,7 +173,8 @@ def test_fallback_drops_only_the_unmitigated_prompt(sd_pipe, tmp_path):
     guard = Guard(sd_pipe, policy, audit_path=tmp_path / "a.jsonl")
     out = generate(guard, [CAT, DOG])
     assert out.memguard.dropped == [high] and out.memguard.generated == [1 - high]
-    assert out.images.shape[0] == 1 and not out.memguard.mitigations
+    assert out.images.shape[0] == 1 and list(out.memguard.mitigations) == [high]
+    assert not out.memguard.mitigations[high].met
 
 
 def test_fallback_warn_generates_unchanged_and_warns(sd_pipe, tmp_path):
@@ -179,6 +182,8 @@ def test_fallback_warn_generates_unchanged_and_warns(sd_pipe, tmp_path):
     guard = Guard(sd_pipe, rewrite_policy(-1e6, max_steps=1, fallback="warn"), audit_path=log)
     with pytest.warns(MemorizationWarning, match="fallback: warn"):
         out = generate(guard, CAT)
-    assert out.memguard.actions == ["warn"] and not out.memguard.mitigations
+    assert out.memguard.actions == ["warn"] and not out.memguard.mitigations[0].met
     assert (out.images == generate(sd_pipe, CAT).images).all()
-    assert records(log)[0]["outcome"] == "generated"
+    (record,) = records(log)
+    assert record["outcome"] == "generated"
+    assert record["extras"]["mitigation"]["met"] is False and record["extras"]["mitigation"]["steps"] == 1

@@ -6,9 +6,11 @@ prompt files.
 
 Two kinds of training pairs:
 
-* compositional captions (a grammar plus free-form templates over the same vocabulary): the target latent
-  is the normalised sum of one fixed random pattern per content word plus per-example noise, so a model
-  can learn the word -> pattern map and generalise to captions it never saw;
+* compositional captions (a grammar plus free-form templates over the same vocabulary): the latent is a
+  text-determined part (the normalised sum of one fixed random pattern per content word) mixed with an
+  image-like random pattern drawn anew for every training pair. A caption describes many images, as on
+  LAION: the text explains only ``TEXT_SHARE`` of a latent's variance, so a model can learn the
+  word -> pattern map and generalise to captions it never saw, but no caption pins down one image;
 * duplicated captions: each has one fixed random latent that is *not* a function of its words, repeated
   4, 16, 64 or 200 times (like LAION duplicates), so the only way to reproduce it is to memorize it.
 """
@@ -30,7 +32,9 @@ N_GRAMMAR_TRAIN = 6000
 N_FREEFORM_TRAIN = 400
 N_GRAMMAR_UNSEEN = 240
 N_FREEFORM_UNSEEN = 60
-NOISE_STD = 0.3
+TEXT_SHARE = 0.35
+N_GRAMMAR_CALIB = 400
+N_FREEFORM_CALIB = 100
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 
 COLORS = [
@@ -148,6 +152,7 @@ class MemorizerData:
     mem_levels: list[int]
     mem_latent_index: list[int]
     nmem_captions: list[str]
+    calib_captions: list[str]
     word_patterns: dict[str, torch.Tensor] = field(repr=False)
 
     def compositional_latent(self, caption: str) -> torch.Tensor:
@@ -231,15 +236,16 @@ def build(seed: int = 0) -> MemorizerData:
     mem_captions = _unique(memcap, n_mem, taken, rng)
     mem_levels = [lvl for lvl in DUP_LEVELS for _ in range(MEM_PER_LEVEL)]
     nmem = _unique(grammar, N_GRAMMAR_UNSEEN, taken, rng) + _unique(freeform, N_FREEFORM_UNSEEN, taken, rng)
+    calib = _unique(grammar, N_GRAMMAR_CALIB, taken, rng) + _unique(freeform, N_FREEFORM_CALIB, taken, rng)
     comp_train = _unique(grammar, N_GRAMMAR_TRAIN, taken, rng) + _unique(freeform, N_FREEFORM_TRAIN, taken, rng)
 
-    all_caps = mem_captions + nmem + comp_train
+    all_caps = mem_captions + nmem + calib + comp_train
     vocab = sorted({w for c in all_caps for w in words(c)})
     pattern_words = sorted({w for c in all_caps for w in content_words(c)})
     patterns = {w: _smooth_pattern(gen) for w in pattern_words}
 
     latents = [_compose(c, patterns) for c in comp_train]
-    latents = [(z + NOISE_STD * torch.randn(z.shape, generator=gen)) / (1 + NOISE_STD**2) ** 0.5 for z in latents]
+    latents = [TEXT_SHARE**0.5 * z + (1 - TEXT_SHARE) ** 0.5 * _smooth_pattern(gen) for z in latents]
     mem_latent_index = list(range(len(latents), len(latents) + n_mem))
     latents += [_smooth_pattern(gen) for _ in range(n_mem)]
 
@@ -258,6 +264,7 @@ def build(seed: int = 0) -> MemorizerData:
         mem_levels=mem_levels,
         mem_latent_index=mem_latent_index,
         nmem_captions=nmem,
+        calib_captions=calib,
         word_patterns=patterns,
     )
 
@@ -271,6 +278,7 @@ def write_prompts(data: MemorizerData, out: Path = PROMPT_DIR) -> None:
         + "".join(f"{c}\t{lvl}\n" for c, lvl in zip(data.mem_captions, data.mem_levels, strict=True))
     )
     (out / "nmem.txt").write_text("".join(c + "\n" for c in data.nmem_captions))
+    (out / "calib.txt").write_text("".join(c + "\n" for c in data.calib_captions))
 
 
 def main() -> None:
@@ -282,7 +290,7 @@ def main() -> None:
     write_prompts(d)
     print(
         f"train pairs {len(d.train_captions)} (distinct latents {len(d.train_latents)}), "
-        f"mem {len(d.mem_captions)}, nmem {len(d.nmem_captions)}, vocab {len(d.vocab)}"
+        f"mem {len(d.mem_captions)}, nmem {len(d.nmem_captions)}, calib {len(d.calib_captions)}, vocab {len(d.vocab)}"
     )
 
 

@@ -324,7 +324,7 @@ def apply_rewrites(
     """Mitigate each ``rewrite`` decision's prompt in place of generating it as asked.
 
     On success the prompt's row of ``cond`` (prompt_embedding) or its rows of ``arguments["latents"]``
-    (initial_noise) are replaced, and ``report.mitigations[i]`` records the result for the audit. A prompt
+    (initial_noise) are replaced. ``report.mitigations[i]`` records every result, met or not, for the audit. A prompt
     whose target is not met takes its rule's ``fallback`` action; one whose mitigation raises takes the
     policy's ``on_error`` action. Returns the decisions, updated.
     """
@@ -370,6 +370,7 @@ def apply_rewrites(
             message = f"rewrite ({settings.method}) failed: {type(error).__name__}: {error}"
             by_index[index] = decide_on_error(guard.policy, index, message, score=decision.score)
             continue
+        report.mitigations[index] = result
         if not result.met:
             by_index[index] = _fallback(decision, settings, result)
             continue
@@ -386,7 +387,6 @@ def apply_rewrites(
                 noise = noise.clone()
                 noise_changed = True
             noise[index * per_prompt : (index + 1) * per_prompt] = result.latents.to(noise.device, noise.dtype)
-        report.mitigations[index] = result
     if noise_changed:
         arguments["latents"] = noise
     return [by_index[decision.prompt_index] for decision in decisions]
