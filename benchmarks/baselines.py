@@ -33,6 +33,11 @@ def _noise(scorer: Scorer) -> torch.Tensor:
     )
 
 
+def _uncond_and_cond(unet, x: torch.Tensor, timestep: int, context: torch.Tensor):
+    """One UNet call of batch 2 (unconditional, conditional) on one noise sample, as the reference does."""
+    return unet(x.repeat(2, 1, 1, 1), timestep, encoder_hidden_states=context)[0].float().chunk(2)
+
+
 @torch.no_grad()
 def reference_style_scores(scorer: Scorer, prompts: list[str]) -> list[tuple[float, float, float]]:
     """``(norm, cos, score)`` per prompt, computed like the reference code (epsilon models)."""
@@ -44,10 +49,9 @@ def reference_style_scores(scorer: Scorer, prompts: list[str]) -> list[tuple[flo
         context = torch.cat([uncond, cond])
         norms, coses = [], []
         for i in range(scorer.samples):
-            x = noise[i : i + 1].repeat(2, 1, 1, 1)
-            eps_u, eps_c = unet(x, scorer.t_hi, encoder_hidden_states=context).sample.float().chunk(2)
+            eps_u, eps_c = _uncond_and_cond(unet, noise[i : i + 1], scorer.t_hi, context)
             norms.append((eps_c - eps_u).flatten().norm().item())
-            eps_u, eps_c = unet(x, scorer.t_lo, encoder_hidden_states=context).sample.float().chunk(2)
+            eps_u, eps_c = _uncond_and_cond(unet, noise[i : i + 1], scorer.t_lo, context)
             coses.append(F.cosine_similarity(eps_u, eps_c - eps_u, dim=1).mean().item())
         norm, cos = sum(norms) / len(norms), sum(coses) / len(coses)
         results.append((norm, cos, scorer.profile.g_norm * norm + scorer.profile.g_cos * cos))
@@ -65,9 +69,7 @@ def first_step_norms(scorer: Scorer, prompts: list[str]) -> list[float]:
         context = torch.cat([uncond, cond])
         norms = []
         for i in range(scorer.samples):
-            eps_u, eps_c = unet(noise[i : i + 1].repeat(2, 1, 1, 1), scorer.t_hi, encoder_hidden_states=context)[
-                0
-            ].float().chunk(2)
+            eps_u, eps_c = _uncond_and_cond(unet, noise[i : i + 1], scorer.t_hi, context)
             norms.append((eps_c - eps_u).flatten().norm().item())
         results.append(sum(norms) / len(norms))
     return results

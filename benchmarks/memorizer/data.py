@@ -18,6 +18,7 @@ Two kinds of training pairs:
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import re
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ TEXT_SHARE = 0.35
 N_GRAMMAR_CALIB = 400
 N_FREEFORM_CALIB = 100
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parents[2] / "guard" / "assets" / "memorizer"
 
 COLORS = [
     "red",
@@ -281,13 +283,25 @@ def write_prompts(data: MemorizerData, out: Path = PROMPT_DIR) -> None:
     (out / "calib.txt").write_text("".join(c + "\n" for c in data.calib_captions))
 
 
+def demo_prompts(data: MemorizerData) -> dict[str, list[str]]:
+    """What ``memguard demo`` shows: memorized captions from every duplication level, then unseen ones."""
+    picks = {200: 2, 64: 1, 16: 1, 4: 1}
+    memorized = []
+    for level, count in picks.items():
+        memorized += [c for c, lvl in zip(data.mem_captions, data.mem_levels, strict=True) if lvl == level][:count]
+    return {"memorized": memorized, "unseen": data.nmem_captions[:4]}
+
+
 def main() -> None:
-    """CLI: rebuild the data and write the prompt files."""
+    """CLI: rebuild the data and write the prompt files (and the demo's prompts beside the shipped model)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--assets", type=Path, default=SHIPPED_MODEL_DIR, help="where demo_prompts.json goes")
     a = p.parse_args()
     d = build(a.seed)
     write_prompts(d)
+    a.assets.mkdir(parents=True, exist_ok=True)
+    (a.assets / "demo_prompts.json").write_text(json.dumps(demo_prompts(d), indent=1) + "\n")
     print(
         f"train pairs {len(d.train_captions)} (distinct latents {len(d.train_latents)}), "
         f"mem {len(d.mem_captions)}, nmem {len(d.nmem_captions)}, calib {len(d.calib_captions)}, vocab {len(d.vocab)}"
