@@ -3,13 +3,14 @@
     python benchmarks/calibration_check.py      # shipped model, its shipped calibration, held-out nmem.txt
 
 For each ``above_fpr`` of the shipped policies: the absolute threshold the calibration gives, and the share
-of held-out non-memorized prompts above it, with a 95% Wilson interval (sampling error of the held-out set).
+of held-out non-memorized prompts above it, with the 95% interval that sampling error alone allows. Both sets
+are samples: the threshold is exceeded by k of the n calibration scores, so the true exceedance rate is
+Beta(k + 1, n - k) distributed, and the held-out count of m prompts is then Beta-binomial(m, k + 1, n - k).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 
 from common import MEMORIZER_PROMPTS, SHIPPED_MODEL, load, prompts_from, setup, table
 
@@ -18,11 +19,12 @@ from guard.policy import CalibrationProfile, load_policy, shipped_policies
 from guard.scoring import Scorer
 
 
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+def predictive_interval(exceeded: int, n_calibration: int, n_heldout: int) -> tuple[float, float]:
+    """95% interval of the held-out FPR, given the threshold was exceeded by ``exceeded`` calibration scores."""
+    from scipy.stats import betabinom
+
+    low, high = betabinom.interval(0.95, n_heldout, exceeded + 1, n_calibration - exceeded)
+    return low / n_heldout, high / n_heldout
 
 
 def policy_fprs() -> dict[float, list[str]]:
@@ -56,9 +58,10 @@ def main() -> None:
     for fpr, rules in policy_fprs().items():
         threshold = profile.threshold_at_fpr(fpr)
         above = sum(s > threshold for s in scores)
-        low, high = wilson(above, len(scores))
+        exceeded = sum(s > threshold for s in profile.scores)
+        low, high = predictive_interval(exceeded, profile.n_prompts, len(scores))
         rows.append([fpr, threshold, above / len(scores), f"[{low:.3f}, {high:.3f}]",
-                     "yes" if low <= fpr <= high else "no", ", ".join(rules)])
+                     "yes" if low <= above / len(scores) <= high else "no", ", ".join(rules)])
     print(table(["asked FPR", "threshold", "held-out FPR", "95% interval", "consistent", "used by"], rows))
 
 
