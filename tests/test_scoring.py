@@ -216,3 +216,15 @@ def test_reduced_precision_unet_reduces_in_float32():
     for f, h in zip(full, half):
         assert isinstance(h.score, float) and math.isfinite(h.score)
         assert h.norm == pytest.approx(f.norm, rel=0.05)
+
+
+def test_execution_device_memo_follows_placement_changes(monkeypatch):
+    from guard.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    scorer = Scorer(pipe)
+    assert scorer.adapter.device == pipe._execution_device
+    monkeypatch.setattr(type(pipe), "_execution_device", property(lambda self: torch.device("meta")))
+    assert scorer.adapter.device.type == "cpu"  # placement unchanged: memoized answer
+    pipe.unet._hf_hook = object()  # what accelerate's offloading attaches
+    assert scorer.adapter.device.type == "meta"

@@ -112,6 +112,7 @@ class DiffusersAdapter(ModelAdapter):
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         self.latent_shape = (int(self.unet.config.in_channels), int(height), int(width))
         self._fingerprint: str | None = None
+        self._device_memo: tuple[tuple, torch.device] | None = None
 
     def _check_supported(self, pipe: Any) -> None:
         missing = [name for name in ("unet", "scheduler", "encode_prompt") if getattr(pipe, name, None) is None]
@@ -133,7 +134,28 @@ class DiffusersAdapter(ModelAdapter):
 
     @property
     def device(self) -> torch.device:
-        return self.pipe._execution_device
+        """The pipeline's execution device (offloading aware), memoized while its placement is unchanged.
+
+        ``_execution_device`` walks every submodule looking for offload hooks, which costs milliseconds
+        per call on a full-size UNet; the placement signature is a handful of attribute reads.
+        """
+        signature = self._placement_signature()
+        if self._device_memo is None or self._device_memo[0] != signature:
+            self._device_memo = (signature, self.pipe._execution_device)
+        return self._device_memo[1]
+
+    def _placement_signature(self) -> tuple:
+        signature = []
+        for module in self.pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                first = next(module.parameters(), None)
+                signature.append((
+                    id(module),
+                    None if first is None else first.device,
+                    id(getattr(module, "_hf_hook", None)),
+                    id(getattr(module, "_diffusers_hook", None)),
+                ))
+        return tuple(signature)
 
     @property
     def dtype(self) -> torch.dtype:
