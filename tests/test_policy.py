@@ -215,7 +215,8 @@ def test_relative_thresholds_use_calibration():
     assert block.thresholds[0].value == 9.97 and block.thresholds[0].above_fpr == 0.002
     assert decide(policy, make_score(9.97), "p", cal).action == "rewrite"
     rewrite = decide(policy, make_score(9.8), "p", cal)
-    assert rewrite.action == "rewrite" and rewrite.rewrite_target == cal.threshold_at_fpr(0.05) == 9.49
+    assert rewrite.action == "rewrite" and rewrite.rewrite_target == cal.threshold_at_fpr(0.5)
+    assert rewrite.rewrite.method == "initial_noise"
     assert decide(policy, make_score(9.6), "p", cal).action == "warn"
     assert decide(policy, make_score(1.0), "p", cal).action == "allow"
 
