@@ -50,7 +50,7 @@ def test_demo_runs_and_audits(tmp_path):
     log = tmp_path / "demo.jsonl"
     result = CliRunner().invoke(main, ["demo", "--audit", str(log)])
     assert result.exit_code == 0, result.output
-    assert "memorized" in result.output and "unseen" in result.output
+    assert "trained 200x" in result.output and "unseen" in result.output
     assert "intact" in result.output
     prompts = demo_prompts()
     assert len(log.read_text().splitlines()) == len(prompts["memorized"]) + len(prompts["unseen"])

@@ -283,13 +283,15 @@ def write_prompts(data: MemorizerData, out: Path = PROMPT_DIR) -> None:
     (out / "calib.txt").write_text("".join(c + "\n" for c in data.calib_captions))
 
 
-def demo_prompts(data: MemorizerData) -> dict[str, list[str]]:
+def demo_prompts(data: MemorizerData) -> dict[str, list]:
     """What ``memguard demo`` shows: memorized captions from every duplication level, then unseen ones."""
     picks = {200: 2, 64: 1, 16: 1, 4: 1}
-    memorized = []
+    memorized, copies = [], []
     for level, count in picks.items():
-        memorized += [c for c, lvl in zip(data.mem_captions, data.mem_levels, strict=True) if lvl == level][:count]
-    return {"memorized": memorized, "unseen": data.nmem_captions[:4]}
+        chosen = [c for c, lvl in zip(data.mem_captions, data.mem_levels, strict=True) if lvl == level][:count]
+        memorized += chosen
+        copies += [level] * len(chosen)
+    return {"memorized": memorized, "copies": copies, "unseen": data.nmem_captions[:4]}
 
 
 def main() -> None:

@@ -48,7 +48,9 @@ def _demo_prompts(model: Path) -> list[tuple[str, str]]:
     if not path.exists():
         raise click.ClickException(f"{model} has no demo_prompts.json; pass prompts with `memguard scan` instead")
     data = json.loads(path.read_text(encoding="utf-8"))
-    return [(p, "memorized") for p in data["memorized"]] + [(p, "unseen") for p in data["unseen"]]
+    copies = data.get("copies") or [None] * len(data["memorized"])
+    trained = [(p, f"trained {n}x" if n else "memorized") for p, n in zip(data["memorized"], copies)]
+    return trained + [(p, "unseen") for p in data["unseen"]]
 
 
 def _table(prompts: list[tuple[str, str]], decisions: list) -> str:
