@@ -1,0 +1,66 @@
+"""``memguard scan`` (local engine) on a pipeline saved with ``save_pretrained``."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from guard import score_prompts
+from guard.cli import main
+
+PROMPTS = ["a red cat on the beach", "", "  watercolor city street  ", "old man with a hat", "\t", "a dog"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, sd_pipe):
+    path = tmp_path_factory.mktemp("model") / "tiny-sd"
+    sd_pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["scan", *map(str, args)])
+
+
+def test_scan_writes_one_row_per_non_blank_line_in_order(model_dir, prompts_file, tmp_path, sd_pipe):
+    out = tmp_path / "scores.jsonl"
+    result = run("--model", model_dir, "--prompts", prompts_file, "--out", out, "--batch-size", 2)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = [p for p in PROMPTS if p.strip()]
+    assert [r["prompt"] for r in rows] == expected
+    assert [r["index"] for r in rows] == list(range(len(expected)))
+    direct = score_prompts(sd_pipe, expected)
+    for row, score in zip(rows, direct):
+        assert {"prompt", "norm", "cos", "score"} <= set(row)
+        assert row["score"] == pytest.approx(score.score, abs=1e-5)
+        assert (row["t_hi"], row["t_lo"], row["samples"], row["seed"]) == (981, 41, 1, 51)
+
+
+def test_scan_resumes_after_an_interrupted_write(model_dir, prompts_file, tmp_path):
+    full, partial = tmp_path / "full.jsonl", tmp_path / "partial.jsonl"
+    assert run("--model", model_dir, "--prompts", prompts_file, "--out", full).exit_code == 0
+    lines = full.read_text().splitlines(keepends=True)
+    partial.write_text("".join(lines[:2]) + lines[2][:15])  # a torn third line
+    result = run("--model", model_dir, "--prompts", prompts_file, "--out", partial, "--resume")
+    assert result.exit_code == 0, result.output
+    assert partial.read_text() == full.read_text()
+
+
+def test_scan_errors_are_one_clear_line(model_dir, prompts_file, tmp_path):
+    missing_model = run("--model", tmp_path / "nope", "--prompts", prompts_file, "--out", tmp_path / "o.jsonl")
+    assert missing_model.exit_code == 1
+    assert "cannot load model from" in missing_model.output and "Traceback" not in missing_model.output
+    missing_prompts = run("--model", model_dir, "--prompts", tmp_path / "none.txt", "--out", tmp_path / "o.jsonl")
+    assert missing_prompts.exit_code == 1 and "prompt file not found" in missing_prompts.output
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    no_prompts = run("--model", model_dir, "--prompts", blank, "--out", tmp_path / "o.jsonl")
+    assert no_prompts.exit_code == 1 and "no non-blank lines" in no_prompts.output
