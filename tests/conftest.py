@@ -3,7 +3,6 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("MEMGUARD_CACHE_DIR", os.path.join(os.path.dirname(__file__), ".cache-not-used"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
