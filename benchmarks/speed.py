@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--prompts", default=str(MEMORIZER_PROMPTS / "nmem.txt"))
     parser.add_argument("--limit", type=int, default=200, help="prompts to scan")
     parser.add_argument("--sharpness-limit", type=int, default=50, help="prompts for the (slow) sharpness baseline")
-    parser.add_argument("--generations", type=int, default=3, help="50-step generations to time")
+    parser.add_argument("--generations", type=int, default=8, help="50-step generations to time, each way")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per scanner; the fastest counts")
     parser.add_argument("--full-size", action="store_true", help="SD-v1.4-architecture UNet, random weights")
@@ -121,8 +121,12 @@ def main() -> None:
                           generator=torch.Generator("cpu").manual_seed(0))
 
         generate(pipe)
-        plain_s = min(timed(lambda: generate(pipe), device)[1] for _ in range(args.generations))
-        guarded_s = min(timed(lambda: generate(guard), device)[1] for _ in range(args.generations))
+        generate(guard)
+        plain_runs, guarded_runs = [], []
+        for _ in range(args.generations):  # interleaved, so drift in machine speed hits both alike
+            plain_runs.append(timed(lambda: generate(pipe), device)[1])
+            guarded_runs.append(timed(lambda: generate(guard), device)[1])
+        plain_s, guarded_s = min(plain_runs), min(guarded_runs)
         check_s = min(timed(lambda: guard.check(prompt), device)[1] for _ in range(5))
     print()
     print(table(["one request", "seconds", "share of a plain 50-step generation"], [

@@ -112,7 +112,7 @@ class DiffusersAdapter(ModelAdapter):
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         self.latent_shape = (int(self.unet.config.in_channels), int(height), int(width))
         self._fingerprint: str | None = None
-        self._device_memo: tuple[tuple, torch.device] | None = None
+        self._device_memo: tuple[tuple, tuple[torch.device, torch.dtype]] | None = None
 
     def _check_supported(self, pipe: Any) -> None:
         missing = [name for name in ("unet", "scheduler", "encode_prompt") if getattr(pipe, name, None) is None]
@@ -139,9 +139,12 @@ class DiffusersAdapter(ModelAdapter):
         ``_execution_device`` walks every submodule looking for offload hooks, which costs milliseconds
         per call on a full-size UNet; the placement signature is a handful of attribute reads.
         """
+        return self._placement()[0]
+
+    def _placement(self) -> tuple[torch.device, torch.dtype]:
         signature = self._placement_signature()
         if self._device_memo is None or self._device_memo[0] != signature:
-            self._device_memo = (signature, self.pipe._execution_device)
+            self._device_memo = (signature, (self.pipe._execution_device, self.unet.dtype))
         return self._device_memo[1]
 
     def _placement_signature(self) -> tuple:
@@ -151,7 +154,7 @@ class DiffusersAdapter(ModelAdapter):
                 first = next(module.parameters(), None)
                 signature.append((
                     id(module),
-                    None if first is None else first.device,
+                    None if first is None else (first.device, first.dtype),
                     id(getattr(module, "_hf_hook", None)),
                     id(getattr(module, "_diffusers_hook", None)),
                 ))
@@ -159,7 +162,7 @@ class DiffusersAdapter(ModelAdapter):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return self._placement()[1]
 
     def alphas_cumprod(self) -> torch.Tensor:
         return self.pipe.scheduler.alphas_cumprod

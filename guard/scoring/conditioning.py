@@ -23,12 +23,17 @@ class TextConditioning:
         return self.embeds.shape[0]
 
     def select(self, index: slice | list[int]) -> TextConditioning:
-        rows = list(range(len(self)))[index] if isinstance(index, slice) else list(index)
+        if isinstance(index, slice):
+            pooled = None if self.pooled is None else self.pooled[index]
+            return TextConditioning(self.embeds[index], pooled, self.truncated[index])
+        rows = list(index)
         pooled = None if self.pooled is None else self.pooled[rows]
         return TextConditioning(self.embeds[rows], pooled, [self.truncated[i] for i in rows])
 
     def repeat_each(self, times: int) -> TextConditioning:
         """Each row ``times`` times in a row (row j becomes rows j*times .. j*times+times-1)."""
+        if times == 1:
+            return self
         pooled = None if self.pooled is None else self.pooled.repeat_interleave(times, dim=0)
         flags = [flag for flag in self.truncated for _ in range(times)]
         return TextConditioning(self.embeds.repeat_interleave(times, dim=0), pooled, flags)
