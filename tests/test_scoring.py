@@ -228,3 +228,6 @@ def test_execution_device_memo_follows_placement_changes(monkeypatch):
     assert scorer.adapter.device.type == "cpu"  # placement unchanged: memoized answer
     pipe.unet._hf_hook = object()  # what accelerate's offloading attaches
     assert scorer.adapter.device.type == "meta"
+    assert scorer.adapter.dtype == torch.float32
+    pipe.unet.to(torch.bfloat16)
+    assert scorer.adapter.dtype == torch.bfloat16
