@@ -326,6 +326,10 @@ def test_wheel_contains_shipped_policies(tmp_path):
     for name in ("strict", "balanced", "monitor"):
         assert f"guard/_shipped_policies/{name}.yaml" in names
     assert "guard/data/generic_captions.txt" in names
+    shipped_model = {
+        p.relative_to(ROOT).as_posix() for p in (ROOT / "guard" / "assets" / "memorizer").rglob("*") if p.is_file()
+    }
+    assert shipped_model and shipped_model <= names, sorted(shipped_model - names)  # the demo's model and calibration
     source_packages = {p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "guard").rglob("__init__.py")}
     missing = {p for p in source_packages if f"{p}/__init__.py" not in names}
     assert not missing, f"add these packages to [tool.setuptools] packages in pyproject.toml: {sorted(missing)}"
