@@ -30,11 +30,6 @@ from .policy import (
 from .scoring import MemorizationScore, Scorer, TextConditioning, validate_prompts
 from .scoring.profiles import ProfileLike
 
-_CALIBRATE_HINT = (
-    "calibrate the model with `memguard calibrate --model DIR --out PROFILE.json` and set "
-    "`calibration: PROFILE.json` in the policy (or `calibration: auto`), or pass Guard(..., calibration=PROFILE)"
-)
-
 
 @dataclasses.dataclass
 class WithheldOutput:
@@ -205,9 +200,9 @@ class Guard:
         try:
             calibration = self.calibration
         except Exception as error:
-            return None, f"calibration unavailable: {error}; {_CALIBRATE_HINT}"
+            return None, str(CalibrationMissing(f"calibration unavailable: {error}"))
         if calibration is None:
-            return None, f"policy {self.policy.name!r} has relative thresholds but no calibration; {_CALIBRATE_HINT}"
+            return None, str(CalibrationMissing(f"policy {self.policy.name!r} has no calibration for this model"))
         return calibration, None
 
     def _decide_one(
@@ -222,8 +217,6 @@ class Guard:
             return decide_on_error(self.policy, index, calibration_error, score=score)
         try:
             return decide(self.policy, score, prompt or "", calibration, prompt_index=index)
-        except CalibrationMissing as error:
-            return decide_on_error(self.policy, index, f"{error}; {_CALIBRATE_HINT}", score=score)
         except CalibrationError as error:
             return decide_on_error(self.policy, index, str(error), score=score)
 
@@ -302,7 +295,8 @@ class Guard:
         batch = len(plan.generate) + len(plan.dropped)
         if cond is not None:
             kept = cond.select(keep)
-            generation.update(prompt=None, prompt_2=None, prompt_embeds=kept.embeds)
+            generation.pop("prompt_2", None)  # the embeddings already hold it; pipelines refuse both
+            generation.update(prompt=None, prompt_embeds=kept.embeds)
             if kept.pooled is not None:
                 generation["pooled_prompt_embeds"] = kept.pooled
         for name in ("negative_prompt", "negative_prompt_2"):
@@ -317,7 +311,7 @@ class Guard:
         if isinstance(latents, torch.Tensor) and latents.shape[0] == batch * per_prompt and plan.dropped:
             rows = [i * per_prompt + k for i in keep for k in range(per_prompt)]
             generation["latents"] = latents[rows]
-        return {k: v for k, v in generation.items() if v is not None or k in ("prompt",)}
+        return generation
 
     def _rewrite(
         self,
