@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..policy import Decision, decide_on_error
 from ..policy.schema import RewriteSettings
-from ..scoring import Scorer, TextConditioning
+from ..scoring import Scorer, TextConditioning, guidance_statistics
 
 __all__ = [
     "MitigationResult",
@@ -215,10 +215,9 @@ def mitigate_initial_noise(
         with torch.no_grad():
             sample = x.detach() * sigma
             pred = eps(sample, [scorer.t_hi, scorer.t_lo])
+            norm, cos = guidance_statistics(pred[0, 1], pred[0, 0], pred[1, 1], pred[1, 0])
+            scores = scorer.combine(norm * norm_scale, cos).cpu()
             guidance = pred[0, 0] - pred[0, 1]
-            norm = guidance.flatten(1).norm(dim=1) * norm_scale
-            cos = F.cosine_similarity(pred[1, 1], pred[1, 0] - pred[1, 1], dim=1).flatten(1).mean(dim=1)
-            scores = scorer.combine(norm, cos).cpu()
             direction = guidance / guidance.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         if steps == 0:
             score_before = float(scores[:wanted].mean())

@@ -6,7 +6,7 @@ from .errors import NonFiniteScoreError, ScoringError, UnsupportedPipelineError
 from .noise import DEFAULT_INFERENCE_STEPS, DEFAULT_SEED, detection_noise, scoring_timesteps
 from .profiles import PROFILES, ModelProfile, get_profile
 from .result import MemorizationScore
-from .scorer import Scorer, score_prompts, validate_prompts
+from .scorer import Scorer, guidance_statistics, score_prompts, validate_prompts
 
 __all__ = [
     "DEFAULT_INFERENCE_STEPS",
@@ -25,6 +25,7 @@ __all__ = [
     "adapter_for",
     "detection_noise",
     "get_profile",
+    "guidance_statistics",
     "score_prompts",
     "scoring_timesteps",
     "validate_prompts",

@@ -24,6 +24,19 @@ from .result import MemorizationScore
 PredictionSpace = Literal["eps", "native"]
 
 
+def guidance_statistics(
+    uncond_hi: torch.Tensor, cond_hi: torch.Tensor, uncond_lo: torch.Tensor, cond_lo: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(norm, cos)`` of DESIGN.md §1 from predictions at t_hi and t_lo (same space, ``[B, C, H, W]``).
+
+    ``norm`` is the guidance vector's L2 norm at t_hi; ``cos`` the cosine between the unconditional
+    prediction and the guidance vector along the channels at t_lo, averaged over pixels.
+    """
+    norm = (cond_hi - uncond_hi).flatten(1).norm(dim=1)
+    cos = F.cosine_similarity(uncond_lo, cond_lo - uncond_lo, dim=1).flatten(1).mean(dim=1)
+    return norm, cos
+
+
 def validate_prompts(prompts: str | Sequence[str]) -> list[str]:
     """Prompts as a list of strings, or a clear error saying which entry is wrong."""
     if isinstance(prompts, str):
@@ -143,11 +156,13 @@ class Scorer:
         output = adapter.predict(torch.cat([sample, sample]), timesteps, TextConditioning.cat([cond_rows] * 2))
         raw_hi, raw_lo = output.float().chunk(2)
         x32 = noise32.repeat(batch, 1, 1, 1)
-        guidance_hi = self._to_space(raw_hi, x32, self.t_hi) - uncond_hi.repeat(batch, 1, 1, 1)
-        uncond_lo_rows = uncond_lo.repeat(batch, 1, 1, 1)
-        guidance_lo = self._to_space(raw_lo, x32, self.t_lo) - uncond_lo_rows
-        norm = guidance_hi.flatten(1).norm(dim=1) * self._norm_scale()
-        cos = F.cosine_similarity(uncond_lo_rows, guidance_lo, dim=1).flatten(1).mean(dim=1)
+        norm, cos = guidance_statistics(
+            uncond_hi.repeat(batch, 1, 1, 1),
+            self._to_space(raw_hi, x32, self.t_hi),
+            uncond_lo.repeat(batch, 1, 1, 1),
+            self._to_space(raw_lo, x32, self.t_lo),
+        )
+        norm = norm * self._norm_scale()
         return norm.view(batch, samples).mean(dim=1), cos.view(batch, samples).mean(dim=1)
 
     def _unconditional_predictions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
