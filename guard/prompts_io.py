@@ -27,19 +27,24 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
-def completed_rows(path: str | os.PathLike) -> Iterator[dict]:
-    """Complete JSON rows already in a results file; a torn last line (interrupted write) is ignored."""
-    path = Path(path)
-    if not path.exists():
-        return
+def _complete_lines(path: Path) -> Iterator[tuple[bytes, dict]]:
+    """Each complete JSON line with its parsed row, stopping at a torn or unparsable one."""
     with path.open("rb") as handle:
         for raw in handle:
             if not raw.endswith(b"\n"):
-                break
+                return
             try:
-                yield json.loads(raw)
+                row = json.loads(raw)
             except json.JSONDecodeError:
-                break
+                return
+            yield raw, row
+
+
+def completed_rows(path: str | os.PathLike) -> Iterator[dict]:
+    """Complete JSON rows already in a results file; a torn last line (interrupted write) is ignored."""
+    path = Path(path)
+    if path.exists():
+        yield from (row for _, row in _complete_lines(path))
 
 
 def truncate_to_complete_rows(path: str | os.PathLike) -> int:
@@ -48,16 +53,9 @@ def truncate_to_complete_rows(path: str | os.PathLike) -> int:
     if not path.exists():
         return 0
     keep, rows = 0, 0
-    with path.open("rb") as handle:
-        for raw in handle:
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                json.loads(raw)
-            except json.JSONDecodeError:
-                break
-            keep += len(raw)
-            rows += 1
+    for raw, _ in _complete_lines(path):
+        keep += len(raw)
+        rows += 1
     with path.open("r+b") as handle:
         handle.truncate(keep)
     return rows

@@ -344,6 +344,7 @@ def calibrate(model_path, nmem_path, mem_path, out_path, samples, seed, steps, b
     Relative policy thresholds (above_fpr) are read off this profile. Interrupted runs resume from
     OUT.partial.jsonl when rerun with the same arguments.
     """
+    from ..calibrator import calibration_settings
     from ..data import generic_captions, generic_captions_id
     from ..policy import CalibrationProfile, load_policy
     from ..scoring import Scorer
@@ -373,11 +374,10 @@ def calibrate(model_path, nmem_path, mem_path, out_path, samples, seed, steps, b
     else:
         chosen = "reference"
     g_norm, g_cos = report.fitted if (report and chosen == "fitted") else reference
+    settings = calibration_settings(scorer)
+    settings.update(profile=settings["profile"] if chosen == "reference" else "fitted", g_norm=g_norm, g_cos=g_cos)
     profile = CalibrationProfile.from_scores(
-        nmem.scores(g_norm, g_cos), norms=nmem.norms, coses=nmem.coses,
-        fingerprint=scorer.adapter.fingerprint(), model_class=scorer.adapter.model_class,
-        profile=scorer.profile.name if chosen == "reference" else "fitted", g_norm=g_norm, g_cos=g_cos,
-        seed=seed, samples=samples, steps=steps, prediction_space=scorer.prediction_space, source=source,
+        nmem.scores(g_norm, g_cos), norms=nmem.norms, coses=nmem.coses, source=source, **settings
     )
     profile.save(out_path)
     click.echo(f"calibration {profile.id}: {profile.n_prompts} prompts, weights g_norm={g_norm:g} g_cos={g_cos:g} "
