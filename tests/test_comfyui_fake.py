@@ -139,7 +139,7 @@ def test_adapter_eps_and_timesteps_match_diffusers(comfy, objects, pipe):
     from memguard_comfyui_pack.memguard_comfy.adapter import ComfyUIModelAdapter
 
     adapter = ComfyUIModelAdapter(objects["model"], objects["clip"], latent_size=LATENT)
-    assert adapter.timesteps(50) == (981, 41)
+    assert adapter.scoring_timesteps(50) == (981, 41)
     assert adapter.latent_shape == (4, LATENT, LATENT)
     cond = adapter.encode([PROMPT, "a red car"])
     x = torch.randn(2, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(0))

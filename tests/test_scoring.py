@@ -195,7 +195,7 @@ def test_pipeline_without_unet_or_unknown_prediction_is_rejected(sd_pipe):
         transformer = object()
         scheduler = sd_pipe.scheduler
 
-    with pytest.raises(UnsupportedPipelineError, match="has no unet, encode_prompt"):
+    with pytest.raises(UnsupportedPipelineError, match="not a model family memguard can score"):
         Scorer(TransformerPipeline())
 
     from guard.testing import tiny_sd_pipeline

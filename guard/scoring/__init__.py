@@ -1,25 +1,41 @@
-"""Denoising-free memorization scoring: model adapters, the score, its caches and batching."""
+"""Denoising-free memorization scoring: model adapters, the score, its caches and batching.
 
-from .adapters import DiffusersAdapter, DiffusersXLAdapter, ModelAdapter, adapter_for
+Pure torch + diffusers: this package knows nothing of policies, audit logs or front ends.
+"""
+
+from .adapters import (
+    SCORE_SPACES,
+    DiscreteDiffusionAdapter,
+    ModelAdapter,
+    PipelineAdapter,
+    StableDiffusionAdapter,
+    StableDiffusionXLAdapter,
+    adapter_for,
+    weights_digest,
+)
 from .conditioning import TextConditioning
 from .errors import NonFiniteScoreError, ScoringError, UnsupportedPipelineError
 from .noise import DEFAULT_INFERENCE_STEPS, DEFAULT_SEED, detection_noise, scoring_timesteps
 from .profiles import PROFILES, ModelProfile, get_profile
 from .result import MemorizationScore
-from .scorer import Scorer, guidance_statistics, score_prompts, validate_prompts
+from .scorer import Measurement, Scorer, guidance_statistics, score_prompts, validate_prompts
 
 __all__ = [
     "DEFAULT_INFERENCE_STEPS",
     "DEFAULT_SEED",
     "PROFILES",
-    "DiffusersAdapter",
-    "DiffusersXLAdapter",
+    "SCORE_SPACES",
+    "DiscreteDiffusionAdapter",
+    "Measurement",
     "MemorizationScore",
     "ModelAdapter",
     "ModelProfile",
     "NonFiniteScoreError",
+    "PipelineAdapter",
     "Scorer",
     "ScoringError",
+    "StableDiffusionAdapter",
+    "StableDiffusionXLAdapter",
     "TextConditioning",
     "UnsupportedPipelineError",
     "adapter_for",

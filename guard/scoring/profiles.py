@@ -16,6 +16,10 @@ class ModelProfile:
     g_cos: float
     description: str = ""
 
+    def combine(self, norm: Any, cos: Any) -> Any:
+        """``g_norm * norm + g_cos * cos``: the one place the score is formed (floats, arrays or tensors)."""
+        return self.g_norm * norm + self.g_cos * cos
+
 
 PROFILES: dict[str, ModelProfile] = {
     profile.name: profile

@@ -2,35 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
 
-@dataclass(frozen=True)
-class MemorizationScore:
-    """Anisotropy memorization score of one prompt (DESIGN.md §1).
 
-    ``score = g_norm * norm + g_cos * cos``; higher means more likely memorized.
-    The other fields say exactly how it was measured, so a score can be reproduced
-    and compared only with scores measured the same way.
+class MemorizationScore(BaseModel):
+    """Anisotropy memorization score of one prompt.
+
+    ``score = g_norm * norm + g_cos * cos``; higher means more likely memorized. The other fields say
+    exactly how it was measured, so a score is only compared with scores measured the same way.
+    ``prompt`` is the caller's own text and is never written to an audit log or an API response.
     """
 
-    prompt: str | None
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str | None = Field(default=None, exclude=True)
     norm: float
     cos: float
     score: float
     g_norm: float
     g_cos: float
     profile: str
-    t_hi: int
-    t_lo: int
+    t_hi: int | float
+    t_lo: int | float
     samples: int
     seed: int
     prediction_space: str
     truncated: bool = False
-    warnings: tuple[str, ...] = field(default_factory=tuple)
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        """The measured values and how they were measured (JSON-ready; the prompt is left out)."""
+        data = self.model_dump(mode="json")
         data["warnings"] = list(self.warnings)
         return data

@@ -1,15 +1,16 @@
-"""The anisotropy memorization score (DESIGN.md §1), computed as cheaply as the metric allows (§2).
+"""The anisotropy memorization score, computed as cheaply as the metric allows (docs/scoring.md).
 
 Per prompt only the two conditional evaluations (at t_hi and t_lo) are new work: the detection
 noise and the unconditional branch do not depend on the prompt, so their predictions are computed
-once and cached, and many prompts share one batched UNet call.
+once and cached, and many prompts share one batched model call.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +22,13 @@ from .noise import DEFAULT_INFERENCE_STEPS, DEFAULT_SEED, detection_noise
 from .profiles import ModelProfile, ProfileLike, get_profile
 from .result import MemorizationScore
 
-PredictionSpace = Literal["eps", "native"]
+__all__ = ["Measurement", "Scorer", "guidance_statistics", "score_prompts", "validate_prompts"]
 
 
 def guidance_statistics(
     uncond_hi: torch.Tensor, cond_hi: torch.Tensor, uncond_lo: torch.Tensor, cond_lo: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``(norm, cos)`` of DESIGN.md §1 from predictions at t_hi and t_lo (same space, ``[B, C, H, W]``).
+    """Per-row ``(norm, cos)`` from predictions at t_hi and t_lo (same space, ``[B, C, H, W]``).
 
     ``norm`` is the guidance vector's L2 norm at t_hi; ``cos`` the cosine between the unconditional
     prediction and the guidance vector along the channels at t_lo, averaged over pixels.
@@ -52,6 +53,21 @@ def validate_prompts(prompts: str | Sequence[str]) -> list[str]:
     return prompts
 
 
+@dataclass(frozen=True)
+class Measurement:
+    """How a scorer measures: a calibration only judges scores measured exactly the same way."""
+
+    fingerprint: str
+    model_class: str
+    profile: str
+    g_norm: float
+    g_cos: float
+    seed: int
+    samples: int
+    steps: int
+    prediction_space: str
+
+
 class Scorer:
     """Scores prompts for one model with fixed settings; holds the cache of unconditional predictions.
 
@@ -59,11 +75,11 @@ class Scorer:
         model: a diffusers text-to-image pipeline, or a ``ModelAdapter``.
         samples: noise draws per prompt (1 is the reference setting; 4 is more accurate).
         seed: seed of the detection noise; independent of any generator of the caller's.
-        inference_steps: length of the DDIM schedule that t_hi/t_lo are taken from.
-        profile: score weights; by default the model family's profile (``sd1``, ``sd2``, ``sdxl``).
-        prediction_space: ``"eps"`` (model-agnostic) or ``"native"`` (reproduces the reference code
-            for v-prediction models: raw-v cosine, score-space norm).
-        batch_size: prompts per UNet call (each prompt costs ``2 * samples`` rows).
+        inference_steps: length of the schedule that t_hi/t_lo are taken from.
+        profile: score weights; by default the model family's profile (``sd1``, ``sd2``, ``sdxl``, ...).
+        prediction_space: ``"auto"`` (eps for discrete-time models, velocity for flow models), ``"eps"``, or
+            ``"native"`` (reproduces the reference code for v-prediction models: raw-v cosine, score-space norm).
+        batch_size: prompts per model call (each prompt costs ``2 * samples`` rows).
     """
 
     def __init__(
@@ -74,33 +90,48 @@ class Scorer:
         seed: int = DEFAULT_SEED,
         inference_steps: int = DEFAULT_INFERENCE_STEPS,
         profile: ProfileLike | None = None,
-        prediction_space: PredictionSpace = "eps",
+        prediction_space: str = "auto",
         batch_size: int = 16,
     ) -> None:
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if prediction_space not in ("eps", "native"):
-            raise ValueError(f"prediction_space must be 'eps' or 'native', got {prediction_space!r}")
+        if prediction_space not in ("auto", "eps", "native"):
+            raise ValueError(f"prediction_space must be 'auto', 'eps' or 'native', got {prediction_space!r}")
         self.adapter: ModelAdapter = adapter_for(model)
         self.samples = samples
         self.seed = seed
         self.inference_steps = inference_steps
         self.profile: ModelProfile = get_profile(profile if profile is not None else self.adapter.default_profile)
-        self.prediction_space = prediction_space
+        self.prediction_space = self.adapter.score_space(prediction_space)
         self.batch_size = batch_size
-        self.t_hi, self.t_lo = self.adapter.timesteps(inference_steps)
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.t_hi, self.t_lo = self.adapter.scoring_timesteps(inference_steps)
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def measurement(self) -> Measurement:
+        """The settings that tie a score (and a calibration) to this model measured this way."""
+        return Measurement(
+            fingerprint=self.adapter.fingerprint(),
+            model_class=self.adapter.model_class,
+            profile=self.profile.name,
+            g_norm=self.profile.g_norm,
+            g_cos=self.profile.g_cos,
+            seed=self.seed,
+            samples=self.samples,
+            steps=self.inference_steps,
+            prediction_space=self.prediction_space,
+        )
 
     def clear_cache(self) -> None:
         """Forget cached unconditional predictions (call after changing the model's weights in place)."""
         self._cache.clear()
 
     def encode(self, prompts: str | Sequence[str], **encode_kwargs: Any) -> TextConditioning:
-        """Text conditioning for ``prompts``, reusable for generation (``prompt_embeds=``)."""
+        """Text conditioning for ``prompts``, reusable for generation."""
         prompts = validate_prompts(prompts)
-        return self.adapter.encode(prompts, **encode_kwargs)
+        with torch.no_grad():
+            return self.adapter.encode(prompts, **encode_kwargs)
 
     def score(self, prompts: str | Sequence[str], **encode_kwargs: Any) -> list[MemorizationScore]:
         """Score each prompt; results are in input order."""
@@ -108,9 +139,7 @@ class Scorer:
         results: list[MemorizationScore] = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start : start + self.batch_size]
-            with torch.no_grad():
-                cond = self.adapter.encode(chunk, **encode_kwargs)
-            results.extend(self.score_conditioning(cond, chunk))
+            results.extend(self.score_conditioning(self.encode(chunk, **encode_kwargs), chunk))
         return results
 
     def score_conditioning(
@@ -119,7 +148,8 @@ class Scorer:
         """Score precomputed text conditioning (e.g. embeddings the caller also generates with).
 
         A non-finite score raises ``NonFiniteScoreError``; with ``strict=False`` it is returned as is
-        (NaN/inf, with a warning) so that a caller can decide prompt by prompt, as the Guard does.
+        (NaN/inf, with a warning that does not quote the prompt) so that a caller can decide prompt by
+        prompt, as the guard does.
         """
         prompts = list(prompts) if prompts is not None else [None] * len(cond)
         if len(prompts) != len(cond):
@@ -136,36 +166,39 @@ class Scorer:
             for prompt, norm, cos, truncated in zip(prompts, norm_all, cos_all, cond.truncated)
         ]
 
-    def combine(self, norm: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    def combine(self, norm: Any, cos: Any) -> Any:
         """``g_norm * norm + g_cos * cos`` with this scorer's profile (differentiable)."""
-        return self.profile.g_norm * norm + self.profile.g_cos * cos
+        return self.profile.combine(norm, cos)
+
+    # ------------------------------------------------------------------ the fast path
 
     def statistics(self, cond: TextConditioning) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-prompt ``(norm, cos)`` as float32 tensors, in one UNet call, differentiable w.r.t. ``cond``.
+        """Per-prompt ``(norm, cos)`` on the detection noise as float32 tensors, in one model call.
 
-        No batching or ``no_grad`` here: mitigation back-propagates through this.
+        Unconditional predictions come from the cache. Differentiable w.r.t. ``cond``: no batching or
+        ``no_grad`` here, so that mitigation can back-propagate through it.
         """
         adapter = self.adapter
         device, dtype = adapter.device, adapter.dtype
         batch, samples = len(cond), self.samples
-        noise, noise32, uncond_hi, uncond_lo = self._unconditional_predictions()
+        noise32, uncond_hi, uncond_lo = self._unconditional_predictions()
         rows = batch * samples
-        sample = noise.repeat(batch, 1, 1, 1)
+        x32 = noise32.repeat(batch, 1, 1, 1)
+        sample = x32.to(dtype)
         timesteps = torch.tensor([self.t_hi] * rows + [self.t_lo] * rows, device=device)
         cond_rows = cond.to(device=device, dtype=dtype).repeat_each(samples)
         output = adapter.predict(torch.cat([sample, sample]), timesteps, TextConditioning.cat([cond_rows] * 2))
         raw_hi, raw_lo = output.float().chunk(2)
-        x32 = noise32.repeat(batch, 1, 1, 1)
         norm, cos = guidance_statistics(
             uncond_hi.repeat(batch, 1, 1, 1),
-            self._to_space(raw_hi, x32, self.t_hi),
+            self.to_space(raw_hi, x32, self.t_hi),
             uncond_lo.repeat(batch, 1, 1, 1),
-            self._to_space(raw_lo, x32, self.t_lo),
+            self.to_space(raw_lo, x32, self.t_lo),
         )
-        norm = norm * self._norm_scale()
+        norm = norm * self.norm_scale()
         return norm.view(batch, samples).mean(dim=1), cos.view(batch, samples).mean(dim=1)
 
-    def _unconditional_predictions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _unconditional_predictions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         adapter = self.adapter
         device, dtype = adapter.device, adapter.dtype
         key = (adapter.cache_token(), adapter.latent_shape, self.seed, self.samples, dtype, str(device),
@@ -173,50 +206,84 @@ class Scorer:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        noise32 = detection_noise(
-            adapter.latent_shape, samples=self.samples, seed=self.seed,
-            init_noise_sigma=adapter.init_noise_sigma, device=device, dtype=torch.float32,
-        )
-        noise = noise32.to(dtype)
+        noise32 = self.detection_noise()
         with torch.no_grad():
-            uncond = adapter.unconditional().to(device=device, dtype=dtype)
-            rows = self.samples
-            timesteps = torch.tensor([self.t_hi] * rows + [self.t_lo] * rows, device=device)
-            output = adapter.predict(torch.cat([noise, noise]), timesteps, uncond.repeat_each(2 * rows))
-        raw_hi, raw_lo = output.float().chunk(2)
-        entry = (noise, noise32, self._to_space(raw_hi, noise32, self.t_hi), self._to_space(raw_lo, noise32, self.t_lo))
+            (uncond_hi, _), (uncond_lo, _) = self.predictions(noise32, adapter.unconditional(), with_conditional=False)
+        entry = (noise32, uncond_hi, uncond_lo)
         self._cache[key] = entry
         return entry
 
-    def _alpha_bar(self, timestep: int) -> float:
-        return float(self.adapter.alphas_cumprod()[timestep])
+    # ------------------------------------------------------------------ public hooks (mitigation, verification)
 
-    def _to_space(self, raw: torch.Tensor, x: torch.Tensor, timestep: int) -> torch.Tensor:
-        if self.adapter.prediction_type == "epsilon" or self.prediction_space == "native":
-            return raw
-        alpha_bar = self._alpha_bar(timestep)
-        return math.sqrt(alpha_bar) * raw + math.sqrt(1.0 - alpha_bar) * x
+    def detection_noise(self) -> torch.Tensor:
+        """The ``samples`` draws of x_T the score is measured on, float32 on the model's device."""
+        return detection_noise(
+            self.adapter.latent_shape, samples=self.samples, seed=self.seed,
+            init_noise_sigma=self.adapter.init_noise_sigma, device=self.adapter.device, dtype=torch.float32,
+        )
 
-    def _norm_scale(self) -> float:
-        """The reference's score-space factor for v-prediction models in ``native`` space."""
-        if self.adapter.prediction_type == "v_prediction" and self.prediction_space == "native":
-            alpha_bar = self._alpha_bar(self.t_hi)
-            return math.sqrt(alpha_bar) / (1.0 - alpha_bar)
-        return 1.0
+    def to_space(self, raw: torch.Tensor, sample32: torch.Tensor, timestep: float) -> torch.Tensor:
+        """A raw model output at ``timestep`` in this scorer's prediction space (float32)."""
+        return self.adapter.to_score_space(raw, sample32, timestep, self.prediction_space)
+
+    def norm_scale(self) -> float:
+        """The constant factor on the guidance norm at t_hi in this scorer's space."""
+        return self.adapter.norm_scale(self.prediction_space, self.t_hi)
+
+    def predictions(
+        self,
+        sample32: torch.Tensor,
+        cond: TextConditioning,
+        timesteps: Sequence[float] | None = None,
+        *,
+        with_conditional: bool = True,
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``(unconditional, conditional)`` predictions in this scorer's space for every row of ``sample32``
+        at each of ``timesteps`` (default: t_hi and t_lo), in one uncached model call.
+
+        ``cond`` is one row (broadcast) or one row per sample. Differentiable w.r.t. ``sample32`` and
+        ``cond``; the unconditional branch is the adapter's own.
+        """
+        adapter = self.adapter
+        device, dtype = adapter.device, adapter.dtype
+        timesteps = [self.t_hi, self.t_lo] if timesteps is None else list(timesteps)
+        rows = sample32.shape[0]
+        uncond = adapter.unconditional().to(device=device, dtype=dtype).repeat_each(rows)
+        branches = [uncond]
+        if with_conditional:
+            cond = cond.to(device=device, dtype=dtype)
+            branches.append(cond.repeat_each(rows) if len(cond) == 1 else cond)
+        text = TextConditioning.cat(branches * len(timesteps))
+        per_call = rows * len(branches)
+        labels = torch.tensor([t for t in timesteps for _ in range(per_call)], device=device)
+        sample = sample32.to(dtype)
+        raw = adapter.predict(torch.cat([sample] * (len(branches) * len(timesteps))), labels, text).float()
+        out = []
+        for index, timestep in enumerate(timesteps):
+            chunk = raw[index * per_call : (index + 1) * per_call]
+            uncond_pred = self.to_space(chunk[:rows], sample32, timestep)
+            cond_pred = self.to_space(chunk[rows:], sample32, timestep) if with_conditional else None
+            out.append((uncond_pred, cond_pred))
+        return out
+
+    def statistics_at(self, sample32: torch.Tensor, cond: TextConditioning) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row ``(norm, cos)`` measured at ``sample32`` instead of the detection noise (uncached)."""
+        (uncond_hi, cond_hi), (uncond_lo, cond_lo) = self.predictions(sample32, cond)
+        norm, cos = guidance_statistics(uncond_hi, cond_hi, uncond_lo, cond_lo)
+        return norm * self.norm_scale(), cos
+
+    # ------------------------------------------------------------------ results
 
     def _result(
         self, prompt: str | None, norm: float, cos: float, truncated: bool, strict: bool = True
     ) -> MemorizationScore:
-        score = self.profile.g_norm * norm + self.profile.g_cos * cos
+        score = self.profile.combine(norm, cos)
         warnings: list[str] = []
         if not all(math.isfinite(value) for value in (norm, cos, score)):
-            problem = (
-                f"non-finite memorization score for prompt {prompt!r}: norm={norm}, cos={cos} "
-                f"(model {self.adapter.model_class}, dtype {self.adapter.dtype})"
-            )
+            measured = f"norm={norm}, cos={cos} (model {self.adapter.model_class}, dtype {self.adapter.dtype})"
             if strict:
-                raise NonFiniteScoreError(problem)
-            warnings.append(problem)
+                raise NonFiniteScoreError(f"non-finite memorization score for prompt {prompt!r}: {measured}")
+            warnings.append(f"non-finite memorization score: {measured}")
         if truncated:
             warnings.append("prompt longer than the tokenizer's limit: scored (and generated) truncated")
         if prompt == "":
@@ -236,7 +303,7 @@ def score_prompts(
     seed: int = DEFAULT_SEED,
     inference_steps: int = DEFAULT_INFERENCE_STEPS,
     profile: ProfileLike | None = None,
-    prediction_space: PredictionSpace = "eps",
+    prediction_space: str = "auto",
     batch_size: int = 16,
 ) -> list[MemorizationScore]:
     """Memorization scores of ``prompts`` on ``pipe``, before any denoising.

@@ -127,7 +127,8 @@ class ComfyUIModelAdapter(ModelAdapter):
         self.sampling_kind = kind
         self.model_class = f"ComfyUI/{type(getattr(self.base_model, 'model_config', self.base_model)).__name__}"
         self.model_id = model_id or self.model_class
-        self.default_profile = "sd2" if kind == "V_PREDICTION" else "sd1"
+        self.family = "sd2" if kind == "V_PREDICTION" else "sd1"
+        self.default_profile = self.family
         side = int(latent_size) if latent_size else native_latent_size(self.base_model, kind)
         channels = int(getattr(getattr(self.base_model, "latent_format", None), "latent_channels", 4))
         self.latent_shape = (channels, side, side)
@@ -154,11 +155,7 @@ class ComfyUIModelAdapter(ModelAdapter):
 
     # ------------------------------------------------------------------ schedule
 
-    def alphas_cumprod(self) -> torch.Tensor:
-        sigmas = self.base_model.model_sampling.sigmas.float().cpu()
-        return 1.0 / (sigmas**2 + 1.0)
-
-    def timesteps(self, inference_steps: int) -> tuple[int, int]:
+    def scoring_timesteps(self, inference_steps: int) -> tuple[int, int]:
         """DDIM, leading spacing, ``steps_offset=1`` over the model's training steps (SD's own scheduler)."""
         config = {
             "num_train_timesteps": int(self.base_model.model_sampling.num_timesteps),
