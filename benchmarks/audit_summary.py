@@ -2,10 +2,10 @@
 
     python benchmarks/audit_summary.py [--records 1000000] [--log /tmp/audit-1m.jsonl] [--keep]
 
-Records are made from real ``build_record`` output (one per kind: allow, warn, rewrite, block, error)
-with varied times, scores and ids, then hash-chained exactly as ``AuditLog`` does, so ``audit verify``
-accepts the file. Prints the generation time, the summary time (target: under 60 s for 1M records) and
-the process's peak memory (RSS) before and after the summary pass.
+Records are made from memguard's own record models (a decision record, then its outcome record, one pair
+per kind: allow, warn, rewrite, block, error) with varied times, scores and ids, then hash-chained exactly
+as ``AuditLog`` does, so ``audit verify`` accepts the file. Prints the generation time, the summary time
+(target: under 60 s for 1M records) and the process's peak memory (RSS) before and after the summary pass.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from guard.audit import GENESIS_HASH, build_record, canonical_json
+from guard.audit import GENESIS_HASH, DecisionRecord, ModelRef, OutcomeRecord, PolicyRef, canonical_json
+from guard.audit.record import decision_fields, protect_prompt
 from guard.policy import AppliedThreshold, Decision, load_policy
 from guard.scoring import MemorizationScore
 
@@ -32,30 +33,37 @@ _KINDS = (  # action, rule, outcome, weight
 _THRESHOLDS = {"warn-elevated": (1.9, 0.02), "rewrite-suspicious": (2.4, 0.005), "block-memorized": (3.1, 0.001)}
 
 
-def _templates(prompt_mode: str) -> list[dict]:
+def _templates(prompt_mode: str) -> list[tuple[dict, dict]]:
+    """One (decision record, outcome record) pair per kind, as the guard writes them."""
     policy = load_policy("balanced")
     policy = policy.model_copy(update={"audit": policy.audit.model_copy(update={"prompt": prompt_mode})})
+    common = {"timestamp": "2024-05-01T00:00:00.000000Z", "request_id": "x", "policy": PolicyRef.of(policy),
+              "model": ModelRef(id="tiny", class_="StableDiffusionPipeline"), "source": "python"}
     out = []
     for action, rule, outcome, _ in _KINDS:
-        score = MemorizationScore("p", 1.0, 0.2, 1.4, 1.0, 2.0, "sd1", 981, 41, 1, 51, "eps")
+        score = MemorizationScore(norm=1.0, cos=0.2, score=1.4, g_norm=1.0, g_cos=2.0, profile="sd1", t_hi=981,
+                                  t_lo=41, samples=1, seed=51, prediction_space="eps")
         thresholds = ()
         if rule in _THRESHOLDS:
             value, fpr = _THRESHOLDS[rule]
-            thresholds = (AppliedThreshold("score", ">", value, fpr),)
-        error = {"type": "NonFiniteScoreError", "message": "non-finite score"} if rule == "on_error" else None
-        decision = Decision(0, action, rule, f"rule {rule}", thresholds=thresholds,
-                            score=None if error else score, error=error and error["message"])
-        extras = {"mitigation": {"score_after": 1.2, "steps": 6, "met": True}} if action == "rewrite" else None
-        record = build_record(decision, policy=policy, request_id="x", prompt="a prompt", outcome=outcome,
-                              model_id="tiny", model_class="StableDiffusionPipeline", error=error, extras=extras,
-                              latency_scoring_ms=12.0)
-        out.append(record.to_json_dict())
+            thresholds = (AppliedThreshold(metric="score", op=">", value=value, above_fpr=fpr),)
+        error = "non-finite score" if rule == "on_error" else None
+        decision = Decision(prompt_index=0, action=action, rule=rule, reason=f"rule {rule}", thresholds=thresholds,
+                            score=None if error else score, error=error)
+        fields = decision_fields(decision, prompt="a prompt", outcome="pending")
+        fields["prompt"] = protect_prompt(fields["prompt"], prompt_mode)
+        decided = DecisionRecord(**common, **fields, prompt_mode=prompt_mode, latency_scoring_ms=12.0)
+        extras = {"mitigation": {"score_after": 1.2, "steps": 6, "met": True}} if action == "rewrite" else {}
+        done = OutcomeRecord(**common, event="outcome", prompt_index=0, action=action, outcome=outcome,
+                             latency_generation_ms=900.0, extras=extras)
+        out.append((decided.to_json_dict(), done.to_json_dict()))
     return out
 
 
 def write_synthetic_log(path: str | Path, records: int, *, seed: int = 0, prompt_mode: str = "hash",
                         start: datetime | None = None, span_hours: float = 24 * 14) -> Path:
-    """A chain-valid audit log of ``records`` decisions spread over ``span_hours`` from ``start``."""
+    """A chain-valid audit log of ``records`` decisions (each followed by its outcome record) spread over
+    ``span_hours`` from ``start``."""
     rng = random.Random(seed)
     templates = _templates(prompt_mode)
     weights = [k[3] for k in _KINDS]
@@ -63,24 +71,28 @@ def write_synthetic_log(path: str | Path, records: int, *, seed: int = 0, prompt
     step = span_hours * 3600 / max(records, 1)
     prev, path = GENESIS_HASH, Path(path)
     with path.open("w", encoding="utf-8") as handle:
-        for seq in range(1, records + 1):
+        seq = 0
+        for number in range(1, records + 1):
             kind = rng.choices(range(len(templates)), weights)[0]
-            record = dict(templates[kind])
-            when = start + timedelta(seconds=seq * step)
-            record["timestamp"] = when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-            record["request_id"] = f"{seed:04x}{seq:028x}"
+            decided, done = (dict(t) for t in templates[kind])
+            when = (start + timedelta(seconds=number * step)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            request_id = f"{seed:04x}{number:028x}"
             prompt = f"prompt number {rng.randrange(10**6)}"
-            record["prompt"] = (prompt if prompt_mode == "plain"
-                                else hashlib.sha256(prompt.encode()).hexdigest() if prompt_mode == "hash"
-                                else "[redacted]")
-            if record["score"] is not None:
-                base = {"allow": 1.2, "warn": 2.1, "rewrite": 2.7, "block": 3.5}[record["action"]]
-                record["norm"] = round(rng.gauss(base - 0.4, 0.15), 6)
-                record["cos"] = round(rng.uniform(0.15, 0.25), 6)
-                record["score"] = round(record["norm"] + 2.0 * record["cos"], 6)
-            record["seq"], record["prev_hash"] = seq, prev
-            record["hash"] = prev = hashlib.sha256(canonical_json(record).encode("utf-8")).hexdigest()
-            handle.write(canonical_json(record) + "\n")
+            decided["prompt"] = (prompt if prompt_mode == "plain"
+                                 else hashlib.sha256(prompt.encode()).hexdigest() if prompt_mode == "hash"
+                                 else "[redacted]")
+            if decided["score"] is not None:
+                base = {"allow": 1.2, "warn": 2.1, "rewrite": 2.7, "block": 3.5}[decided["action"]]
+                decided["norm"] = round(rng.gauss(base - 0.4, 0.15), 6)
+                decided["cos"] = round(rng.uniform(0.15, 0.25), 6)
+                decided["score"] = round(decided["norm"] + 2.0 * decided["cos"], 6)
+            for record in (decided, done):
+                seq += 1
+                record.update(timestamp=when, request_id=request_id, seq=seq, prev_hash=prev)
+                if record is done:
+                    record.update(decision_seq=decided["seq"], decision_hash=decided["hash"])
+                record["hash"] = prev = hashlib.sha256(canonical_json(record).encode("utf-8")).hexdigest()
+                handle.write(canonical_json(record) + "\n")
     return path
 
 

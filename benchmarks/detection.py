@@ -4,7 +4,7 @@
         --mem benchmarks/memorizer/prompts/mem.txt --nmem benchmarks/memorizer/prompts/nmem.txt \
         --levels benchmarks/memorizer/prompts/mem_levels.tsv
 
-TPR@x%FPR is the highest TPR among ROC points with FPR <= x (DESIGN.md §1).
+TPR@x%FPR is the highest TPR among ROC points with FPR <= x (docs/scoring.md, "Metrics").
 """
 
 from __future__ import annotations

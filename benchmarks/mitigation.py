@@ -34,11 +34,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks" / "memorizer"))
 
 from data import build  # noqa: E402
+from guard.calibrator import auto_calibration, calibrate  # noqa: E402
 
 from guard import Guard  # noqa: E402
 from guard.actions.mitigation import initial_latents, mitigate_initial_noise, mitigate_prompt_embedding  # noqa: E402
 from guard.assets import shipped_calibration_path  # noqa: E402
-from guard.calibrator import auto_calibration, calibrate  # noqa: E402
 from guard.policy import CalibrationProfile, decide, load_policy  # noqa: E402
 from guard.scoring import Scorer  # noqa: E402
 

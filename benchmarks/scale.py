@@ -60,7 +60,8 @@ def main() -> None:
     print(f"{count} prompts, batch {args.batch_size}, {os.cpu_count()} CPUs, model {model}")
 
     def job(name: str) -> ScanJob:
-        return ScanJob(model, prompts, str(work / f"{name}.jsonl"), batch_size=args.batch_size, device=None)
+        return ScanJob(model, prompts, str(work / f"{name}.jsonl"), scoring={"batch_size": args.batch_size},
+                       device=None)
 
     results = []
     started = time.perf_counter()

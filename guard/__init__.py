@@ -1,10 +1,28 @@
-"""memguard: a generation-time memorization guard for text-to-image diffusion pipelines."""
+"""memguard: a generation-time memorization guard for text-to-image diffusion pipelines.
 
-from .actions import GuardReport, MemorizationBlocked, MemorizationWarning
+One public entry point per capability:
+
+* ``Guard(pipe, policy=...)`` guards a diffusers pipeline; ``GuardCore`` is the judging core every
+  front end (diffusers, ComfyUI, the HTTP service) shares;
+* ``score_prompts`` / ``Scorer`` score prompts without a policy;
+* ``load_policy`` reads a policy; ``calibrate`` makes a calibration profile;
+* ``verify_log`` checks an audit log.
+"""
+
+from ._version import __version__
+from .actions import MemorizationBlocked, MemorizationWarning
 from .audit import AuditLog, verify_log
-from .calibrator import calibrate
-from .guard import Guard, WithheldOutput
-from .policy import CalibrationProfile, Decision, Policy, PolicyError, load_policy
+from .calibration import (
+    CalibrationError,
+    CalibrationMismatch,
+    CalibrationMissing,
+    CalibrationProfile,
+    calibrate,
+)
+from .core import GuardCore, GuardReport
+from .errors import MemguardError
+from .guard import Guard, GuardedOutput, WithheldOutput
+from .policy import Decision, Policy, PolicyError, load_policy
 from .scoring import (
     MemorizationScore,
     ModelProfile,
@@ -15,28 +33,32 @@ from .scoring import (
     score_prompts,
 )
 
-__version__ = "0.1.0"
-
 __all__ = [
     "AuditLog",
+    "CalibrationError",
+    "CalibrationMismatch",
+    "CalibrationMissing",
     "CalibrationProfile",
     "Decision",
     "Guard",
+    "GuardCore",
     "GuardReport",
+    "GuardedOutput",
+    "MemguardError",
     "MemorizationBlocked",
-    "MemorizationWarning",
-    "Policy",
-    "PolicyError",
-    "WithheldOutput",
-    "calibrate",
-    "load_policy",
-    "verify_log",
     "MemorizationScore",
+    "MemorizationWarning",
     "ModelProfile",
     "NonFiniteScoreError",
+    "Policy",
+    "PolicyError",
     "Scorer",
     "ScoringError",
     "UnsupportedPipelineError",
+    "WithheldOutput",
     "__version__",
+    "calibrate",
+    "load_policy",
     "score_prompts",
+    "verify_log",
 ]

@@ -9,10 +9,12 @@ from typing import Any
 
 import torch
 
+from .errors import MemguardError
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(MemguardError, RuntimeError):
     """A pipeline could not be loaded; the message says from where and why."""
 
 

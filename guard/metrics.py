@@ -1,4 +1,4 @@
-"""Detection metrics of the papers (DESIGN.md §1): ROC curve, AUROC, TPR at a target FPR.
+"""Detection metrics of the papers (docs/scoring.md, "Metrics"): ROC curve, AUROC, TPR at a target FPR.
 
 Higher scores mean "memorized" (positive). Pure numpy, so evaluation needs no scikit-learn.
 """

@@ -7,8 +7,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import MemguardError
 
-class PromptFileError(ValueError):
+
+class PromptFileError(MemguardError, ValueError):
     """A prompt file is missing, unreadable or empty."""
 
 

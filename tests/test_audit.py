@@ -17,7 +17,7 @@ from guard.audit import (
     AuditLogger,
     AuditRecordError,
     AuditWriteError,
-    build_record,
+    protect_prompt,
     resolve_audit_path,
     verify_log,
 )
@@ -29,7 +29,8 @@ POLICY = load_policy({"name": "t", "rules": [{"name": "hi", "when": {"score": {"
 
 
 def score(value: float) -> MemorizationScore:
-    return MemorizationScore("p", 1.0, 0.2, value, 1.0, 2.0, "sd1", 981, 41, 1, 51, "eps")
+    return MemorizationScore(prompt="p", norm=1.0, cos=0.2, score=value, g_norm=1.0, g_cos=2.0, profile="sd1",
+                             t_hi=981, t_lo=41, samples=1, seed=51, prediction_space="eps")
 
 
 def write_log(path: Path, n: int) -> None:
@@ -121,7 +122,7 @@ def test_threads_do_not_interleave(tmp_path):
 
     def worker(t):
         for i in range(25):
-            log.log_decision(decision, prompt=f"prompt {t} {i}", outcome="generated", request_id=f"{t}-{i}")
+            log.log_decision(decision, prompt=f"prompt {t} {i}", outcome="checked", request_id=f"{t}-{i}")
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
     for th in threads:
@@ -197,16 +198,13 @@ def test_unwritable_path_raises(tmp_path):
 def test_prompt_modes(tmp_path, mode):
     policy = load_policy({"name": "p", "audit": {"prompt": mode, "hash_salt": "s" if mode == "hash" else None}})
     log = AuditLogger.for_policy(policy, path=tmp_path / "a.jsonl", model_id="m", model_class="C")
-    written = log.log_decision(decide(policy, score(1.0), "a cat"), prompt="a cat", outcome="generated")
-    built = build_record(
-        decide(policy, score(1.0), "a cat"), policy=policy, request_id="r", prompt="a cat", outcome="generated"
-    )
+    written = log.log_decision(decide(policy, score(1.0), "a cat"), prompt="a cat", outcome="checked", request_id="r")
     expected = {
         "hash": hashlib.sha256(b"sa cat").hexdigest(),
         "redact": "[redacted]",
         "plain": "a cat",
     }[mode]
-    assert written["prompt"] == built.prompt == expected
+    assert written["prompt"] == protect_prompt("a cat", mode, policy.audit.hash_salt) == expected
     assert written["prompt_mode"] == mode
     assert written["model"] == {"id": "m", "class": "C"}
     assert written["policy"] == {"name": "p", "version": "1", "hash": policy.content_hash}
@@ -218,15 +216,22 @@ def test_prompt_modes(tmp_path, mode):
 def test_record_fields_and_schema(tmp_path):
     log = AuditLogger.for_policy(POLICY, path=tmp_path / "a.jsonl")
     decision = decide(POLICY, score(7.0), "p")
-    rec = log.log_decision(decision, prompt="p", outcome="blocked", latency_scoring_ms=3.5, request_id="r1")
-    assert (rec["action"], rec["rule"], rec["outcome"], rec["score"]) == ("block", "hi", "blocked", 7.0)
+    rec = log.log_decision(decision, prompt="p", outcome="pending", latency_scoring_ms=3.5, request_id="r1")
+    assert (rec["action"], rec["rule"], rec["outcome"], rec["score"]) == ("block", "hi", "pending", 7.0)
     assert rec["thresholds"] == [{"metric": "score", "op": ">=", "value": 5.0, "above_fpr": None}]
+    done = log.log_outcome(request_id="r1", prompt_index=0, action="block", outcome="blocked", decision_record=rec,
+                           latency_generation_ms=0.0)
+    assert (done["decision_seq"], done["decision_hash"]) == (rec["seq"], rec["hash"]) and "prompt" not in done
     nan = decide(POLICY, score(float("nan")), "p")
-    err = log.log_decision(nan, prompt="p", outcome="blocked")
+    err = log.log_decision(nan, prompt="p", outcome="checked", request_id="r2")
     assert err["event"] == "error" and err["score"] is None and "non-finite" in err["error"]["message"]
     with pytest.raises(AuditRecordError, match="outcome"):
-        log.log_decision(decision, prompt="p", outcome="exploded")
-    assert verify_log(tmp_path / "a.jsonl").n_records == 2
+        log.log_decision(decision, prompt="p", outcome="exploded", request_id="r3")
+    with pytest.raises(AuditRecordError, match="outcome"):
+        log.log_outcome(request_id="r4", prompt_index=0, action="block", outcome="checked")
+    with pytest.raises(AuditRecordError, match="unknown event"):
+        log.log("happened", request_id="r5")
+    assert verify_log(tmp_path / "a.jsonl").n_records == 3
 
 
 def test_audit_path_precedence(tmp_path, monkeypatch):
@@ -247,7 +252,7 @@ from guard.audit import AuditLogger
 from guard.policy import load_policy
 p = load_policy('strict')
 AuditLogger.for_policy(p, path=os.path.join(tempfile.mkdtemp(), 'a.jsonl')).log(
-    'decision', prompt='x', action='allow', outcome='generated')
+    'decision', prompt='x', action='allow', outcome='checked')
 after = (structlog.is_configured(), dict(structlog.get_config()), list(logging.root.handlers), logging.root.level)
 assert before == after, (before, after)
 assert not logging.getLogger('guard').handlers
@@ -265,7 +270,7 @@ def test_app_structlog_config_cannot_filter_audit(tmp_path):
     )
     try:
         log = AuditLogger.for_policy(POLICY, path=tmp_path / "a.jsonl")
-        log.log_decision(decide(POLICY, score(1.0), "p"), prompt="p", outcome="generated")
+        log.log_decision(decide(POLICY, score(1.0), "p"), prompt="p", outcome="checked", request_id="r")
     finally:
         structlog.reset_defaults()
     assert verify_log(tmp_path / "a.jsonl").n_records == 1

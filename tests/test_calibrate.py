@@ -6,8 +6,9 @@ import random
 import pytest
 from click.testing import CliRunner
 
+from guard.calibration import CalibrationProfile
 from guard.cli import main
-from guard.policy import CalibrationProfile, load_policy
+from guard.policy import load_policy
 from guard.testing import DEFAULT_WORDS
 
 

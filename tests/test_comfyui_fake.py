@@ -48,8 +48,10 @@ def comfy():
         }
     finally:
         sys.path.remove(str(FAKES))
+        faked = ("comfy", "comfy_api", "comfy_execution", "memguard_comfyui_pack")
         for name in set(sys.modules) - before:
-            del sys.modules[name]
+            if name.split(".")[0] in faked:  # only the fakes and the pack: torch's lazily imported parts stay
+                del sys.modules[name]
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +78,24 @@ def nodes(comfy) -> dict[str, type]:
     return {node.GET_SCHEMA().node_id: node for node in asyncio.run(extension.get_node_list())}
 
 
-def run_node(comfy, node: type, *, prompt_id: str = "prompt-1", node_id: str = "7", **inputs):
+def workflow(node_id: str, *texts: str) -> dict:
+    """An API-format workflow where ``node_id``'s positive input comes from CLIPTextEncode nodes (combined)."""
+    graph = {f"t{i}": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["c", 0]}}
+             for i, text in enumerate(texts)}
+    link = ["t0", 0]
+    for i in range(1, len(texts)):
+        graph[f"k{i}"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": link,
+                                                                           "conditioning_2": [f"t{i}", 0]}}
+        link = [f"k{i}", 0]
+    graph[node_id] = {"class_type": "MemguardMemorizationGuard", "inputs": {"positive": link}}
+    return graph
+
+
+def run_node(comfy, node: type, *, prompt_id: str = "prompt-1", node_id: str = "7", graph: dict | None = None,
+             **inputs):
     """As ComfyUI's executor does: a class clone carrying the hidden inputs, called inside the node context."""
-    clone = node.PREPARE_CLASS_CLONE({comfy["io"].Hidden.unique_id: node_id})
+    hidden = comfy["io"].Hidden
+    clone = node.PREPARE_CLASS_CLONE({hidden.unique_id: node_id, hidden.prompt: graph})
     with comfy["context"](prompt_id, node_id):
         return clone.execute(**inputs)
 
@@ -110,6 +127,15 @@ def inputs(objects, tmp_path: Path, policy_path: str, **overrides):
 
 def audit_records(tmp_path: Path) -> list[dict]:
     return [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+
+
+def decision_record(tmp_path: Path) -> dict:
+    """The last decision record, with the outcome its outcome record (if any) gives."""
+    records = audit_records(tmp_path)
+    decided = [r for r in records if r["event"] in ("decision", "error")][-1]
+    done = [r for r in records if r["event"] == "outcome" and r["decision_hash"] == decided["hash"]]
+    return {**decided, "outcome": done[0]["outcome"] if done else decided["outcome"],
+            "extras": done[0]["extras"] if done else decided["extras"]}
 
 
 def reference_score(pipe, seed: int = 51, samples: int = 1):
@@ -166,9 +192,10 @@ def test_score_node_equals_guard_score(comfy, objects, pipe, tmp_path, seed, sam
     score, norm, cos, report = out.args
     assert abs(score - expected.score) < 1e-5 and abs(norm - expected.norm) < 1e-5 and abs(cos - expected.cos) < 1e-5
     assert "allow" in report
-    record = audit_records(tmp_path)[-1]
-    assert record["outcome"] == "checked" and record["extras"]["comfyui"]["prompt_id"] == "prompt-1"
-    assert record["extras"]["comfyui"]["node_id"] == "7" and abs(record["score"] - expected.score) < 1e-5
+    record = decision_record(tmp_path)
+    assert record["outcome"] == "checked" and record["context"]["comfyui"]["prompt_id"] == "prompt-1"
+    assert record["context"]["comfyui"]["node_id"] == "7" and abs(record["score"] - expected.score) < 1e-5
+    assert record["source"] == "comfyui"
 
 
 def test_negative_branch_as_unconditional(comfy, objects, pipe, tmp_path):
@@ -181,7 +208,7 @@ def test_negative_branch_as_unconditional(comfy, objects, pipe, tmp_path):
         comfy, node, **inputs(objects, tmp_path, policy, unconditional="negative conditioning", negative=other)
     )
     assert abs(changed.args[0] - same.args[0]) > 1e-4
-    assert audit_records(tmp_path)[-1]["extras"]["comfyui"]["unconditional"] == "negative"
+    assert decision_record(tmp_path)["context"]["comfyui"]["unconditional"] == "negative"
 
 
 def _action_policy(tmp_path: Path, action: str, score: float, **rule) -> str:
@@ -201,7 +228,7 @@ def test_allow_and_warn_pass_through(comfy, objects, pipe, tmp_path, action):
     assert positive is not objects["positive"]  # a copy, never ComfyUI's cached object
     assert torch.equal(positive[0][0], objects["positive"][0][0])
     assert abs(score - expected) < 1e-5 and f"] {action}:" in report
-    record = audit_records(tmp_path)[-1]
+    record = decision_record(tmp_path)
     assert (record["action"], record["outcome"]) == (action, "generated")
 
 
@@ -217,9 +244,9 @@ def test_block_stops_the_branch(comfy, objects, pipe, tmp_path):
     )
     assert out.block_execution is not None and "memguard blocked" in out.block_execution
     assert out.result is not None and len(out.args) == 3  # ComfyUI v0.3.64 drops a block without results
-    record = audit_records(tmp_path)[-1]
+    record = decision_record(tmp_path)
     assert (record["action"], record["outcome"]) == ("block", "blocked")
-    assert record["extras"]["comfyui"] == {"prompt_id": "p-9", "node_id": "12", "unconditional": "empty"}
+    assert record["context"]["comfyui"] == {"prompt_id": "p-9", "node_id": "12", "unconditional": "empty"}
 
 
 def test_rewrite_returns_mitigated_conditioning(comfy, objects, pipe, tmp_path):
@@ -239,7 +266,7 @@ def test_rewrite_returns_mitigated_conditioning(comfy, objects, pipe, tmp_path):
     assert not torch.equal(positive[0][0], objects["positive"][0][0]) and "rewritten in" in report
     rescored = Scorer(pipe).score_conditioning(TextConditioning(positive[0][0]))[0].score
     assert rescored <= target + 1e-5
-    record = audit_records(tmp_path)[-1]
+    record = decision_record(tmp_path)
     assert (record["action"], record["outcome"]) == ("rewrite", "rewritten")
     assert record["extras"]["mitigation"]["met"] is True
 
@@ -261,5 +288,70 @@ def test_unscorable_model_fails_closed(comfy, objects, tmp_path):
     bad = inputs(objects, tmp_path, policy, clip=None)  # no CLIP and the empty prompt asked for
     out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"], **bad)
     assert out.block_execution is not None and "on_error" in out.block_execution
-    record = audit_records(tmp_path)[-1]
-    assert record["event"] == "error" and record["extras"]["comfyui"]["prompt_id"] == "prompt-1"
+    record = decision_record(tmp_path)
+    assert record["event"] == "error" and record["context"]["comfyui"]["prompt_id"] == "prompt-1"
+
+
+def test_same_decision_score_and_record_through_every_front_end(comfy, objects, pipe, tmp_path):
+    """One prompt through the diffusers Guard, the HTTP service and the ComfyUI node: one decision path."""
+    from fastapi.testclient import TestClient
+
+    from guard import Guard
+    from guard.service import create_app
+
+    expected = reference_score(pipe).score
+    rules = [{"name": "high", "when": {"score": {"gte": expected - 1.0}}, "action": "warn"}]
+    policy = write_policy(tmp_path, "shared", rules, audit={"prompt": "hash"})
+    logs = {name: tmp_path / f"{name}.jsonl" for name in ("python", "service", "comfyui")}
+
+    python_decision = Guard(pipe, policy, audit_path=logs["python"]).check(PROMPT)
+    with TestClient(create_app(Guard(pipe, policy, audit_path=logs["service"], source="service"))) as client:
+        service_body = client.post("/v1/check", json={"prompt": PROMPT}).json()
+    out = run_node(comfy, nodes(comfy)["MemguardMemorizationScore"], graph=workflow("7", PROMPT),
+                   **inputs(objects, tmp_path, policy, audit_path=str(logs["comfyui"])))
+
+    service_decision = service_body["decisions"][0]
+    assert python_decision.action == service_decision["action"] == "warn"
+    assert python_decision.rule == service_decision["rule"] == "high"
+    assert abs(python_decision.score.score - service_decision["score"]["score"]) < 1e-6
+    assert abs(out.args[0] - python_decision.score.score) < 1e-5
+    (python_record,) = audit_records_at(logs["python"])
+    (service_record,) = audit_records_at(logs["service"])
+    (comfy_record,) = audit_records_at(logs["comfyui"])
+    assert service_record["request_id"] == service_body["request_id"]
+    assert {r["source"] for r in (python_record, service_record, comfy_record)} == {"python", "service", "comfyui"}
+    same = ("event", "prompt", "prompt_mode", "prompt_index", "profile", "calibration", "rule", "action", "outcome",
+            "thresholds", "policy", "error", "extras")
+    for record in (service_record, comfy_record):
+        assert set(record) == set(python_record)
+        assert {k: record[k] for k in same} == {k: python_record[k] for k in same}
+        for metric in ("norm", "cos", "score"):
+            assert abs(record[metric] - python_record[metric]) < 1e-5
+
+
+def test_every_conditioning_entry_is_scored_and_drop_blocked_drops_entries(comfy, objects, pipe, tmp_path):
+    from guard.scoring import Scorer
+
+    clip = objects["clip"]
+    texts = [PROMPT, "a red car"]
+    entries = [[clip.encode_from_tokens(clip.tokenize(t), return_pooled=True)[0], {"pooled_output": None}]
+               for t in texts]
+    scores = [s.score for s in Scorer(pipe).score(texts)]
+    cut = (scores[0] + scores[1]) / 2
+    high = 0 if scores[0] > scores[1] else 1
+    rules = [{"name": "high", "when": {"score": {"gte": cut}}, "action": "block"}]
+    for batch, blocked in (("drop_blocked", False), ("block_whole", True)):
+        policy = write_policy(tmp_path, f"p-{batch}", rules, batch=batch, audit={"prompt": "plain"})
+        out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"], graph=workflow("7", *texts),
+                       **inputs(objects, tmp_path, policy, positive=entries))
+        assert (out.block_execution is not None) == blocked
+        records = [r for r in audit_records(tmp_path) if r["event"] == "decision"][-2:]
+        assert [r["prompt"] for r in records] == texts  # read from the workflow's text-encode nodes
+        assert [r["action"] for r in records] == ["block" if i == high else "allow" for i in range(2)]
+        if not blocked:
+            (kept,) = out.args[0]
+            assert torch.equal(kept[0], entries[1 - high][0])
+
+
+def audit_records_at(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]

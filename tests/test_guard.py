@@ -34,6 +34,14 @@ def records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def decision_records(path):
+    return [r for r in records(path) if r["event"] in ("decision", "error")]
+
+
+def outcome_records(path):
+    return [r for r in records(path) if r["event"] == "outcome"]
+
+
 def generate(target, prompt, **kwargs):
     kwargs.setdefault("num_inference_steps", 2)
     kwargs.setdefault("output_type", "np")
@@ -64,10 +72,13 @@ def test_block_raises_with_the_decisions_and_is_audited(sd_pipe, tmp_path):
     (decision,) = caught.value.decisions
     assert decision.action == "block" and decision.rule == "too-high"
     assert "too-high" in str(caught.value)
-    (record,) = records(log)
-    assert record["action"] == "block" and record["outcome"] == "blocked" and record["rule"] == "too-high"
+    record, outcome = records(log)  # the decision, written before acting, then what was done
+    assert record["action"] == "block" and record["outcome"] == "pending" and record["rule"] == "too-high"
     assert record["score"] == pytest.approx(decision.score.score)
     assert record["prompt"] != high and len(record["prompt"]) == 64  # hashed by default
+    assert outcome["event"] == "outcome" and outcome["outcome"] == "blocked" and outcome["action"] == "block"
+    assert (outcome["decision_seq"], outcome["decision_hash"]) == (record["seq"], record["hash"])
+    assert "prompt" not in outcome
     assert verify_log(log).ok
 
 
@@ -75,9 +86,9 @@ def test_withhold_mode_returns_no_images(sd_pipe, tmp_path):
     guard = Guard(sd_pipe, policy(block_mode="withhold", lists={"always_block": [CAT]}),
                   audit_path=tmp_path / "a.jsonl")
     out = generate(guard, CAT)
-    assert isinstance(out, WithheldOutput) and out.images == []
+    assert isinstance(out, WithheldOutput) and out.images == [] and out.output is None
     assert out.memguard.withheld and out.memguard.blocked
-    assert records(tmp_path / "a.jsonl")[0]["outcome"] == "withheld"
+    assert outcome_records(tmp_path / "a.jsonl")[0]["outcome"] == "withheld"
 
 
 def test_warn_generates_warns_and_audits(sd_pipe, tmp_path):
@@ -106,14 +117,15 @@ def test_a_blocked_prompt_in_a_batch(sd_pipe, tmp_path, mode):
     if mode == "block_whole":
         with pytest.raises(MemorizationBlocked):
             generate(guard, prompts, num_images_per_prompt=2)
-        assert [r["outcome"] for r in records(log)] == ["blocked"] * 3
+        assert [r["outcome"] for r in outcome_records(log)] == ["blocked"] * 3
         return
     out = generate(guard, prompts, num_images_per_prompt=2, negative_prompt=["blurry", "dark", "noisy"])
     assert out.memguard.generated == [0, 2] and out.memguard.dropped == [1]
     assert out.images.shape[0] == 4
     plain = generate(sd_pipe, [CAT, CITY], num_images_per_prompt=2, negative_prompt=["blurry", "noisy"])
     assert (out.images == plain.images).all()
-    assert [r["outcome"] for r in records(log)] == ["generated", "dropped", "generated"]
+    assert [r["outcome"] for r in outcome_records(log)] == ["generated", "dropped", "generated"]
+    assert [r["outcome"] for r in decision_records(log)] == ["pending"] * 3
 
 
 def test_caller_prompt_embeds_are_scored_and_passed_through(sd_pipe, tmp_path):
@@ -132,7 +144,7 @@ def test_check_returns_the_verdict_without_generating(sd_pipe, tmp_path):
     listed, scored = guard.check_many([CAT, DOG])
     assert listed.rule == "lists.always_allow" and listed.score is None
     assert scored.rule == "default" and scored.score.prompt == DOG
-    assert [r["outcome"] for r in records(tmp_path / "a.jsonl")] == ["checked", "checked"]
+    assert [r["outcome"] for r in records(tmp_path / "a.jsonl")] == ["checked", "checked"]  # no outcome records
 
 
 def test_concurrent_calls_keep_the_audit_chain_intact(sd_pipe, tmp_path):
@@ -173,8 +185,8 @@ def test_scorer_exception_fails_closed_and_is_audited(tmp_path):
     guard.scorer.adapter.predict = broken
     with pytest.raises(MemorizationBlocked, match="scoring failed: RuntimeError: CUDA out of memory"):
         generate(guard, CAT)
-    (record,) = records(tmp_path / "a.jsonl")
-    assert record["event"] == "error" and record["rule"] == "on_error" and record["outcome"] == "blocked"
+    record, outcome = records(tmp_path / "a.jsonl")
+    assert record["event"] == "error" and record["rule"] == "on_error" and outcome["outcome"] == "blocked"
     assert "CUDA out of memory" in record["error"]["message"]
 
 
@@ -240,7 +252,7 @@ def test_relative_thresholds_use_the_calibration(sd_pipe, tmp_path):
 
 
 def test_auto_calibration_is_computed_once_per_model(sd_pipe, tmp_path, monkeypatch):
-    import guard.calibrator as calibrate_module
+    import guard.calibration.making as calibrate_module
 
     calls = []
     captions = [f"a {c} {o}" for c in ("red", "blue", "green", "old") for o in ("cat", "dog", "house", "tree", "boat")]
@@ -272,7 +284,7 @@ def test_audit_path_precedence(sd_pipe, tmp_path, monkeypatch):
 
 
 def test_shipped_policy_by_name_on_the_fixture(sd_pipe, tmp_path, monkeypatch):
-    import guard.calibrator as calibrate_module
+    import guard.calibration.making as calibrate_module
 
     monkeypatch.setattr(calibrate_module, "generic_captions", lambda: [f"a red cat {i}" for i in range(30)])
     guard = Guard(sd_pipe, "monitor", audit_path=tmp_path / "a.jsonl")

@@ -34,6 +34,11 @@ def generate(target, prompt, **kwargs):
 
 
 def records(path):
+    """The outcome records (what was done with each prompt)."""
+    return [r for r in _all_records(path) if r["event"] == "outcome"]
+
+
+def _all_records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 

@@ -7,14 +7,16 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from guard.data import generic_captions
-from guard.policy import (
+from guard.calibration import (
     CalibrationError,
     CalibrationMismatch,
     CalibrationMissing,
     CalibrationProfile,
-    PolicyError,
     cached_calibration_path,
+)
+from guard.data import generic_captions
+from guard.policy import (
+    PolicyError,
     decide,
     decide_on_error,
     load_policy,

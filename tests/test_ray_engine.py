@@ -38,7 +38,7 @@ def prompts_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_rows(model_dir, prompts_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("local") / "local.jsonl"
-    scan_local(ScanJob(str(model_dir), str(prompts_file), str(out), batch_size=3))
+    scan_local(ScanJob(str(model_dir), str(prompts_file), str(out), scoring={"batch_size": 3}))
     return read_rows(out)
 
 
@@ -91,7 +91,7 @@ def test_ray_resumes_interrupted_run_and_retries_failed_batch(ray_cluster, model
         handle.write('{"index": 3, "prom')
     marker = tmp_path / "fail-once"
     marker.touch()
-    job = ScanJob(str(model_dir), str(prompts_file), str(out), batch_size=3, resume=True)
+    job = ScanJob(str(model_dir), str(prompts_file), str(out), scoring={"batch_size": 3}, resume=True)
     scored = scan_ray(job, workers=1, max_retries=2, loader=_failing_once_loader(str(marker)))
     assert not marker.exists(), "the injected failure did not happen"
     assert scored == 5

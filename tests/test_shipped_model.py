@@ -6,8 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from guard.assets import SHIPPED_MODEL, shipped_calibration_path
+from guard.calibration import CalibrationProfile
 from guard.cli import main
-from guard.policy import CalibrationProfile
 from guard.scoring import Scorer
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from ..errors import MemguardError
 from ..policy import Decision, Policy
 
 
@@ -14,46 +15,14 @@ class MemorizationWarning(UserWarning):
     """Emitted for prompts a policy lets through with ``warn``."""
 
 
-class MemorizationBlocked(Exception):
-    """The policy blocked the request; ``decisions`` and ``report`` say which prompts and why."""
+class MemorizationBlocked(MemguardError):
+    """The policy blocked the request; ``decisions`` and ``report`` (a ``GuardReport``) say which prompts and why."""
 
-    def __init__(self, report: GuardReport):
+    def __init__(self, report: Any):
         self.report = report
         self.decisions = report.decisions
         reasons = "; ".join(f"prompt {d.prompt_index}: {d.reason}" for d in report.decisions if d.blocked)
         super().__init__(f"memguard blocked the request {report.request_id}: {reasons}")
-
-
-@dataclass
-class GuardReport:
-    """What the guard did for one call; attached to the pipeline output as ``.memguard``."""
-
-    request_id: str
-    decisions: list[Decision]
-    generated: list[int] = field(default_factory=list)
-    dropped: list[int] = field(default_factory=list)
-    blocked: bool = False
-    withheld: bool = False
-    latency_scoring_ms: float | None = None
-    latency_generation_ms: float | None = None
-    mitigations: dict[int, Any] = field(default_factory=dict)
-
-    @property
-    def actions(self) -> list[str]:
-        return [decision.action for decision in self.decisions]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "request_id": self.request_id,
-            "decisions": [decision.to_dict() for decision in self.decisions],
-            "generated": list(self.generated),
-            "dropped": list(self.dropped),
-            "blocked": self.blocked,
-            "withheld": self.withheld,
-            "latency_scoring_ms": self.latency_scoring_ms,
-            "latency_generation_ms": self.latency_generation_ms,
-            "mitigations": {i: getattr(m, "to_dict", lambda m=m: m)() for i, m in self.mitigations.items()},
-        }
 
 
 @dataclass(frozen=True)
@@ -85,7 +54,6 @@ def warn_for(decisions: Sequence[Decision]) -> None:
 
 __all__ = [
     "BatchPlan",
-    "GuardReport",
     "MemorizationBlocked",
     "MemorizationWarning",
     "plan_batch",

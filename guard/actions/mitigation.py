@@ -1,4 +1,4 @@
-"""The ``rewrite`` action: change the input of a generation until its memorization score is low (DESIGN.md §3).
+"""The ``rewrite`` action: change the input of a generation until its memorization score is low (docs/mitigation.md).
 
 Two methods, both driven by memguard's own score so that "mitigated" means what detection means:
 
@@ -15,24 +15,22 @@ Neither touches the model: gradients are taken only with respect to the optimise
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..policy import Decision, decide_on_error
-from ..policy.schema import RewriteSettings
+from ..policy import Decision, Policy, RewriteSettings, decide_on_error
 from ..scoring import Scorer, TextConditioning, guidance_statistics
 
 __all__ = [
     "MitigationResult",
     "apply_rewrites",
-    "initial_latents",
     "mitigate_initial_noise",
     "mitigate_prompt_embedding",
 ]
@@ -107,7 +105,7 @@ def mitigate_prompt_embedding(
     steps = 0
     with torch.enable_grad():
         while True:
-            current = TextConditioning(embeds, pooled, list(original.truncated))
+            current = TextConditioning(embeds, pooled, original.mask, list(original.truncated))
             score = scorer.combine(*scorer.statistics(current))[0]
             score_now = float(score.detach())
             if steps == 0:
@@ -127,7 +125,9 @@ def mitigate_prompt_embedding(
             optimizer.zero_grad(set_to_none=True)
             steps += 1
 
-    adapted = TextConditioning(embeds.detach(), None if pooled is None else pooled.detach(), list(original.truncated))
+    adapted = TextConditioning(
+        embeds.detach(), None if pooled is None else pooled.detach(), original.mask, list(original.truncated)
+    )
     return MitigationResult(
         method="prompt_embedding",
         score_before=score_before,
@@ -180,7 +180,7 @@ def mitigate_initial_noise(
         raise ValueError(f"latents must be [images, C, H, W], got shape {tuple(latents.shape)}")
     started = time.perf_counter()
     adapter = scorer.adapter
-    device, dtype = adapter.device, adapter.dtype
+    device = adapter.device
     lam = _default_lam(scorer) if lam is None else lam
     wanted = latents.shape[0]
     total = max(candidates, wanted)
@@ -189,22 +189,10 @@ def mitigate_initial_noise(
     extra = torch.randn((total - wanted, *own.shape[1:]), generator=extra_generator, dtype=torch.float32)
     x = torch.cat([own, extra.to(device)]).requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=lr)
-
-    text = TextConditioning.cat([cond_row.detach(), adapter.unconditional()]).to(device=device, dtype=dtype)
+    cond_row = cond_row.detach()
     sigma = float(adapter.init_noise_sigma)
     native = math.prod(adapter.latent_shape)
-    norm_scale = scorer._norm_scale() * math.sqrt(native / own[0].numel())
-
-    def eps(sample32: torch.Tensor, timesteps: list[int]) -> torch.Tensor:
-        """Predictions (in the scorer's space) for cond and uncond at each timestep: [T, 2, B, C, h, w]."""
-        rows = sample32.shape[0]
-        samples = torch.cat([sample32] * (2 * len(timesteps)))
-        labels = torch.tensor([t for t in timesteps for _ in range(2 * rows)], device=device)
-        cond = TextConditioning.cat([text.repeat_each(rows)] * len(timesteps))
-        raw = adapter.predict(samples.to(dtype), labels, cond).float()
-        parts = raw.view(len(timesteps), 2, rows, *raw.shape[1:])
-        per_timestep = [[scorer._to_space(parts[i, j], sample32, t) for j in range(2)] for i, t in enumerate(timesteps)]
-        return torch.stack([torch.stack(pair) for pair in per_timestep])
+    norm_scale = scorer.norm_scale() * math.sqrt(native / own[0].numel())
 
     accepted: list[int] = []
     snapshots: dict[int, tuple[torch.Tensor, float]] = {}
@@ -213,11 +201,10 @@ def mitigate_initial_noise(
     scores = torch.full((total,), math.inf)
     while True:
         with torch.no_grad():
-            sample = x.detach() * sigma
-            pred = eps(sample, [scorer.t_hi, scorer.t_lo])
-            norm, cos = guidance_statistics(pred[0, 1], pred[0, 0], pred[1, 1], pred[1, 0])
+            (uncond_hi, cond_hi), (uncond_lo, cond_lo) = scorer.predictions(x.detach() * sigma, cond_row)
+            norm, cos = guidance_statistics(uncond_hi, cond_hi, uncond_lo, cond_lo)
             scores = scorer.combine(norm * norm_scale, cos).cpu()
-            guidance = pred[0, 0] - pred[0, 1]
+            guidance = cond_hi - uncond_hi
             direction = guidance / guidance.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         if steps == 0:
             score_before = float(scores[:wanted].mean())
@@ -225,9 +212,8 @@ def mitigate_initial_noise(
         sail_loss = None
         if threshold is not None or not last:
             with torch.enable_grad():
-                moved = (x + direction) * sigma
-                pred_moved = eps(moved, [scorer.t_hi])
-                sharpness = (pred_moved[0, 0] - pred_moved[0, 1]).flatten(1).norm(dim=1)
+                ((uncond_moved, cond_moved),) = scorer.predictions((x + direction) * sigma, cond_row, [scorer.t_hi])
+                sharpness = (cond_moved - uncond_moved).flatten(1).norm(dim=1)
                 sail_loss = sharpness + lam * x.flatten(1).norm(dim=1)
         ok = scores <= target
         if threshold is not None:
@@ -265,38 +251,6 @@ def mitigate_initial_noise(
 # ---------------------------------------------------------------------------------------------- the Guard's hook
 
 
-def _prompt_embeds_dtype(pipe: Any) -> torch.dtype:
-    """The dtype the pipeline's ``encode_prompt`` gives ``prompt_embeds`` (and hence its initial latents)."""
-    is_xl = getattr(pipe, "text_encoder_2", None) is not None or hasattr(pipe, "tokenizer_2")
-    encoder = getattr(pipe, "text_encoder_2" if is_xl else "text_encoder", None)
-    return encoder.dtype if encoder is not None else pipe.unet.dtype
-
-
-def initial_latents(pipe: Any, scorer: Scorer, batch: int, arguments: dict[str, Any]) -> torch.Tensor:
-    """The un-scaled initial noise of the whole call, exactly as the pipeline's ``prepare_latents`` would draw it.
-
-    Drawing it here, from the caller's generator with the same shape, device and dtype, keeps every prompt
-    that is not rewritten bit-identical to an unguarded call, and leaves the generator in the same state.
-    """
-    from diffusers.utils.torch_utils import randn_tensor
-
-    per_prompt = arguments.get("num_images_per_prompt") or 1
-    given = arguments.get("latents")
-    if isinstance(given, torch.Tensor):
-        return given
-    channels, native_h, native_w = scorer.adapter.latent_shape
-    vae_scale = getattr(pipe, "vae_scale_factor", 8)
-    height, width = arguments.get("height"), arguments.get("width")
-    shape = (
-        batch * per_prompt,
-        channels,
-        int(height) // vae_scale if height else native_h,
-        int(width) // vae_scale if width else native_w,
-    )
-    device = getattr(pipe, "_execution_device", scorer.adapter.device)
-    return randn_tensor(shape, generator=arguments.get("generator"), device=device, dtype=_prompt_embeds_dtype(pipe))
-
-
 def _noise_seed(latents: torch.Tensor) -> int:
     """A seed for extra SAIL candidates that follows the caller's noise: same call, same result."""
     digest = hashlib.sha256(latents.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).digest()
@@ -309,83 +263,81 @@ def _fallback(decision: Decision, settings: RewriteSettings, result: MitigationR
         f"({result.method}: score {result.score_before:.6g} -> {result.score_after:.6g}); "
         f"fallback: {settings.fallback}"
     )
-    return dataclasses.replace(decision, action=settings.fallback, reason=reason)
+    return decision.model_copy(update={"action": settings.fallback, "reason": reason})
 
 
 def apply_rewrites(
-    guard: Any,
+    scorer: Scorer,
+    policy: Policy,
     decisions: list[Decision],
-    rewrites: list[Decision],
     cond: TextConditioning,
-    arguments: dict[str, Any],
-    report: Any,
-) -> list[Decision]:
+    *,
+    initial_noise: Callable[[], torch.Tensor] | None,
+    images_per_prompt: int,
+    mitigations: dict[int, MitigationResult],
+) -> tuple[list[Decision], TextConditioning, torch.Tensor | None]:
     """Mitigate each ``rewrite`` decision's prompt in place of generating it as asked.
 
-    On success the prompt's row of ``cond`` (prompt_embedding) or its rows of ``arguments["latents"]``
-    (initial_noise) are replaced. ``report.mitigations[i]`` records every result, met or not, for the audit. A prompt
-    whose target is not met takes its rule's ``fallback`` action; one whose mitigation raises takes the
-    policy's ``on_error`` action. Returns the decisions, updated.
+    Returns the decisions (a rewrite whose target is not met takes its rule's ``fallback``; one whose
+    mitigation raises, or that needs initial noise where ``initial_noise`` is None, takes the policy's
+    ``on_error``), the conditioning with rewritten rows replaced (a copy; the caller's tensors are never
+    written), and the whole call's initial noise when an ``initial_noise`` rewrite changed it (else None).
+    ``mitigations[i]`` records every result, met or not, for the audit.
     """
     by_index = {decision.prompt_index: decision for decision in decisions}
-    per_prompt = arguments.get("num_images_per_prompt") or 1
     noise: torch.Tensor | None = None
     noise_changed = False
-    embeds_copied = False
-    for decision in rewrites:
+    cond_copy: TextConditioning | None = None
+    for decision in decisions:
+        if decision.action != "rewrite":
+            continue
         index = decision.prompt_index
         settings = decision.rewrite or RewriteSettings()
         target = decision.rewrite_target
         if target is None or not math.isfinite(target):
-            by_index[index] = decide_on_error(
-                guard.policy, index, f"rewrite has no usable target ({target})", score=decision.score
-            )
+            by_index[index] = decide_on_error(policy, index, f"rewrite has no usable target ({target})",
+                                              score=decision.score)
+            continue
+        if settings.method == "initial_noise" and initial_noise is None:
+            message = "rewrite method initial_noise needs the generation's initial noise, which this front end lacks"
+            by_index[index] = decide_on_error(policy, index, message, score=decision.score)
             continue
         try:
-            with guard._lock:
-                if settings.method == "prompt_embedding":
-                    result = mitigate_prompt_embedding(
-                        guard.scorer,
-                        cond.select([index]),
-                        target=target,
-                        max_steps=settings.max_steps,
-                        lr=settings.lr,
-                        proximity=settings.proximity,
-                    )
-                else:
-                    if noise is None:
-                        noise = initial_latents(guard.pipe, guard.scorer, len(cond), arguments)
-                    rows = noise[index * per_prompt : (index + 1) * per_prompt]
-                    result = mitigate_initial_noise(
-                        guard.scorer,
-                        cond.select([index]),
-                        rows,
-                        target=target,
-                        max_steps=settings.max_steps,
-                        lr=settings.lr,
-                        seed=_noise_seed(rows),
-                    )
+            if settings.method == "prompt_embedding":
+                result = mitigate_prompt_embedding(
+                    scorer, cond.select([index]), target=target, max_steps=settings.max_steps, lr=settings.lr,
+                    proximity=settings.proximity,
+                )
+            else:
+                if noise is None:
+                    noise = initial_noise()
+                rows = noise[index * images_per_prompt : (index + 1) * images_per_prompt]
+                result = mitigate_initial_noise(
+                    scorer, cond.select([index]), rows, target=target, max_steps=settings.max_steps, lr=settings.lr,
+                    seed=_noise_seed(rows),
+                )
         except Exception as error:  # a mitigation that crashes must not generate the memorized prompt as is
             message = f"rewrite ({settings.method}) failed: {type(error).__name__}: {error}"
-            by_index[index] = decide_on_error(guard.policy, index, message, score=decision.score)
+            by_index[index] = decide_on_error(policy, index, message, score=decision.score)
             continue
-        report.mitigations[index] = result
+        mitigations[index] = result
         if not result.met:
             by_index[index] = _fallback(decision, settings, result)
             continue
         if result.cond is not None:
-            if not embeds_copied:  # never write into the caller's prompt_embeds tensor
-                cond.embeds = cond.embeds.clone()
-                cond.pooled = None if cond.pooled is None else cond.pooled.clone()
-                embeds_copied = True
-            cond.embeds[index] = result.cond.embeds[0].to(device=cond.embeds.device, dtype=cond.embeds.dtype)
-            if cond.pooled is not None and result.cond.pooled is not None:
-                cond.pooled[index] = result.cond.pooled[0].to(device=cond.pooled.device, dtype=cond.pooled.dtype)
+            if cond_copy is None:
+                cond_copy = cond.clone()
+            _replace_row(cond_copy, index, result.cond)
         if result.latents is not None:
             if not noise_changed:
-                noise = noise.clone()
-                noise_changed = True
-            noise[index * per_prompt : (index + 1) * per_prompt] = result.latents.to(noise.device, noise.dtype)
-    if noise_changed:
-        arguments["latents"] = noise
-    return [by_index[decision.prompt_index] for decision in decisions]
+                noise, noise_changed = noise.clone(), True
+            noise[index * images_per_prompt : (index + 1) * images_per_prompt] = result.latents.to(noise.device,
+                                                                                                noise.dtype)
+    updated = [by_index[decision.prompt_index] for decision in decisions]
+    return updated, cond_copy if cond_copy is not None else cond, noise if noise_changed else None
+
+
+def _replace_row(cond: TextConditioning, index: int, row: TextConditioning) -> None:
+    cond.embeds[index] = row.embeds[0].to(device=cond.embeds.device, dtype=cond.embeds.dtype)
+    if cond.pooled is not None and row.pooled is not None:
+        cond.pooled[index] = row.pooled[0].to(device=cond.pooled.device, dtype=cond.pooled.dtype)

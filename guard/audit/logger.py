@@ -15,29 +15,32 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
+from guard.errors import MemguardError
 from guard.policy.decision import Decision
 from guard.policy.schema import Policy
 
 from .record import (
-    AuditRecord,
+    RECORD_MODELS,
+    DecisionOutcome,
     ModelRef,
     Outcome,
     PolicyRef,
     PromptMode,
     decision_fields,
+    error_info,
     new_request_id,
     protect_prompt,
     utc_timestamp,
 )
 from .sink import AuditLog
 
-__all__ = ["AUDIT_PATH_ENV", "AuditLogger", "AuditRecordError", "open_audit", "resolve_audit_path"]
+__all__ = ["AUDIT_PATH_ENV", "AuditLogger", "AuditRecordError", "resolve_audit_path"]
 
 AUDIT_PATH_ENV = "MEMGUARD_AUDIT_PATH"
 EventDict = MutableMapping[str, Any]
 
 
-class AuditRecordError(ValueError):
+class AuditRecordError(MemguardError, ValueError):
     """An event does not fit the audit record schema (a bug in the caller, not in the log)."""
 
 
@@ -60,15 +63,18 @@ class ProtectPrompt:
         self.salt = salt
 
     def __call__(self, _: Any, __: str, event: EventDict) -> EventDict:
-        if "prompt_mode" not in event:
+        if event.get("event") in ("decision", "error") and "prompt_mode" not in event:
             event["prompt"] = protect_prompt(event.get("prompt"), self.mode, self.salt)
             event["prompt_mode"] = self.mode
         return event
 
 
 def validate_record(_: Any, __: str, event: EventDict) -> dict[str, Any]:
+    model = RECORD_MODELS.get(str(event.get("event")))
+    if model is None:
+        raise AuditRecordError(f"invalid audit record: unknown event {event.get('event')!r}")
     try:
-        return AuditRecord.model_validate(dict(event)).to_json_dict()
+        return model.model_validate(dict(event)).to_json_dict()
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -95,7 +101,7 @@ class AuditLogger:
     """Writes audit records through memguard's own structlog processor chain into an ``AuditLog``.
 
     Processors: add a UTC timestamp, add a request id, protect the prompt (hash, redact or plain),
-    validate against ``AuditRecord``; the sink then chains and writes the canonical JSON line.
+    validate against the event's record model; the sink then chains and writes the canonical JSON line.
     Context bound with ``bind`` (request id, policy, model) goes into every record.
     """
 
@@ -158,30 +164,43 @@ class AuditLogger:
         decision: Decision,
         *,
         prompt: str | None,
-        outcome: Outcome,
+        outcome: DecisionOutcome,
+        request_id: str,
         latency_scoring_ms: float | None = None,
-        latency_generation_ms: float | None = None,
-        error: BaseException | Mapping[str, str] | None = None,
-        extras: Mapping[str, Any] | None = None,
-        **context: Any,
+        **fields: Any,
     ) -> dict[str, Any]:
-        """Write the record of one decision; ``context`` may add e.g. ``request_id``."""
-        fields = decision_fields(
-            decision,
-            prompt=prompt,
-            outcome=outcome,
-            latency_scoring_ms=latency_scoring_ms,
-            latency_generation_ms=latency_generation_ms,
-            error=error,
-            extras=extras,
-        )
-        event = fields.pop("event")
-        return self.log(event, **fields, **context)
+        """Write the record of one decision (before anything is done with it); returns it as written."""
+        record = decision_fields(decision, prompt=prompt, outcome=outcome)
+        event = record.pop("event")
+        return self.log(event, **record, request_id=request_id, latency_scoring_ms=latency_scoring_ms, **fields)
 
-    def write(self, record: AuditRecord) -> dict[str, Any]:
-        """Write a record built with ``build_record``."""
-        data = record.to_json_dict()
-        return self.log(data.pop("event"), **data)
+    def log_outcome(
+        self,
+        *,
+        request_id: str,
+        prompt_index: int,
+        action: str,
+        outcome: Outcome,
+        decision_record: Mapping[str, Any] | None = None,
+        reason: str | None = None,
+        latency_generation_ms: float | None = None,
+        error: BaseException | Mapping[str, str] | str | None = None,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """Write what was done with one prompt, chained to its decision record (as ``log_decision`` returned it)."""
+        return self.log(
+            "outcome",
+            request_id=request_id,
+            prompt_index=prompt_index,
+            action=action,
+            outcome=outcome,
+            reason=reason,
+            latency_generation_ms=latency_generation_ms,
+            error=error_info(error),
+            decision_seq=None if decision_record is None else decision_record.get("seq"),
+            decision_hash=None if decision_record is None else decision_record.get("hash"),
+            **fields,
+        )
 
     def close(self) -> None:
         self.sink.close()
@@ -193,14 +212,3 @@ def resolve_audit_path(policy: Policy, override: str | os.PathLike[str] | None =
         return Path(override)
     env = os.environ.get(AUDIT_PATH_ENV)
     return Path(env) if env else Path(policy.audit.path)
-
-
-def open_audit(
-    policy: Policy,
-    path: str | os.PathLike[str] | None = None,
-    *,
-    model_id: str | None = None,
-    model_class: str | None = None,
-) -> AuditLogger:
-    """Shorthand for ``AuditLogger.for_policy``."""
-    return AuditLogger.for_policy(policy, path=path, model_id=model_id, model_class=model_class)

@@ -1,4 +1,14 @@
-"""The audit record: one JSON object per decision."""
+"""The audit records: one JSON object per line, of three kinds.
+
+* ``decision`` (``error`` when the decision came from ``on_error``): the verdict on one prompt, written
+  **before** anything is generated (write-ahead). ``outcome`` is ``pending`` when an outcome record is
+  to follow, ``checked`` when the request only asked for a verdict.
+* ``outcome``: what was done with the prompt (generated, withheld, blocked, rewritten, dropped, failed),
+  with latencies, chained to its decision record by that record's ``seq`` and ``hash``.
+* ``event``-style records of other kinds are added by later features (see ``RECORD_MODELS``).
+
+Records never hold prompt text unless the policy says ``audit.prompt: plain``.
+"""
 
 from __future__ import annotations
 
@@ -11,25 +21,30 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from guard.policy.decision import Decision
-from guard.policy.schema import Action, Policy
+from guard.policy import Action, Decision, Policy
 
 __all__ = [
-    "AuditRecord",
+    "DecisionOutcome",
+    "DecisionRecord",
     "ErrorInfo",
     "ModelRef",
     "Outcome",
+    "OutcomeRecord",
     "PolicyRef",
     "PromptMode",
-    "build_record",
+    "RECORD_MODELS",
     "decision_fields",
+    "error_info",
     "new_request_id",
     "protect_prompt",
     "utc_timestamp",
 ]
 
 PromptMode = Literal["hash", "redact", "plain"]
-Outcome = Literal["generated", "blocked", "withheld", "rewritten", "dropped", "checked", "error"]
+#: What a decision record says about its outcome: one follows (pending), or none will (checked).
+DecisionOutcome = Literal["pending", "checked"]
+#: What was done with a prompt. ``rewritten``: generated from a mitigated input that passed verification.
+Outcome = Literal["generated", "withheld", "blocked", "rewritten", "dropped", "failed"]
 REDACTED = "[redacted]"
 _Finite = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -58,33 +73,14 @@ class ErrorInfo(_Model):
     message: str
 
 
-class AuditRecord(_Model):
-    """What one audit line says (the sink adds ``seq``, ``prev_hash`` and ``hash``).
-
-    ``prompt`` is stored as ``prompt_mode`` says: a SHA-256 hex digest, ``[redacted]``, or the text.
-    ``extras`` carries fields added by later features (e.g. mitigation before/after scores).
-    """
-
+class _Record(_Model):
     timestamp: str
     request_id: str = Field(min_length=1)
-    event: Literal["decision", "error"]
     policy: PolicyRef
     model: ModelRef = ModelRef()
-    prompt: str | None = None
-    prompt_mode: PromptMode
+    source: str | None = None
+    context: dict[str, Any] = Field(default_factory=dict)
     prompt_index: int | None = Field(default=None, ge=0)
-    norm: _Finite | None = None
-    cos: _Finite | None = None
-    score: _Finite | None = None
-    profile: str | None = None
-    calibration: str | None = None
-    rule: str | None = None
-    action: Action
-    outcome: Outcome
-    reason: str | None = None
-    thresholds: tuple[dict[str, Any], ...] = ()
-    latency_scoring_ms: _Finite | None = Field(default=None, ge=0)
-    latency_generation_ms: _Finite | None = Field(default=None, ge=0)
     error: ErrorInfo | None = None
     extras: dict[str, Any] = Field(default_factory=dict)
 
@@ -98,6 +94,51 @@ class AuditRecord(_Model):
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+
+class DecisionRecord(_Record):
+    """The verdict on one prompt (the sink adds ``seq``, ``prev_hash`` and ``hash``).
+
+    ``prompt`` is stored as ``prompt_mode`` says: a SHA-256 hex digest, ``[redacted]``, or the text.
+    """
+
+    event: Literal["decision", "error"]
+    prompt: str | None = None
+    prompt_mode: PromptMode
+    norm: _Finite | None = None
+    cos: _Finite | None = None
+    score: _Finite | None = None
+    profile: str | None = None
+    calibration: str | None = None
+    rule: str | None = None
+    action: Action
+    outcome: DecisionOutcome
+    reason: str | None = None
+    thresholds: tuple[dict[str, Any], ...] = ()
+    latency_scoring_ms: _Finite | None = Field(default=None, ge=0)
+
+
+class OutcomeRecord(_Record):
+    """What was done with one prompt, chained to its decision record by ``decision_seq``/``decision_hash``.
+
+    ``action`` is the action finally taken, which differs from the decision's when a rewrite fell back.
+    """
+
+    event: Literal["outcome"]
+    decision_seq: int | None = Field(default=None, ge=1)
+    decision_hash: str | None = None
+    action: Action
+    outcome: Outcome
+    reason: str | None = None
+    latency_generation_ms: _Finite | None = Field(default=None, ge=0)
+
+
+#: The record model of each ``event``.
+RECORD_MODELS: dict[str, type[_Record]] = {
+    "decision": DecisionRecord,
+    "error": DecisionRecord,
+    "outcome": OutcomeRecord,
+}
 
 
 def utc_timestamp() -> str:
@@ -124,29 +165,24 @@ def _finite(value: float | None) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
-def decision_fields(
-    decision: Decision,
-    *,
-    prompt: str | None,
-    outcome: Outcome,
-    latency_scoring_ms: float | None = None,
-    latency_generation_ms: float | None = None,
-    error: BaseException | Mapping[str, str] | None = None,
-    extras: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The record fields a decision contributes, prompt still in plain text (processors protect it).
+def error_info(error: BaseException | Mapping[str, str] | str | None) -> dict[str, str] | None:
+    """An exception, a ``{type, message}`` mapping or a decision's error text as a record's ``error``."""
+    if error is None:
+        return None
+    if isinstance(error, BaseException):
+        return {"type": type(error).__name__, "message": str(error)}
+    if isinstance(error, str):
+        return {"type": "DecisionError", "message": error}
+    return dict(error)
+
+
+def decision_fields(decision: Decision, *, prompt: str | None, outcome: DecisionOutcome) -> dict[str, Any]:
+    """The record fields a decision contributes, prompt still in plain text (a processor protects it).
 
     Non-finite measurements are stored as null; the error says what they were.
     """
     score = decision.score
-    if isinstance(error, BaseException):
-        err: dict[str, str] | None = {"type": type(error).__name__, "message": str(error)}
-    elif error is not None:
-        err = dict(error)
-    elif decision.error is not None:
-        err = {"type": "DecisionError", "message": decision.error}
-    else:
-        err = None
+    err = error_info(decision.error)
     return {
         "event": "error" if err is not None else "decision",
         "prompt": prompt,
@@ -161,45 +197,5 @@ def decision_fields(
         "outcome": outcome,
         "reason": decision.reason,
         "thresholds": [t.to_dict() for t in decision.thresholds],
-        "latency_scoring_ms": latency_scoring_ms,
-        "latency_generation_ms": latency_generation_ms,
         "error": err,
-        "extras": dict(extras or {}),
     }
-
-
-def build_record(
-    decision: Decision,
-    *,
-    policy: Policy,
-    request_id: str,
-    prompt: str | None,
-    outcome: Outcome,
-    model_id: str | None = None,
-    model_class: str | None = None,
-    latency_scoring_ms: float | None = None,
-    latency_generation_ms: float | None = None,
-    error: BaseException | Mapping[str, str] | None = None,
-    extras: Mapping[str, Any] | None = None,
-    timestamp: str | None = None,
-) -> AuditRecord:
-    """A validated record for one decision, prompt protected as the policy's audit settings say."""
-    fields = decision_fields(
-        decision,
-        prompt=prompt,
-        outcome=outcome,
-        latency_scoring_ms=latency_scoring_ms,
-        latency_generation_ms=latency_generation_ms,
-        error=error,
-        extras=extras,
-    )
-    mode = policy.audit.prompt
-    fields["prompt"] = protect_prompt(prompt, mode, policy.audit.hash_salt)
-    return AuditRecord(
-        timestamp=timestamp or utc_timestamp(),
-        request_id=request_id,
-        policy=PolicyRef.of(policy),
-        model=ModelRef(id=model_id, class_=model_class),
-        prompt_mode=mode,
-        **fields,
-    )

@@ -151,7 +151,7 @@ def render_html(summary: AuditSummary, verify: VerifyReport | None, *, bucket: s
     else:
         chain = (f'<div id="chain-status" class="status bad">Hash chain BROKEN at line {verify.first_bad_line}: '
                  f'{_e(verify.reason)} ({verify.n_records} records verified before it).</div>')
-    total = data["matched"]
+    total = sum(data["actions"].values())
     cards = "".join(
         f'<div class="card" style="border-left-color:{_COLORS[a]}" id="count-{a}">{a}<b>{data["actions"][a]}</b>'
         f'{100 * data["actions"][a] / max(total, 1):.1f}%</div>' for a in ACTIONS)
@@ -201,6 +201,12 @@ policies applied (from the records' decisions).</p>{quant_table}
 Prompts are shown as the log stores them (hashed unless the policy logged them plain).</p>
 {_table("flagged-table", ["time", "policy", "rule", "action", "outcome", "score", "score after", "prompt", "reason"],
         flagged, "No blocked or rewritten requests.")}</section>
+<section id="without-outcome"><h2>Decisions without an outcome</h2>
+<p class="meta">Decisions are written before the guard acts on them; an outcome record follows. These never got
+one (the process stopped in between, or the log could not be written).</p>
+{_table("without-outcome-table", ["time", "request", "prompt index", "rule", "action"],
+        [[_td(m["timestamp"]), _td(m["request_id"]), _td(m.get("prompt_index")), _td(m["rule"]), _td(m["action"])]
+         for m in data["without_outcome"]["recent"]], "Every decision has its outcome.")}</section>
 <section id="errors"><h2>Errors</h2><p>{data["errors"]["count"]} error(s); by type: {error_types}</p>
 {_table("errors-table", ["time", "policy", "action taken", "error"], errors, "No errors.")}</section>
 </main></body></html>

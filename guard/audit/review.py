@@ -156,15 +156,26 @@ class AuditSummary:
     errors: Counter = field(default_factory=Counter)
     thresholds: Counter = field(default_factory=Counter)
     hours: dict[str, Counter] = field(default_factory=dict)
+    awaiting: dict[tuple[Any, Any], dict[str, Any]] = field(default_factory=dict)
+    outcome_records: int = 0
     scores: ScoreSample = field(default_factory=ScoreSample)
     flagged: deque = field(default_factory=lambda: deque(maxlen=200))
     recent_errors: deque = field(default_factory=lambda: deque(maxlen=50))
+
+    @property
+    def decisions(self) -> int:
+        """Decision (and error) records counted."""
+        return sum(self.actions.values())
 
     @property
     def error_count(self) -> int:
         return sum(self.errors.values())
 
     def add(self, record: dict[str, Any]) -> None:
+        """Count one record: a decision (or error) record, or the outcome record that follows one."""
+        if record.get("event") == "outcome":
+            self._add_outcome(record)
+            return
         stamp = record.get("timestamp") or ""
         if self.first is None or stamp < self.first:
             self.first = stamp
@@ -172,7 +183,12 @@ class AuditSummary:
             self.last = stamp
         action = record.get("action")
         self.actions[action] += 1
-        self.outcomes[record.get("outcome")] += 1
+        brief = _brief(record)
+        outcome = record.get("outcome")
+        if outcome == "pending":
+            self.awaiting[(record.get("request_id"), record.get("prompt_index"))] = brief
+        else:
+            self.outcomes[outcome] += 1
         rule = record.get("rule") or "-"
         self.rules[(rule, action)] += 1
         policy = record.get("policy") or {}
@@ -193,9 +209,26 @@ class AuditSummary:
             kind = (error or {}).get("type") or "error"
             self.errors[kind] += 1
             hour["error"] += 1
-            self.recent_errors.append(_brief(record))
+            self.recent_errors.append(brief)
         if action in _FLAGGED:
-            self.flagged.append(_brief(record))
+            self.flagged.append(brief)
+
+    def _add_outcome(self, record: dict[str, Any]) -> None:
+        self.outcome_records += 1
+        self.outcomes[record.get("outcome")] += 1
+        decided = self.awaiting.pop((record.get("request_id"), record.get("prompt_index")), None)
+        if decided is not None:  # the flagged list shows the same entry: complete it with what was done
+            decided.update(outcome=record.get("outcome"), final_action=record.get("action"),
+                           score_after=_score_after(record.get("extras") or {}))
+        error = record.get("error")
+        if error is not None:
+            self.errors[(error or {}).get("type") or "error"] += 1
+            self.recent_errors.append(_brief(record))
+
+    @property
+    def without_outcome(self) -> list[dict[str, Any]]:
+        """Decisions written before acting whose outcome record never followed (e.g. the process died)."""
+        return list(self.awaiting.values())
 
     def timeline(self, bucket: str = "auto") -> list[dict[str, Any]]:
         """Counts per action (and errors) per hour or day; ``auto`` is hourly for spans up to 3 days."""
@@ -222,11 +255,13 @@ class AuditSummary:
             "unreadable_lines": self.unreadable,
             "records": self.records,
             "matched": self.matched,
+            "decisions": self.decisions,
             "first": self.first,
             "last": self.last,
             "actions": {a: self.actions.get(a, 0) for a in ACTIONS} | {
                 str(k): v for k, v in self.actions.items() if k not in ACTIONS},
             "outcomes": dict(self.outcomes.most_common()),
+            "without_outcome": {"count": len(self.awaiting), "recent": self.without_outcome[-20:]},
             "rules": [{"rule": r, "action": a, "count": n} for (r, a), n in self.rules.most_common()],
             "policies": [{"name": p, "version": v, "count": n} for (p, v), n in self.policies.most_common()],
             "prompt_modes": dict(self.prompt_modes),
@@ -251,19 +286,16 @@ def _brief(record: dict[str, Any]) -> dict[str, Any]:
         "outcome": record.get("outcome"), "score": record.get("score"), "prompt": record.get("prompt"),
         "prompt_mode": record.get("prompt_mode"), "reason": record.get("reason"),
         "error": f"{error.get('type')}: {error.get('message')}" if error else None,
+        "prompt_index": record.get("prompt_index"),
         "score_after": _score_after(extras),
     }
 
 
 def _score_after(extras: dict[str, Any]) -> float | None:
-    """The score after a rewrite, wherever the mitigation recorded it."""
-    mitigation = extras.get("mitigation") if isinstance(extras.get("mitigation"), dict) else {}
-    for source in (mitigation, extras):
-        for key in ("score_after", "final_score", "after"):
-            value = source.get(key)
-            if isinstance(value, (int, float)):
-                return float(value)
-    return None
+    """The score after a rewrite, as the mitigation recorded it."""
+    mitigation = extras.get("mitigation")
+    value = mitigation.get("score_after") if isinstance(mitigation, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def summarize(path: str | os.PathLike[str], filters: AuditFilter | None = None, *, sample_size: int = 100_000,
@@ -325,10 +357,15 @@ def render_text(summary: AuditSummary, bucket: str = "auto") -> str:
         out.append(f"  warning: {data['unreadable_lines']} unreadable line(s) skipped")
     if data["first"]:
         out.append(f"  from {data['first']} to {data['last']}")
-    total = max(data["matched"], 1)
+    total = max(sum(data["actions"].values()), 1)
     out += ["", "actions"] + _table(["action", "count", "share"], [
         [a, n, f"{100 * n / total:.1f}%"] for a, n in data["actions"].items()])
     out += ["", "outcomes"] + _table(["outcome", "count"], [[k, v] for k, v in data["outcomes"].items()])
+    missing = data["without_outcome"]
+    if missing["count"]:
+        out.append(f"  {missing['count']} decision(s) without an outcome record (acted on, then interrupted?)")
+        out += _table(["time", "request", "prompt", "action"], [
+            [m["timestamp"], m["request_id"], m.get("prompt_index"), m["action"]] for m in missing["recent"]])
     out += ["", "rules"] + _table(["rule", "action", "count"], [[r["rule"], r["action"], r["count"]]
                                                                 for r in data["rules"]])
     out += ["", "policies"] + _table(["policy", "version", "count"], [[p["name"], p["version"], p["count"]]

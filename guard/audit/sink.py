@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from guard.errors import MemguardError
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - non-POSIX: thread safety only
@@ -22,7 +24,7 @@ _CHAIN_FIELDS = ("seq", "prev_hash", "hash")
 _TAIL_CHUNK = 64 * 1024
 
 
-class AuditWriteError(OSError):
+class AuditWriteError(MemguardError, OSError):
     """The audit log could not be written; the guard then applies the policy's ``on_error``."""
 
 

@@ -34,8 +34,8 @@ def demo(model_path: str | None, policy: str, audit_path: str | None, device: st
     calibration = shipped_calibration_path(model)
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(audit_path) if audit_path else Path(tmp) / "demo-audit.jsonl"
-        guard = Guard(pipe, policy, audit_path=log, calibration=calibration)
-        decisions = guard.check_many([prompt for prompt, _ in prompts])
+        with Guard(pipe, policy, audit_path=log, calibration=calibration, source="cli") as guard:
+            decisions = guard.check_many([prompt for prompt, _ in prompts])
         click.echo(f"model: {model}\npolicy: {guard.policy.name} v{guard.policy.version}"
                    + (f", calibration {decisions[0].calibration_id}" if decisions[0].calibration_id else "") + "\n")
         click.echo(_table(prompts, decisions))

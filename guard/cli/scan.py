@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..engines import ScanError, ScanJob
+from .options import policy_scoring_option, scoring_settings
 
 
 @click.command()
@@ -12,13 +13,10 @@ from ..engines import ScanError, ScanJob
 @click.option("--prompts", "prompts_path", required=True, type=click.Path(dir_okay=False),
               help="Text file, one prompt per line; blank lines are skipped.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Output JSONL file.")
-@click.option("--samples", default=1, show_default=True, type=click.IntRange(1), help="Noise draws per prompt.")
-@click.option("--seed", default=51, show_default=True, type=int, help="Seed of the detection noise.")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1), help="Prompts per UNet call.")
+@policy_scoring_option
 @click.option("--device", default=None, help="torch device (default: cuda, mps or cpu, whichever exists).")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Model dtype (default: float16 on CUDA, float32 elsewhere).")
-@click.option("--profile", default=None, help="Score weights by profile name (default: the model family's).")
 @click.option("--resume/--no-resume", default=False, show_default=True,
               help="Continue an interrupted scan: keep OUT's complete rows and score the rest.")
 @click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
@@ -28,11 +26,11 @@ from ..engines import ScanError, ScanJob
               help="[ray] actors, each holding one copy of the pipeline.")
 @click.option("--num-gpus-per-worker", default=0.0, show_default=True, type=click.FloatRange(0),
               help="[ray] GPUs per actor (0: score on CPU).")
-def scan(model_path, prompts_path, out_path, samples, seed, batch_size, device, dtype, profile, resume,
-         engine, address, workers, num_gpus_per_worker) -> None:
+def scan(model_path, prompts_path, out_path, device, dtype, resume, engine, address, workers, num_gpus_per_worker,
+         **scoring) -> None:
     """Score each non-blank line of PROMPTS and write one JSON object per prompt, in input order."""
-    job = ScanJob(model=model_path, prompts_path=prompts_path, out_path=out_path, samples=samples, seed=seed,
-                  batch_size=batch_size, device=device, dtype=dtype, profile=profile, resume=resume)
+    job = ScanJob(model=model_path, prompts_path=prompts_path, out_path=out_path, scoring=scoring_settings(scoring),
+                  device=device, dtype=dtype, resume=resume)
     try:
         if engine == "ray":
             from ..engines.ray_engine import scan_ray

@@ -35,7 +35,7 @@ def serve(model_path, policy, host, port, max_batch, max_wait_ms, max_body_bytes
     from ..loading import load_pipeline
 
     guard = Guard(load_pipeline(model_path, device=device, dtype=dtype), policy=policy, audit_path=audit_path,
-                  calibration=calibration)
+                  calibration=calibration, source="service")
     app = create_app(guard, max_batch=max_batch, max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes)
     click.echo(f"memguard: serving {guard!r} on http://{host}:{port} (audit: {guard.audit.sink.path})", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -3,41 +3,47 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import IO
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any
 
+from ..errors import MemguardError
 from ..prompts_io import read_prompts, truncate_to_complete_rows
 from ..scoring import MemorizationScore
 
 
-class ScanError(ValueError):
+class ScanError(MemguardError, ValueError):
     """A scan cannot start or continue (e.g. the output to resume does not fit the prompt file)."""
 
 
 @dataclass(frozen=True)
 class ScanJob:
-    """One ``memguard scan``: which model scores which prompts into which file, with which settings."""
+    """One ``memguard scan``: which model scores which prompts into which file, measured how.
+
+    ``scoring`` holds ``Scorer`` keyword arguments (samples, seed, inference_steps, batch_size, profile,
+    prediction_space), identical on every engine, so scores are identical.
+    """
 
     model: str
     prompts_path: str
     out_path: str
-    samples: int = 1
-    seed: int = 51
-    batch_size: int = 16
+    scoring: Mapping[str, Any] = field(default_factory=dict)
     device: str | None = None
     dtype: str | None = None
-    profile: str | None = None
     resume: bool = False
 
-    def scorer_settings(self) -> dict:
-        """Keyword arguments of ``Scorer`` (identical on every engine, so scores are identical)."""
-        return {"samples": self.samples, "seed": self.seed, "batch_size": self.batch_size, "profile": self.profile}
+    @property
+    def batch_size(self) -> int:
+        return int(self.scoring.get("batch_size") or 16)
+
+    def scorer_settings(self) -> dict[str, Any]:
+        """Keyword arguments of ``Scorer``."""
+        return {**self.scoring, "batch_size": self.batch_size}
 
 
-def format_row(index: int, score: MemorizationScore) -> str:
-    """One output line (without its newline): ``{"index": i, **score}``."""
-    return json.dumps({"index": index, **score.to_dict()}, ensure_ascii=False)
+def format_row(index: int, prompt: str, score: MemorizationScore) -> str:
+    """One output line (without its newline): ``{"index": i, "prompt": p, **score}``."""
+    return json.dumps({"index": index, "prompt": prompt, **score.to_dict()}, ensure_ascii=False)
 
 
 def prepare(job: ScanJob) -> tuple[list[str], int]:
@@ -73,7 +79,3 @@ class OrderedRowWriter:
         if written:
             self._out.flush()
         return written
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..events import log_event
 from ..loading import load_pipeline
 from .base import ScanJob, format_row, prepare
 
@@ -16,14 +17,16 @@ def scan_local(job: ScanJob, *, loader: Callable[..., Any] = load_pipeline) -> i
     from ..scoring import Scorer
 
     prompts, done = prepare(job)
+    log_event("scan_started", engine="local", prompts=len(prompts), already_done=done, out=job.out_path)
     scorer = Scorer(loader(job.model, device=job.device, dtype=job.dtype), **job.scorer_settings())
     with open(job.out_path, "a" if job.resume else "w", encoding="utf-8") as out, tqdm(
         total=len(prompts), initial=done, unit="prompt", desc="scan", disable=None
     ) as progress:
         for start in range(done, len(prompts), job.batch_size):
             chunk = prompts[start : start + job.batch_size]
-            for offset, result in enumerate(scorer.score(chunk)):
-                out.write(format_row(start + offset, result) + "\n")
+            for offset, (prompt, result) in enumerate(zip(chunk, scorer.score(chunk))):
+                out.write(format_row(start + offset, prompt, result) + "\n")
             out.flush()
             progress.update(len(chunk))
+    log_event("scan_finished", engine="local", scored=len(prompts) - done, out=job.out_path)
     return len(prompts) - done

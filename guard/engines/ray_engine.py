@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from ..events import log_event
 from ..loading import load_pipeline
 from .base import OrderedRowWriter, ScanError, ScanJob, format_row, prepare
 
@@ -48,7 +49,7 @@ class _ScoreBatches:
 
         indices = [int(i) for i in batch["index"]]
         prompts = [str(p) for p in batch["prompt"]]
-        rows = [format_row(i, score) for i, score in zip(indices, self._scorer.score(prompts))]
+        rows = [format_row(i, p, score) for i, p, score in zip(indices, prompts, self._scorer.score(prompts))]
         return {"index": np.asarray(indices, dtype=np.int64), "row": np.asarray(rows, dtype=object)}
 
 
@@ -93,9 +94,12 @@ def scan_ray(
         started_here = True
     elif address is not None:
         raise ScanError(f"Ray is already initialised in this process; cannot also connect to {address}")
+    log_event("scan_started", engine="ray", prompts=len(prompts), already_done=done, workers=workers,
+              out=job.out_path)
     try:
         _run(ray, job, prompts, done, remaining, workers, num_gpus_per_worker, num_cpus_per_worker,
              max_retries, loader)
+        log_event("scan_finished", engine="ray", scored=remaining, out=job.out_path)
     finally:
         if started_here:
             ray.shutdown()

@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from guard.scoring.result import MemorizationScore
+from pydantic import BaseModel, ConfigDict, Field
 
-from .calibration import CalibrationProfile
-from .errors import CalibrationMismatch, CalibrationMissing
-from .schema import Action, Condition, Metric, Policy, RewriteSettings
+from guard.calibration import CalibrationMismatch, CalibrationMissing, CalibrationProfile, Metric
+from guard.scoring import MemorizationScore
+
+from .schema import Action, Condition, Policy, RewriteSettings
 
 __all__ = ["AppliedThreshold", "Decision", "check_calibration", "decide", "decide_on_error", "match_lists"]
 
 _OPS = {"gte": ">=", "gt": ">", "lte": "<=", "lt": "<", "above_fpr": ">"}
 
 
-@dataclass(frozen=True)
-class AppliedThreshold:
+class AppliedThreshold(BaseModel):
     """One bound as actually applied: relative bounds resolved to the model's absolute number."""
 
+    model_config = ConfigDict(frozen=True)
+
     metric: Metric
-    op: str
+    op: Literal[">=", ">", "<=", "<"]
     value: float
     above_fpr: float | None = None
 
@@ -40,19 +40,21 @@ class AppliedThreshold:
         return f"{self.metric} {self.op} {self.value:.6g}{rel}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric, "op": self.op, "value": self.value, "above_fpr": self.above_fpr}
+        return self.model_dump(mode="json")
 
 
-@dataclass(frozen=True)
-class Decision:
-    """What the policy decided for one prompt, and why.
+class Decision(BaseModel):
+    """What the policy decided for one prompt, and why: the one model of a verdict.
 
     ``rule`` is the matched rule's name (or ``rules[i]``), ``lists.always_block``/``lists.always_allow``,
     ``default`` or ``on_error``. ``thresholds`` are the matched rule's bounds as applied.
     For ``rewrite``, ``rewrite`` holds the settings and ``rewrite_target`` the absolute target score.
+    Audit records, API responses and reports are all derived from it (``to_dict``).
     """
 
-    prompt_index: int
+    model_config = ConfigDict(frozen=True)
+
+    prompt_index: int = Field(ge=0)
     action: Action
     rule: str
     reason: str
@@ -63,27 +65,20 @@ class Decision:
     message: str | None = None
     rewrite: RewriteSettings | None = None
     rewrite_target: float | None = None
-    warnings: tuple[str, ...] = field(default_factory=tuple)
+    warnings: tuple[str, ...] = ()
 
     @property
     def blocked(self) -> bool:
         return self.action == "block"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "prompt_index": self.prompt_index,
-            "action": self.action,
-            "rule": self.rule,
-            "reason": self.reason,
-            "thresholds": [t.to_dict() for t in self.thresholds],
-            "score": None if self.score is None else self.score.to_dict(),
-            "error": self.error,
-            "calibration_id": self.calibration_id,
-            "message": self.message,
-            "rewrite": None if self.rewrite is None else self.rewrite.model_dump(mode="json"),
-            "rewrite_target": self.rewrite_target,
-            "warnings": list(self.warnings),
-        }
+        """JSON-ready; the prompt text is never part of it (non-finite numbers stay as they are)."""
+        data = self.model_dump(mode="json")
+        data["thresholds"] = list(data["thresholds"])
+        data["warnings"] = list(self.warnings)
+        if self.score is not None:
+            data["score"] = self.score.to_dict()
+        return data
 
 
 def match_lists(policy: Policy, prompt: str, prompt_index: int = 0) -> Decision | None:
@@ -201,21 +196,11 @@ def _default(
 
 def check_calibration(calibration: CalibrationProfile, score: MemorizationScore) -> None:
     """Raise ``CalibrationMismatch`` unless ``calibration`` was measured the way ``score`` was."""
-    expected: Mapping[str, Any] = {
-        "g_norm": calibration.g_norm,
-        "g_cos": calibration.g_cos,
-        "seed": calibration.seed,
-        "samples": calibration.samples,
-        "prediction_space": calibration.prediction_space,
-    }
-    diffs = [
-        f"{k}: score {getattr(score, k)!r} vs calibration {v!r}"
-        for k, v in expected.items()
-        if getattr(score, k) != v
-    ]
-    if diffs:
+    problems = calibration.mismatches(score.model_dump(include={"seed", "samples", "prediction_space", "g_norm",
+                                                                  "g_cos"}))
+    if problems:
         raise CalibrationMismatch(
-            f"calibration {calibration.id} was measured differently from this score ({'; '.join(diffs)}); "
+            f"calibration {calibration.id} was measured differently from this score ({'; '.join(problems)}); "
             "recalibrate with the policy's scoring settings"
         )
 
@@ -227,12 +212,15 @@ def _resolve(
     for key in ("gte", "gt", "lte", "lt"):
         value = getattr(condition, key)
         if value is not None:
-            out.append(AppliedThreshold(metric, _OPS[key], float(value)))
+            out.append(AppliedThreshold(metric=metric, op=_OPS[key], value=float(value)))
     if condition.above_fpr is not None:
         assert calibration is not None
         out.append(
             AppliedThreshold(
-                metric, ">", calibration.threshold_at_fpr(condition.above_fpr, metric), condition.above_fpr
+                metric=metric,
+                op=">",
+                value=calibration.threshold_at_fpr(condition.above_fpr, metric),
+                above_fpr=condition.above_fpr,
             )
         )
         _note_resolution(condition.above_fpr, calibration, warnings)

@@ -12,10 +12,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from guard.errors import format_loc
+
 from .errors import PolicyError
 from .schema import Policy
 
-__all__ = ["format_loc", "load_policy", "shipped_policies", "shipped_policy_path"]
+__all__ = ["load_policy", "shipped_policies", "shipped_policy_path"]
 
 _SHIPPED_PACKAGE = "guard._shipped_policies"
 _SUFFIXES = (".yaml", ".yml")
@@ -109,19 +111,6 @@ def _validate(data: Mapping[str, Any], label: str, path: Path | None) -> Policy:
         raise PolicyError(label, problems) from None
     policy._source = path
     return policy
-
-
-def format_loc(loc: tuple[int | str, ...]) -> str:
-    """``('rules', 2, 'when', 'score', 'gte')`` -> ``rules[2].when.score.gte`` (union tags dropped)."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("named", "weights") or part.startswith("function-"):
-            continue
-        else:
-            out += f".{part}" if out else part
-    return out
 
 
 def _reason(error: Any, data: Mapping[str, Any]) -> str:

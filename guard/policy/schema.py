@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from guard.calibration import Metric
+
 __all__ = [
     "Action",
     "AuditSettings",
@@ -43,7 +45,6 @@ __all__ = [
 
 Action = Literal["allow", "warn", "block", "rewrite"]
 ErrorAction = Literal["block", "allow", "warn"]
-Metric = Literal["score", "norm", "cos"]
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 Fpr = Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)]
@@ -121,7 +122,7 @@ class RewriteTarget(_Model):
 
 
 class RewriteSettings(_Model):
-    """How the ``rewrite`` action mitigates a prompt (DESIGN.md §3).
+    """How the ``rewrite`` action mitigates a prompt (docs/mitigation.md).
 
     Without a ``target`` the score must fall below the score threshold of the rule that matched.
     ``fallback`` is the action taken when the target is not reached within ``max_steps``.
@@ -181,12 +182,14 @@ ProfileSpec = Annotated[
 
 
 class ScoringSettings(_Model):
-    """How prompts are scored (DESIGN.md §1); calibrations only apply to scores measured the same way."""
+    """How prompts are scored (docs/scoring.md); calibrations only apply to scores measured the same way."""
 
     noise_seed: int = Field(default=51, ge=0, lt=2**63)
     samples: int = Field(default=1, ge=1, le=64)
     inference_steps: int = Field(default=50, ge=3, le=1000)
-    prediction_space: Literal["eps", "native"] = "eps"
+    prediction_space: Literal["auto", "eps", "native"] = Field(
+        default="auto", description="auto: eps for discrete-time models, velocity for flow models"
+    )
     batch_size: int | None = Field(
         default=None, ge=1, description="prompts per UNet call; None: scorer default"
     )

@@ -45,4 +45,5 @@ __all__ = [
     "score_prompts",
     "scoring_timesteps",
     "validate_prompts",
+    "weights_digest",
 ]

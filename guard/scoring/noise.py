@@ -1,4 +1,4 @@
-"""The two scoring timesteps and the detection noise x_T (DESIGN.md §1)."""
+"""The two scoring timesteps and the detection noise x_T (docs/scoring.md)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """The HTTP service: a ``Guard`` behind FastAPI, for callers that are not written in Python.
 
-``/v1/check`` requests arriving together are micro-batched into one ``Guard.check_many`` call (one
-batched UNet call), run on a single worker thread that owns the pipeline. Every verdict goes through
-the Guard, so the audit log is the Guard's own, and a scorer failure is the policy's ``on_error``
-decision: the service never answers "allow" for a prompt it did not score unless the policy says so.
+``/v1/check`` requests arriving together are micro-batched into one ``GuardCore.judge_many`` call (one
+batched model call), run on a single worker thread that owns the pipeline; each request keeps its own
+request id, prompt indices and audit records. Every verdict goes through the guard's core, so a scorer
+failure is the policy's ``on_error`` decision: the service never answers "allow" for a prompt it did not
+score unless the policy says so.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from ..actions import MemorizationBlocked
+from ..core import GuardReport, Submission
 from ..policy import Decision, decide_on_error
 from .batching import MicroBatcher
 from .models import (
     BlockedResponse,
     CheckRequest,
     CheckResponse,
-    DecisionOut,
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
@@ -58,8 +59,8 @@ def create_app(
     from fastapi.responses import JSONResponse
 
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memguard-guard")
-    batcher: MicroBatcher[Decision] = MicroBatcher(
-        lambda prompts: _check_fail_closed(guard, prompts), executor, max_batch=max_batch, max_wait_ms=max_wait_ms
+    batcher: MicroBatcher[list[str], GuardReport] = MicroBatcher(
+        lambda batch: _check_fail_closed(guard, batch), executor, max_batch=max_batch, max_wait_ms=max_wait_ms
     )
 
     @asynccontextmanager
@@ -98,10 +99,13 @@ def create_app(
 
     @app.post("/v1/check", response_model=CheckResponse, responses={422: {"model": ErrorResponse}})
     async def check(body: CheckRequest) -> CheckResponse:
-        """Score and decide each prompt; nothing is generated. Each verdict is audited."""
-        decisions = await batcher.submit(body.as_list())
-        out = [_decision_out(d, i) for i, d in enumerate(decisions)]
-        return CheckResponse(decisions=out, blocked=[d.prompt_index for d in out if d.action == "block"])
+        """Score and decide each prompt; nothing is generated. Each verdict is audited under ``request_id``."""
+        report = await batcher.submit(body.as_list())
+        return CheckResponse(
+            request_id=report.request_id,
+            decisions=report.decisions,
+            blocked=[d.prompt_index for d in report.decisions if d.blocked],
+        )
 
     @app.post(
         "/v1/generate",
@@ -123,7 +127,7 @@ def create_app(
         return GenerateResponse(
             request_id=report.request_id,
             images=[_png_base64(image) for image in output.images],
-            decisions=[_decision_out(d, d.prompt_index) for d in report.decisions],
+            decisions=report.decisions,
             latency_scoring_ms=report.latency_scoring_ms,
             latency_generation_ms=report.latency_generation_ms,
         )
@@ -131,15 +135,21 @@ def create_app(
     return app
 
 
-def _check_fail_closed(guard: Any, prompts: list[str]) -> Sequence[Decision]:
-    """``guard.check_many``, but a failure anywhere is the policy's ``on_error`` verdict, never an exception."""
+def _check_fail_closed(guard: Any, batch: list[list[str]]) -> list[GuardReport]:
+    """One judging pass over every request of a micro-batch; a failure anywhere is the policy's ``on_error``
+    verdict for that batch's prompts, never an exception."""
+    requests = [Submission(prompts, context={"endpoint": "/v1/check"}) for prompts in batch]
     try:
-        return guard.check_many(prompts)
-    except MemorizationBlocked as blocked:  # e.g. the audit log cannot be written: on_error already applied
-        return blocked.decisions
+        reports, _ = guard.core.judge_many(requests, mode="check")
+        return reports
     except Exception as error:
         message = f"check failed: {type(error).__name__}: {error}"
-        return [decide_on_error(guard.policy, i, message) for i in range(len(prompts))]
+        return [
+            GuardReport(request_id="unaudited", decisions=[decide_on_error(guard.policy, i, message)
+                                                           for i in range(len(prompts))], mode="check",
+                        audit_error=message)
+            for prompts in batch
+        ]
 
 
 def _generate(guard: Any, body: GenerateRequest) -> Any:
@@ -160,18 +170,10 @@ def _generate(guard: Any, body: GenerateRequest) -> Any:
     return guard(**kwargs)
 
 
-def _decision_out(decision: Decision, index: int) -> DecisionOut:
-    data = decision.to_dict()
-    data["prompt_index"] = index  # index within this HTTP request, not within the micro-batch
-    return DecisionOut.model_validate(data)
-
-
 def _blocked_response(detail: str, request_id: str | None, decisions: Sequence[Decision]) -> Any:
     from fastapi.responses import JSONResponse
 
-    body = BlockedResponse(
-        detail=detail, request_id=request_id, decisions=[_decision_out(d, d.prompt_index) for d in decisions]
-    )
+    body = BlockedResponse(detail=detail, request_id=request_id, decisions=list(decisions))
     return JSONResponse(status_code=403, content=body.model_dump(mode="json"))
 
 

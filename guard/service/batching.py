@@ -1,4 +1,4 @@
-"""Micro-batching: concurrent requests' prompts scored together in one call on one worker thread."""
+"""Micro-batching: concurrent requests scored together in one call on one worker thread."""
 
 from __future__ import annotations
 
@@ -7,34 +7,38 @@ import concurrent.futures
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
-T = TypeVar("T")
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
-class MicroBatcher(Generic[T]):
-    """Collects prompts from concurrent callers for up to ``max_wait_ms`` (or ``max_batch`` prompts)
-    and runs ``fn`` once on all of them in ``executor``, so the scorer sees one batched UNet call
-    instead of many single-prompt ones. ``fn`` must return one result per prompt, in order.
+class MicroBatcher(Generic[Item, Result]):
+    """Collects requests from concurrent callers for up to ``max_wait_ms`` (or ``max_batch`` prompts)
+    and runs ``fn`` once on all of them in ``executor``, so the scorer sees one batched model call
+    instead of many small ones. ``fn`` gets the requests and returns one result per request, in order;
+    ``size`` tells how many prompts a request holds.
 
     A request is never split: one with more than ``max_batch`` prompts runs alone.
     """
 
     def __init__(
         self,
-        fn: Callable[[list[str]], Sequence[T]],
+        fn: Callable[[list[Item]], Sequence[Result]],
         executor: concurrent.futures.Executor,
         *,
         max_batch: int = 16,
         max_wait_ms: float = 10.0,
+        size: Callable[[Item], int] = len,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         self._fn = fn
+        self._size = size
         self._executor = executor
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
-        self._queue: asyncio.Queue[tuple[list[str], asyncio.Future]] | None = None
+        self._queue: asyncio.Queue[tuple[Item, asyncio.Future]] | None = None
         self._task: asyncio.Task | None = None
         self.batches = 0  # calls of fn, for metrics and tests
 
@@ -55,11 +59,11 @@ class MicroBatcher(Generic[T]):
                 pass
             self._task = None
 
-    async def submit(self, prompts: list[str]) -> list[T]:
-        """Results for ``prompts``, computed in some batch together with other callers' prompts."""
+    async def submit(self, item: Item) -> Result:
+        """The result for ``item``, computed in some batch together with other callers' requests."""
         self.start()
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        await self._queue.put((list(prompts), future))
+        await self._queue.put((item, future))
         return await future
 
     async def _run(self) -> None:
@@ -67,7 +71,7 @@ class MicroBatcher(Generic[T]):
         queue = self._queue
         while True:
             batch = [await queue.get()]
-            size = len(batch[0][0])
+            size = self._size(batch[0][0])
             deadline = loop.time() + self.max_wait
             while size < self.max_batch:
                 timeout = deadline - loop.time()
@@ -77,27 +81,25 @@ class MicroBatcher(Generic[T]):
                     item = await asyncio.wait_for(queue.get(), timeout)
                 except asyncio.TimeoutError:
                     break
-                if size + len(item[0]) > self.max_batch:
+                if size + self._size(item[0]) > self.max_batch:
                     await self._execute(batch, loop)  # keep requests whole: the newcomer opens the next batch
                     batch, size, deadline = [], 0, loop.time() + self.max_wait
                 batch.append(item)
-                size += len(item[0])
+                size += self._size(item[0])
             await self._execute(batch, loop)
 
-    async def _execute(self, batch: list[tuple[list[str], asyncio.Future]], loop: asyncio.AbstractEventLoop) -> None:
-        prompts = [prompt for item, _ in batch for prompt in item]
+    async def _execute(self, batch: list[tuple[Item, asyncio.Future]], loop: asyncio.AbstractEventLoop) -> None:
+        items = [item for item, _ in batch]
         self.batches += 1
         try:
-            results = await loop.run_in_executor(self._executor, self._fn, prompts)
-            if len(results) != len(prompts):
-                raise RuntimeError(f"batched call returned {len(results)} results for {len(prompts)} prompts")
+            results = await loop.run_in_executor(self._executor, self._fn, items)
+            if len(results) != len(items):
+                raise RuntimeError(f"batched call returned {len(results)} results for {len(items)} requests")
         except Exception as error:  # every waiting request learns of the failure; none is left hanging
             for _, future in batch:
                 if not future.done():
                     future.set_exception(error)
             return
-        start = 0
-        for item, future in batch:
+        for (_, future), result in zip(batch, results):
             if not future.done():
-                future.set_result(list(results[start : start + len(item)]))
-            start += len(item)
+                future.set_result(result)

@@ -1,10 +1,15 @@
-"""Request and response bodies of the service (they are also its OpenAPI schema)."""
+"""Request and response bodies of the service (they are also its OpenAPI schema).
+
+Verdicts are the core's own ``Decision`` model, so the API says exactly what the audit records say.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..policy import Decision
 
 MAX_PROMPTS_PER_REQUEST = 256
 
@@ -31,41 +36,9 @@ class CheckRequest(_Strict):
         return [self.prompt] if self.prompt is not None else list(self.prompts or [])
 
 
-class ScoreOut(BaseModel):
-    """How memorized the prompt looks (higher: more likely), and how that was measured."""
-
-    score: float
-    norm: float
-    cos: float
-    g_norm: float
-    g_cos: float
-    profile: str
-    t_hi: int
-    t_lo: int
-    samples: int
-    seed: int
-    prediction_space: str
-    truncated: bool = False
-    warnings: list[str] = Field(default_factory=list)
-
-
-class DecisionOut(BaseModel):
-    """The policy's verdict on one prompt of the request (``prompt_index`` counts within the request)."""
-
-    prompt_index: int
-    action: Literal["allow", "warn", "block", "rewrite"]
-    rule: str
-    reason: str
-    score: ScoreOut | None = Field(description="None when the prompt was not scored (lists, or a scoring error).")
-    error: str | None = None
-    message: str | None = None
-    thresholds: list[dict[str, Any]] = Field(default_factory=list)
-    calibration_id: str | None = None
-    warnings: list[str] = Field(default_factory=list)
-
-
 class CheckResponse(BaseModel):
-    decisions: list[DecisionOut]
+    request_id: str = Field(description="The id of this request in the audit log's records.")
+    decisions: list[Decision] = Field(description="One verdict per prompt; prompt_index counts within the request.")
     blocked: list[int] = Field(description="Indices of the prompts the policy blocks.")
 
 
@@ -85,7 +58,7 @@ class GenerateRequest(_Strict):
 class GenerateResponse(BaseModel):
     request_id: str
     images: list[str] = Field(description="PNG images, base64-encoded.")
-    decisions: list[DecisionOut]
+    decisions: list[Decision]
     latency_scoring_ms: float | None = None
     latency_generation_ms: float | None = None
 
@@ -96,7 +69,7 @@ class BlockedResponse(BaseModel):
     error: Literal["blocked"] = "blocked"
     detail: str
     request_id: str | None = None
-    decisions: list[DecisionOut]
+    decisions: list[Decision]
 
 
 class ErrorResponse(BaseModel):

@@ -22,7 +22,7 @@ from ..errors import UnsupportedPipelineError
 
 #: The spaces a score can be measured in. ``eps``: noise prediction (any discrete-time model);
 #: ``native``: the model's own output (reproduces the reference code for v-prediction models);
-#: ``velocity``: rectified-flow models' own output (DESIGN: flow models are scored in velocity space).
+#: ``velocity``: rectified-flow models' own output (docs/scoring.md: flow models are scored in velocity space).
 SCORE_SPACES = ("eps", "native", "velocity")
 
 

@@ -1,6 +1,6 @@
 """Stable Diffusion 1.x / 2.x and SDXL: UNets on a discrete DDPM schedule, epsilon or v-prediction.
 
-The score is DESIGN §1 as written: t_hi and t_lo from a 50-step DDIM schedule built from the pipeline's
+The score as docs/scoring.md defines it: t_hi and t_lo from a 50-step DDIM schedule built from the pipeline's
 scheduler config, the detection noise at the UNet's native size, and the pipeline's own ``encode_prompt``
 for the prompt and for the unconditional branch ("" for SD 1.x/2.x; for SDXL the zero embeddings the
 pipeline itself uses when ``force_zeros_for_empty_prompt`` is set).

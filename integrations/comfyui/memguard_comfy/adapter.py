@@ -2,7 +2,7 @@
 
 ComfyUI's ``BaseModel.apply_model(x, sigma, c_crossattn=...)`` takes a k-diffusion sample
 ``x = x0 + sigma * eps`` and a noise level ``sigma`` (not a timestep), and returns the denoised ``x0``.
-The diffusers convention memguard's score is defined in (DESIGN.md §1) feeds ``x_t`` with unit
+The diffusers convention memguard's score is defined in (docs/scoring.md) feeds ``x_t`` with unit
 variance at timestep ``t``. The two meet through ``x = x_t * sqrt(sigma^2 + 1)`` with
 ``sigma = sqrt((1 - a_t) / a_t)``; then ``eps = (x - x0) / sigma`` whatever the model predicts
 natively (eps or v), so this adapter always answers in eps space and the formulas stay in

@@ -1,25 +1,33 @@
 """The Memorization Guard and Memorization Score nodes (ComfyUI V3 node API, ``comfy_api.latest``).
 
-Both are thin: the score, the policy, the rewrite and the audit are memguard's own (``guard.Guard``
-with a ``ComfyUIModelAdapter``), so a ComfyUI workflow is judged exactly as a diffusers call is.
+Both are thin front ends of memguard's judging core (``guard.GuardCore``): the score, the policy, the
+rewrite and the audit are the ones a diffusers ``Guard`` uses. One core is kept per model (as patched) and
+settings, so the model fingerprint and the cache of unconditional predictions survive between runs.
+
+Every entry of the positive CONDITIONING is scored (each row of each entry is one prompt); with the
+policy's ``batch: drop_blocked`` blocked entries are dropped from the conditioning, otherwise any blocked
+entry blocks the branch. Prompt texts for the audit record's hash are read from the workflow: the
+``CLIPTextEncode``-style nodes (and ``ConditioningCombine`` chains) that feed ``positive``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from comfy_api.latest import io
 
-from guard import Guard
-from guard.actions import GuardReport, plan_batch
-from guard.audit import new_request_id
-from guard.policy import Decision, Policy, decide_on_error, load_policy, shipped_policies
+from guard import GuardCore, GuardReport
+from guard.audit.record import Outcome
+from guard.policy import Decision, Policy, load_policy, shipped_policies
 from guard.scoring import TextConditioning
 
-from .adapter import ComfyUIModelAdapter, comfy_from_conditioning, conditioning_from_comfy
+from .adapter import ComfyUIModelAdapter, cat_token_lengths, conditioning_from_comfy
 
 CATEGORY = "memguard"
 UNCOND_EMPTY = "empty prompt (reference)"
@@ -99,20 +107,121 @@ def _plain(conditioning: Sequence[Sequence[Any]]) -> list[list[Any]]:
     return out
 
 
-def _adapter(
-    model: Any, clip: Any, negative: Sequence[Sequence[Any]] | None, unconditional: str, latent_size: int
-) -> ComfyUIModelAdapter:
+#: One core per model patcher (dropped with it), per settings key; a patched model (LoRA) is a new key.
+_CORES: weakref.WeakKeyDictionary[Any, dict[tuple, GuardCore]] = weakref.WeakKeyDictionary()
+
+#: Text-encode nodes whose ``text`` input is the prompt (SDXL's: ``text_g``), and the combine node.
+_TEXT_INPUTS = {"CLIPTextEncode": ("text",), "CLIPTextEncodeSDXL": ("text_g", "text_l"),
+                "CLIPTextEncodeSD3": ("clip_g", "clip_l", "t5xxl"), "CLIPTextEncodeFlux": ("t5xxl", "clip_l")}
+_COMBINE = "ConditioningCombine"
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def core_for(
+    model: Any,
+    clip: Any,
+    negative: Sequence[Sequence[Any]] | None,
+    *,
+    policy: Policy,
+    unconditional: str,
+    latent_size: int,
+    audit_path: str,
+) -> GuardCore:
+    """The judging core for this model and these settings, made once and kept on the model patcher.
+
+    The key holds the patcher's weight patches (``patches_uuid``), the CLIP, the unconditional choice (and
+    the negative embeddings when they are the unconditional), the policy's hash and the audit path.
+    """
     uncond: TextConditioning | None = None
-    if unconditional == UNCOND_NEGATIVE:
-        if not negative:
-            raise ValueError("unconditional is set to the negative conditioning, but none is connected")
+    if unconditional == UNCOND_NEGATIVE and negative:
         uncond = conditioning_from_comfy(negative)
-    return ComfyUIModelAdapter(model, clip, unconditional=uncond, latent_size=latent_size or None)
+    key = (
+        str(getattr(model, "patches_uuid", "")), id(clip), unconditional, latent_size, policy.content_hash,
+        audit_path, None if uncond is None else _digest(uncond.embeds),
+    )
+    try:
+        per_model = _CORES.setdefault(model, {})
+    except TypeError:  # not weak-referenceable: no caching
+        per_model = {}
+    core = per_model.get(key)
+    if core is None:
+        adapter: ComfyUIModelAdapter | None = None
+        setup_error: Exception | None = None
+        try:
+            if unconditional == UNCOND_NEGATIVE and not negative:
+                raise ValueError("unconditional is set to the negative conditioning, but none is connected")
+            adapter = ComfyUIModelAdapter(model, clip, unconditional=uncond, latent_size=latent_size or None)
+        except Exception as error:
+            setup_error = error
+        core = GuardCore(adapter if adapter is not None else model, policy, audit_path=audit_path or None,
+                         source="comfyui", setup_error=setup_error)
+        per_model.clear()  # an older key of this patcher is stale (other weights or settings)
+        per_model[key] = core
+    return core
 
 
-def _report(decisions: Sequence[Decision], report: GuardReport, policy: Policy, blocked: bool) -> str:
+def workflow_texts(prompt_graph: Any, node_id: Any, input_name: str = "positive") -> list[str] | None:
+    """The prompt texts of the conditioning entries feeding ``node_id``'s ``input_name``, in entry order,
+    read from the queued workflow (ComfyUI's hidden ``PROMPT``); None where they cannot be resolved."""
+    if not isinstance(prompt_graph, dict) or node_id is None:
+        return None
+
+    def texts_of(link: Any, depth: int = 0) -> list[str] | None:
+        if not (isinstance(link, list) and len(link) == 2) or depth > 32:
+            return None
+        node = prompt_graph.get(str(link[0])) or {}
+        kind, node_inputs = node.get("class_type"), node.get("inputs") or {}
+        if kind in _TEXT_INPUTS:
+            values = [node_inputs.get(name) for name in _TEXT_INPUTS[kind]]
+            if not all(isinstance(v, str) for v in values):
+                return None
+            distinct = list(dict.fromkeys(values))
+            return ["\n".join(distinct)]
+        if kind == _COMBINE:
+            first, second = texts_of(node_inputs.get("conditioning_1"), depth + 1), texts_of(
+                node_inputs.get("conditioning_2"), depth + 1)
+            return None if first is None or second is None else first + second
+        return None
+
+    this = prompt_graph.get(str(node_id)) or {}
+    return texts_of((this.get("inputs") or {}).get(input_name))
+
+
+def _conditioning_rows(positive: Sequence[Sequence[Any]]) -> tuple[TextConditioning, list[int]]:
+    """Every row of every entry as one prompt (token lengths made equal as ComfyUI does), and entry sizes."""
+    entries = [conditioning_from_comfy([entry]) for entry in positive]
+    sizes = [len(entry) for entry in entries]
+    rows = [entry.select([i]) for entry in entries for i in range(len(entry))]
+    embeds = cat_token_lengths([row.embeds for row in rows])
+    pooled = [row.pooled for row in rows]
+    stacked = torch.cat(pooled) if all(p is not None for p in pooled) else None
+    return TextConditioning(embeds, stacked), sizes
+
+
+def _output_conditioning(
+    positive: Sequence[Sequence[Any]], sizes: list[int], cond: TextConditioning, report: GuardReport, keep: set[int]
+) -> list[list[Any]]:
+    """``positive`` without dropped entries, rewritten rows replaced by their mitigated embeddings."""
+    out, start = [], 0
+    for entry, size in zip(positive, sizes):
+        rows = list(range(start, start + size))
+        start += size
+        if not any(i in keep for i in rows):
+            continue
+        options = dict(entry[1]) if len(entry) > 1 else {}
+        embeds = entry[0]
+        if any(i in report.mitigations and report.mitigations[i].met for i in rows):
+            embeds = cond.embeds[rows[0] : rows[-1] + 1].to(entry[0].dtype)
+        out.append([embeds, options])
+    return out
+
+
+def _report(report: GuardReport, policy: Policy, blocked: bool, texts_known: bool) -> str:
     lines = [f"memguard policy {policy.name} v{policy.version}; request {report.request_id}"]
-    for decision in decisions:
+    for decision in report.decisions:
         score = decision.score
         shown = "n/a" if score is None else f"{score.score:.4f} (norm {score.norm:.4f}, cos {score.cos:.4f})"
         lines.append(f"[{decision.prompt_index}] {decision.action}: score {shown}; {decision.reason}")
@@ -122,14 +231,18 @@ def _report(decisions: Sequence[Decision], report: GuardReport, policy: Policy, 
                 f"    rewritten in {mitigation.steps} steps: "
                 f"{mitigation.score_before:.4f} -> {mitigation.score_after:.4f}"
             )
+    if not texts_known:
+        lines.append("prompt text not found in the workflow: the audit record holds no prompt hash")
+    if report.audit_error:
+        lines.append(f"audit: {report.audit_error}")
     if blocked:
         lines.append("blocked: the downstream branch does not run")
     return "\n".join(lines)
 
 
-def _score_value(decisions: Sequence[Decision]) -> float:
-    scores = [d.score.score for d in decisions if d.score is not None]
-    return float(max(scores)) if scores else float("nan")
+def _top(decisions: Sequence[Decision]) -> Decision | None:
+    scored = [d for d in decisions if d.score is not None]
+    return max(scored, key=lambda d: d.score.score) if scored else None
 
 
 def run_guard(
@@ -143,81 +256,44 @@ def run_guard(
     latent_size: int,
     audit_path: str,
     context: dict[str, Any],
+    texts: list[str] | None,
     enforce: bool,
-) -> tuple[list[list[Any]], list[Decision], GuardReport, bool]:
-    """Score the positive conditioning's rows, decide, rewrite, audit. Returns the (possibly rewritten)
-    conditioning, the decisions, the report and whether the branch is blocked."""
-    request_id = new_request_id()
-    adapter: ComfyUIModelAdapter | None = None
-    setup_error: Exception | None = None
-    try:
-        adapter = _adapter(model, clip, negative, unconditional, latent_size)
-    except Exception as error:
-        setup_error = error
-    guard = Guard(adapter if adapter is not None else model, policy, audit_path=audit_path.strip() or None)
-    if setup_error is not None:
-        guard.scorer, guard.setup_error = None, setup_error
-    try:
-        return _judge(guard, positive, policy, unconditional, context, enforce, request_id)
-    finally:
-        guard.audit.close()
+) -> tuple[list[list[Any]], GuardReport, bool, bool]:
+    """Judge every row of the positive conditioning through the core, rewrite, and record the outcome.
 
-
-def _judge(
-    guard: Guard,
-    positive: Sequence[Sequence[Any]],
-    policy: Policy,
-    unconditional: str,
-    context: dict[str, Any],
-    enforce: bool,
-    request_id: str,
-) -> tuple[list[list[Any]], list[Decision], GuardReport, bool]:
-    cond = conditioning_from_comfy(positive)
+    Returns the conditioning to pass on, the report, whether the branch is blocked and whether the
+    prompt texts were known.
+    """
+    core = core_for(model, clip, negative, policy=policy, unconditional=unconditional, latent_size=latent_size,
+                    audit_path=audit_path)
+    cond, sizes = _conditioning_rows(positive)
     prompts: list[str | None] = [None] * len(cond)
-    decisions, cond = guard.decide(prompts, cond=cond)
-    report = GuardReport(request_id=request_id, decisions=decisions)
-    plan = plan_batch(policy, decisions)
-    if enforce and not plan.blocked_whole and cond is not None and any(d.action == "rewrite" for d in decisions):
-        decisions = _rewrite(guard, decisions, cond, report)
-        report.decisions = decisions
-        plan = plan_batch(policy, decisions)
-    blocked = enforce and any(d.blocked for d in decisions)
-    output = positive
-    if enforce and report.mitigations and cond is not None:
-        output = comfy_from_conditioning(positive, cond.embeds)
-    extras = {"comfyui": {**context, "unconditional": "negative" if unconditional == UNCOND_NEGATIVE else "empty"}}
-    for decision in decisions:
-        mitigation = report.mitigations.get(decision.prompt_index)
-        outcome = "checked" if not enforce else "blocked" if blocked else "rewritten" if mitigation else "generated"
-        record_extras = dict(extras)
-        if mitigation is not None:
-            record_extras["mitigation"] = mitigation.to_dict()
-        guard.audit.log_decision(decision, prompt=None, outcome=outcome, extras=record_extras, request_id=request_id)
-    report.blocked = blocked
-    return output, decisions, report, blocked
-
-
-def _rewrite(guard: Guard, decisions: list[Decision], cond: TextConditioning, report: GuardReport) -> list[Decision]:
-    """memguard's own rewrite (``apply_rewrites``); initial-noise mitigation needs the sampler's latents,
-    which a conditioning node never sees, so such a rule takes the policy's ``on_error`` action."""
-    from guard.actions.mitigation import apply_rewrites
-
-    decisions = list(decisions)
-    for position, decision in enumerate(decisions):
-        if (
-            decision.action == "rewrite"
-            and decision.rewrite is not None
-            and decision.rewrite.method != "prompt_embedding"
-        ):
-            message = f"rewrite method {decision.rewrite.method} is not available in the ComfyUI guard node"
-            decisions[position] = decide_on_error(guard.policy, decision.prompt_index, message, score=decision.score)
-    rewrites = [d for d in decisions if d.action == "rewrite"]
-    if not rewrites:
-        return decisions
-    adapter = guard.scorer.adapter if guard.scorer is not None else None
-    weights = adapter.base_model.diffusion_model if isinstance(adapter, ComfyUIModelAdapter) else torch.nn.Module()
-    with autograd_weights(weights):
-        return apply_rewrites(guard, decisions, rewrites, cond, {}, report)
+    texts_known = texts is not None and len(texts) == len(positive)
+    if texts_known:
+        prompts = [text for text, size in zip(texts, sizes) for _ in range(size)]
+    full_context = {"comfyui": {**context, "unconditional": "negative" if unconditional == UNCOND_NEGATIVE
+                                else "empty"}}
+    report, cond = core.judge(prompts, cond=cond, mode="generate" if enforce else "check", context=full_context)
+    if not enforce:
+        return list(positive), report, False, texts_known
+    if not report.plan(policy).blocked_whole and any(d.action == "rewrite" for d in report.decisions):
+        adapter = core.scorer.adapter if core.scorer is not None else None
+        weights = adapter.base_model.diffusion_model if isinstance(adapter, ComfyUIModelAdapter) else None
+        with autograd_weights(weights if weights is not None else torch.nn.Module()):
+            cond, _ = core.rewrite(report, cond)
+    plan = report.plan(policy)
+    keep = set(plan.generate)
+    outcomes: dict[int, Outcome] = {}
+    for decision in report.decisions:
+        index = decision.prompt_index
+        mitigation = report.mitigations.get(index)
+        outcomes[index] = ("blocked" if plan.blocked_whole else "dropped" if index in plan.dropped
+                           else "rewritten" if mitigation is not None and mitigation.met else "generated")
+    report.blocked = plan.blocked_whole
+    report.generated, report.dropped = list(plan.generate), list(plan.dropped)
+    core.conclude(report, outcomes)
+    output = [] if plan.blocked_whole else _output_conditioning(positive, sizes, cond, report, keep)
+    return output, report, plan.blocked_whole, texts_known
 
 
 def _common_inputs() -> list[Any]:
@@ -262,16 +338,16 @@ def _common_inputs() -> list[Any]:
     ]
 
 
-def _execute(
-    cls: type[io.ComfyNode], enforce: bool, kwargs: dict[str, Any]
-) -> tuple[Any, list[Decision], GuardReport, bool, Policy]:
+def _execute(cls: type[io.ComfyNode], enforce: bool, kwargs: dict[str, Any]) -> tuple[Any, GuardReport, bool, str]:
     policy = resolve_policy(
         kwargs["policy"], kwargs.get("policy_path") or "", kwargs.get("seed", -1), kwargs.get("samples", 0)
     )
+    hidden = cls.hidden
+    texts = workflow_texts(getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None))
     with torch.inference_mode(False):
         positive = _plain(kwargs["positive"])
         negative = _plain(kwargs["negative"]) if kwargs.get("negative") else None
-        output, decisions, report, blocked = run_guard(
+        output, report, blocked, texts_known = run_guard(
             model=kwargs["model"],
             clip=kwargs.get("clip"),
             positive=positive,
@@ -280,10 +356,11 @@ def _execute(
             unconditional=kwargs.get("unconditional") or UNCOND_EMPTY,
             latent_size=int(kwargs.get("latent_size") or 0),
             audit_path=kwargs.get("audit_path") or "",
-            context=comfy_context(cls.hidden),
+            context=comfy_context(hidden),
+            texts=texts,
             enforce=enforce,
         )
-    return output, decisions, report, blocked, policy
+    return output, report, blocked, _report(report, policy, blocked, texts_known)
 
 
 class MemorizationGuard(io.ComfyNode):
@@ -305,23 +382,21 @@ class MemorizationGuard(io.ComfyNode):
                 io.Float.Output(display_name="score"),
                 io.String.Output(display_name="report"),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             not_idempotent=True,
         )
 
     @classmethod
     def execute(cls, **kwargs: Any) -> io.NodeOutput:
-        output, decisions, report, blocked, policy = _execute(cls, True, kwargs)
-        text = _report(decisions, report, policy, blocked)
-        score = _score_value(decisions)
+        output, report, blocked, text = _execute(cls, True, kwargs)
+        top = _top(report.decisions)
+        score = float(top.score.score) if top is not None else float("nan")
         if blocked:
-            reasons = "; ".join(d.reason for d in decisions if d.blocked)
+            reasons = "; ".join(d.reason for d in report.decisions if d.blocked)
             # The values are replaced by ComfyUI's ExecutionBlocker; they are given because a NodeOutput
             # without results is dropped by v0.3.64's executor instead of blocking.
             return io.NodeOutput(output, score, text, block_execution=f"memguard blocked this prompt: {reasons}")
-        if any(d.action == "warn" for d in decisions):
-            import logging
-
+        if any(d.action == "warn" for d in report.decisions):
             logging.getLogger("memguard").warning("memguard: %s", text)
         return io.NodeOutput(output, score, text)
 
@@ -335,7 +410,10 @@ class MemorizationScore(io.ComfyNode):
             node_id="MemguardMemorizationScore",
             display_name="Memorization Score",
             category=CATEGORY,
-            description="memguard's memorization score of the positive prompt, and the decision the policy would take.",
+            description=(
+                "memguard's memorization score of the positive prompt (the highest of its entries), and the "
+                "decision the policy would take."
+            ),
             inputs=_common_inputs(),
             outputs=[
                 io.Float.Output(display_name="score"),
@@ -343,21 +421,18 @@ class MemorizationScore(io.ComfyNode):
                 io.Float.Output(display_name="cos"),
                 io.String.Output(display_name="report"),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             not_idempotent=True,
         )
 
     @classmethod
     def execute(cls, **kwargs: Any) -> io.NodeOutput:
-        _, decisions, report, _, policy = _execute(cls, False, kwargs)
-        first = decisions[0].score if decisions else None
+        _, report, _, text = _execute(cls, False, kwargs)
+        top = _top(report.decisions)
         nan = float("nan")
-        return io.NodeOutput(
-            _score_value(decisions),
-            nan if first is None else float(first.norm),
-            nan if first is None else float(first.cos),
-            _report(decisions, report, policy, False),
-        )
+        if top is None:
+            return io.NodeOutput(nan, nan, nan, text)
+        return io.NodeOutput(float(top.score.score), float(top.score.norm), float(top.score.cos), text)
 
 
 NODES: list[type[io.ComfyNode]] = [MemorizationGuard, MemorizationScore]

@@ -1,37 +1,37 @@
-"""Calibration profiles: a model's score distribution on non-memorized prompts.
+"""Calibration profiles: a model's score distribution on non-memorized prompts, measured one way.
 
 Relative thresholds (``above_fpr``) are read off this distribution, so one policy fits every model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import CalibrationError
-from .schema import Metric
+from guard._version import __version__
+from guard.errors import format_loc
+from guard.scoring import Measurement
 
-__all__ = ["CalibrationProfile", "cached_calibration_path", "calibration_cache_dir"]
+from .errors import CalibrationError, CalibrationMismatch
+
+__all__ = ["CalibrationProfile", "Metric", "cached_calibration_path", "calibration_cache_dir"]
+
+Metric = Literal["score", "norm", "cos"]
+#: The measurement fields a profile must share with the scores it judges, in the order mismatches are named.
+MEASUREMENT_FIELDS = ("fingerprint", "steps", "seed", "samples", "prediction_space", "g_norm", "g_cos")
 
 FORMAT = "memguard-calibration"
 _FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-
-
-def _memguard_version() -> str:
-    try:
-        return version("memguard")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def _canonical(data: Any) -> bytes:
@@ -59,14 +59,14 @@ class CalibrationProfile(BaseModel):
     seed: int = Field(ge=0)
     samples: int = Field(ge=1)
     steps: int = Field(ge=1)
-    prediction_space: Literal["eps", "native"]
+    prediction_space: Literal["eps", "native", "velocity"]
     scores: tuple[_FiniteFloat, ...] = Field(min_length=1)
     norms: tuple[_FiniteFloat, ...] | None = None
     coses: tuple[_FiniteFloat, ...] | None = None
     n_prompts: int = Field(ge=1)
     source: str
     created: str
-    memguard_version: str = Field(default_factory=_memguard_version)
+    memguard_version: str = __version__
 
     @field_validator("scores", "norms", "coses")
     @classmethod
@@ -111,7 +111,7 @@ class CalibrationProfile(BaseModel):
         seed: int,
         samples: int,
         steps: int,
-        prediction_space: Literal["eps", "native"],
+        prediction_space: str,
         source: str,
         norms: Sequence[float] | None = None,
         coses: Sequence[float] | None = None,
@@ -137,6 +137,55 @@ class CalibrationProfile(BaseModel):
             )
         except ValidationError as err:
             raise CalibrationError(f"invalid calibration: {_first_problem(err)}") from None
+
+    @classmethod
+    def from_measurement(
+        cls,
+        measurement: Measurement,
+        scores: Sequence[float],
+        *,
+        source: str,
+        norms: Sequence[float] | None = None,
+        coses: Sequence[float] | None = None,
+    ) -> CalibrationProfile:
+        """A profile of ``scores`` measured as ``measurement`` says (a ``Scorer.measurement()``)."""
+        return cls.from_scores(
+            scores,
+            fingerprint=measurement.fingerprint,
+            model_class=measurement.model_class,
+            profile=measurement.profile,
+            g_norm=measurement.g_norm,
+            g_cos=measurement.g_cos,
+            seed=measurement.seed,
+            samples=measurement.samples,
+            steps=measurement.steps,
+            prediction_space=measurement.prediction_space,
+            source=source,
+            norms=norms,
+            coses=coses,
+        )
+
+    def _measured(self, name: str) -> Any:
+        return self.model_fingerprint if name == "fingerprint" else getattr(self, name)
+
+    def mismatches(self, measured: Mapping[str, Any]) -> list[str]:
+        """How ``measured`` (any of ``MEASUREMENT_FIELDS``) differs from the way this profile was measured."""
+        return [
+            f"{name}: scores {measured[name]!r}, calibration {self._measured(name)!r}"
+            for name in MEASUREMENT_FIELDS
+            if name in measured and measured[name] != self._measured(name)
+        ]
+
+    def check_measurement(self, measurement: Measurement, *, source: str | None = None) -> None:
+        """Raise ``CalibrationMismatch`` unless this profile judges scores measured as ``measurement`` says:
+        same model (fingerprint), steps, noise seed, sample count, prediction space and weights."""
+        problems = self.mismatches(dataclasses.asdict(measurement))
+        if problems:
+            where = f"{source}: " if source else ""
+            raise CalibrationMismatch(
+                f"{where}calibration {self.id} does not fit this scorer ({'; '.join(problems)}); recalibrate with "
+                "`memguard calibrate` for this model and the policy's scoring settings"
+            )
 
     @property
     def resolution(self) -> float:
@@ -217,8 +266,6 @@ class CalibrationProfile(BaseModel):
 
 
 def _first_problem(err: ValidationError) -> str:
-    from .loader import format_loc
-
     first = err.errors()[0]
     msg = first["msg"].removeprefix("Value error, ")
     return f"{format_loc(first['loc'])}: {msg[:1].lower()}{msg[1:]}"

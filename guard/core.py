@@ -1,0 +1,452 @@
+"""The judging core: one path from prompts to audited decisions, shared by every front end.
+
+The diffusers ``Guard``, the ComfyUI node and the HTTP service all go through ``GuardCore``:
+
+1. ``judge`` decides each prompt (prompt lists, score, calibration, rules; scoring problems become the
+   policy's ``on_error`` decisions) and writes one decision record per prompt **before returning**, so a
+   decision is on disk before anything acts on it;
+2. ``rewrite`` applies the ``rewrite`` action's mitigation to the prompts that need it;
+3. ``conclude`` writes one outcome record per prompt (generated, withheld, blocked, rewritten, dropped,
+   failed), chained to its decision record.
+
+A front end only supplies what is its own: how prompts arrive and how images are generated.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from .actions import BatchPlan, plan_batch
+from .actions.mitigation import MitigationResult, apply_rewrites
+from .audit import AuditLogger, AuditWriteError, new_request_id
+from .audit.record import Outcome
+from .calibration import CalibrationError, CalibrationMissing, CalibrationProfile, auto_calibration
+from .events import log_event
+from .policy import Decision, Policy, decide, decide_on_error, load_policy, match_lists
+from .redaction import redacted_library_logs
+from .scoring import MemorizationScore, Scorer, TextConditioning
+from .scoring.profiles import ProfileLike
+
+__all__ = ["GuardCore", "GuardReport", "Mode", "Submission"]
+
+#: ``check``: a verdict only (decision records are final); ``generate``: an outcome record follows.
+Mode = Literal["check", "generate"]
+
+
+@dataclass
+class GuardReport:
+    """What the guard decided and did for one request; ``Guard.__call__`` returns it as ``.memguard``.
+
+    ``records`` holds each prompt's decision record as written (with its ``seq`` and ``hash``), the
+    link its outcome record carries. ``audit_error`` says why a record could not be written.
+    """
+
+    request_id: str
+    decisions: list[Decision]
+    mode: Mode = "generate"
+    generated: list[int] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)
+    blocked: bool = False
+    withheld: bool = False
+    latency_scoring_ms: float | None = None
+    latency_generation_ms: float | None = None
+    mitigations: dict[int, MitigationResult] = field(default_factory=dict)
+    outcomes: dict[int, Outcome] = field(default_factory=dict)
+    records: dict[int, dict[str, Any]] = field(default_factory=dict)
+    audit_error: str | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def actions(self) -> list[str]:
+        return [decision.action for decision in self.decisions]
+
+    def plan(self, policy: Policy) -> BatchPlan:
+        return plan_batch(policy, self.decisions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "decisions": [decision.to_dict() for decision in self.decisions],
+            "generated": list(self.generated),
+            "dropped": list(self.dropped),
+            "blocked": self.blocked,
+            "withheld": self.withheld,
+            "latency_scoring_ms": self.latency_scoring_ms,
+            "latency_generation_ms": self.latency_generation_ms,
+            "mitigations": {i: m.to_dict() for i, m in self.mitigations.items()},
+            "outcomes": dict(self.outcomes),
+            "records": {i: {"seq": r.get("seq"), "hash": r.get("hash")} for i, r in self.records.items()},
+            "audit_error": self.audit_error,
+        }
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One caller's prompts (or precomputed conditioning) within a batch the core judges together."""
+
+    prompts: Sequence[str | None]
+    cond: TextConditioning | None = None
+    encode_options: Mapping[str, Any] = field(default_factory=dict)
+    request_id: str | None = None
+    context: Mapping[str, Any] = field(default_factory=dict)
+
+
+def ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000.0, 3)
+
+
+class GuardCore:
+    """Scores, decides, rewrites and audits for one model under one policy.
+
+    Args:
+        model: a diffusers pipeline or a ``guard.scoring.ModelAdapter``. A model the guard cannot score is
+            not an error here: every request then gets the policy's ``on_error`` decision (``setup_error``).
+        policy: a shipped policy name, a YAML path, a mapping or a ``Policy``.
+        audit_path: where records go; overrides ``$MEMGUARD_AUDIT_PATH`` and the policy.
+        calibration: a ``CalibrationProfile`` or its file, overriding the policy's ``calibration``.
+        model_id: the model's name in audit records.
+        source: the front end's name in audit records (``python``, ``service``, ``comfyui``, ...).
+        setup_error: why the front end could not make a model adapter (every request then gets ``on_error``).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        policy: str | os.PathLike | Policy | Mapping[str, Any] = "balanced",
+        *,
+        audit_path: str | os.PathLike | None = None,
+        calibration: CalibrationProfile | str | os.PathLike | None = None,
+        model_id: str | None = None,
+        source: str = "python",
+        setup_error: Exception | None = None,
+    ) -> None:
+        self.policy = load_policy(policy)
+        self.source = source
+        self.lock = threading.RLock()
+        self.scorer: Scorer | None = None
+        self.setup_error: Exception | None = setup_error
+        settings = self.policy.scoring
+        try:
+            if setup_error is not None:
+                raise setup_error
+            self.scorer = Scorer(
+                model,
+                samples=settings.samples,
+                seed=settings.noise_seed,
+                inference_steps=settings.inference_steps,
+                profile=self._profile_spec(),
+                prediction_space=settings.prediction_space,
+                batch_size=settings.batch_size or 16,
+            )
+        except Exception as error:  # an unscorable model is an error decision on every call, not a crash
+            self.setup_error = error
+        adapter = self.scorer.adapter if self.scorer is not None else None
+        self.model_class = adapter.model_class if adapter is not None else type(model).__name__
+        self.model_id = model_id or (adapter.model_id if adapter is not None else None) or self.model_class
+        self._audit_path = audit_path
+        self._audit: AuditLogger | None = None
+        self._calibration_override = calibration
+        self._calibration: CalibrationProfile | None = None
+        self._calibration_error: CalibrationError | None = None
+        try:
+            self.audit  # noqa: B018 - open the log now so a bad path shows up at once, as a warning
+        except AuditWriteError as error:
+            warnings.warn(f"memguard: {error}; requests will follow on_error ({self.policy.on_error})", stacklevel=3)
+
+    def _profile_spec(self) -> ProfileLike | None:
+        profile = self.policy.profile
+        if profile == "auto":
+            return None
+        if isinstance(profile, str):
+            return profile
+        return {"name": "policy", "g_norm": profile.g_norm, "g_cos": profile.g_cos}
+
+    @property
+    def audit(self) -> AuditLogger:
+        """The audit logger; opened on first use, and retried on each request while it cannot be."""
+        if self._audit is None:
+            self._audit = AuditLogger.for_policy(
+                self.policy, path=self._audit_path, model_id=self.model_id, model_class=self.model_class
+            )
+        return self._audit
+
+    @property
+    def hashes_prompts(self) -> bool:
+        """Whether prompt text must stay out of logs (the policy does not log prompts in plain text)."""
+        return self.policy.audit.prompt != "plain"
+
+    # ------------------------------------------------------------------ calibration
+
+    @property
+    def calibration(self) -> CalibrationProfile | None:
+        """The calibration the policy's relative thresholds use, loaded or made once and kept in memory.
+
+        Raises ``CalibrationError`` (remembered, not retried per request) when it is unusable: unreadable,
+        or measured on another model or with other scoring settings than this guard's.
+        """
+        with self.lock:
+            if self._calibration_error is not None:
+                raise self._calibration_error
+            if self._calibration is None:
+                try:
+                    self._calibration = self._load_calibration()
+                except CalibrationError as error:
+                    self._calibration_error = error
+                    raise
+            return self._calibration
+
+    def _load_calibration(self) -> CalibrationProfile | None:
+        override = self._calibration_override
+        profile: CalibrationProfile | None
+        label: str | None = None
+        if isinstance(override, CalibrationProfile):
+            profile = override
+        elif override is not None:
+            profile, label = CalibrationProfile.load(override), str(override)
+        elif self.policy.calibration_path is not None:
+            label = str(self.policy.calibration_path)
+            profile = CalibrationProfile.load(self.policy.calibration_path)
+        elif self.policy.calibration == "auto" and self.policy.uses_relative_thresholds and self.scorer is not None:
+            profile = auto_calibration(self.scorer)
+        else:
+            profile = None
+        if profile is not None and self.scorer is not None:
+            profile.check_measurement(self.scorer.measurement(), source=label)
+        return profile
+
+    def _calibration_or_error(self) -> tuple[CalibrationProfile | None, str | None]:
+        if not self.policy.uses_relative_thresholds:
+            return None, None
+        try:
+            calibration = self.calibration
+        except CalibrationError as error:
+            return None, str(error)
+        except Exception as error:
+            return None, str(CalibrationMissing(f"calibration unavailable: {type(error).__name__}: {error}"))
+        if calibration is None:
+            return None, str(CalibrationMissing(f"policy {self.policy.name!r} has no calibration for this model"))
+        return calibration, None
+
+    # ------------------------------------------------------------------ judging
+
+    def judge(
+        self,
+        prompts: Sequence[str | None],
+        *,
+        cond: TextConditioning | None = None,
+        encode_options: Mapping[str, Any] | None = None,
+        mode: Mode = "generate",
+        request_id: str | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> tuple[GuardReport, TextConditioning | None]:
+        """Decide each prompt and write its decision record; returns the report and the conditioning
+        scored (reusable for generation). ``prompts`` entries are None where only ``cond`` is known."""
+        request = Submission(list(prompts), cond, dict(encode_options or {}), request_id, dict(context or {}))
+        (report,), conds = self.judge_many([request], mode=mode)
+        return report, conds[0]
+
+    def judge_many(
+        self, requests: Sequence[Submission], *, mode: Mode = "check"
+    ) -> tuple[list[GuardReport], list[TextConditioning | None]]:
+        """Decide many callers' prompts in one batched scoring pass, each with its own request id,
+        prompt indices and records (the service's micro-batching)."""
+        started = time.perf_counter()
+        decided = self._decide(requests)
+        scoring_ms = ms_since(started)
+        reports = []
+        for request, (decisions, _) in zip(requests, decided):
+            report = GuardReport(
+                request_id=request.request_id or new_request_id(), decisions=decisions, mode=mode,
+                latency_scoring_ms=scoring_ms, context=dict(request.context),
+            )
+            self._write_decisions(report, request.prompts)
+            reports.append(report)
+        return reports, [cond for _, cond in decided]
+
+    def _decide(self, requests: Sequence[Submission]) -> list[tuple[list[Decision], TextConditioning | None]]:
+        """Decisions (and the conditioning scored) per request; the prompts of requests that arrive as
+        text with the same encode options are encoded and scored together in batches."""
+        listed: list[dict[int, Decision]] = []
+        for request in requests:
+            found = {}
+            for index, prompt in enumerate(request.prompts):
+                decision = match_lists(self.policy, prompt, index) if prompt is not None else None
+                if decision is not None:
+                    found[index] = decision
+            listed.append(found)
+        if self.scorer is None:
+            error = f"the guard cannot score this model: {self.setup_error}"
+            return [(self._all_errors(r.prompts, found, error), r.cond) for r, found in zip(requests, listed)]
+        groups: dict[str, list[int]] = {}
+        for position, request in enumerate(requests):
+            key = "cond" + str(position) if request.cond is not None else repr(sorted(request.encode_options.items()))
+            groups.setdefault(key, []).append(position)
+        results: dict[int, tuple[list[Decision], TextConditioning | None]] = {}
+        for members in groups.values():
+            results.update(self._decide_group([requests[i] for i in members], [listed[i] for i in members], members))
+        return [results[i] for i in range(len(requests))]
+
+    def _decide_group(
+        self, requests: list[Submission], listed: list[dict[int, Decision]], positions: list[int]
+    ) -> dict[int, tuple[list[Decision], TextConditioning | None]]:
+        """Requests scored in one pass: all precomputed (one request) or all text with the same encode options."""
+        texts = [p or "" for request in requests for p in request.prompts]
+        starts = [0]
+        for request in requests:
+            starts.append(starts[-1] + len(request.prompts))
+        pending = [starts[k] + i for k, request in enumerate(requests)
+                   for i in range(len(request.prompts)) if i not in listed[k]]
+        cond = requests[0].cond if len(requests) == 1 else None
+        try:
+            with self.lock, redacted_library_logs(self.scorer.adapter, self.hashes_prompts):
+                if cond is None:
+                    cond = self.scorer.encode(texts, **dict(requests[0].encode_options))
+                flat = [p for request in requests for p in request.prompts]
+                scores = (
+                    self.scorer.score_conditioning(cond.select(pending), [flat[i] for i in pending], strict=False)
+                    if pending
+                    else []
+                )
+        except Exception as error:
+            message = f"scoring failed: {type(error).__name__}: {error}"
+            return {
+                position: (self._all_errors(request.prompts, found, message), request.cond)
+                for position, request, found in zip(positions, requests, listed)
+            }
+        calibration, calibration_error = self._calibration_or_error() if pending else (None, None)
+        by_flat = dict(zip(pending, scores))
+        out = {}
+        for k, (position, request) in enumerate(zip(positions, requests)):
+            decisions = dict(listed[k])
+            for i, prompt in enumerate(request.prompts):
+                if i not in decisions:
+                    decisions[i] = self._decide_one(prompt, by_flat[starts[k] + i], i, calibration, calibration_error)
+            rows = cond.select(slice(starts[k], starts[k + 1]))
+            out[position] = ([decisions[i] for i in range(len(request.prompts))], rows)
+        return out
+
+    def _all_errors(self, prompts: Sequence[str | None], decided: dict[int, Decision], error: str) -> list[Decision]:
+        """Every prompt not already decided by the lists gets the ``on_error`` decision."""
+        return [decided.get(i) or decide_on_error(self.policy, i, error) for i in range(len(prompts))]
+
+    def _decide_one(
+        self,
+        prompt: str | None,
+        score: MemorizationScore,
+        index: int,
+        calibration: CalibrationProfile | None,
+        calibration_error: str | None,
+    ) -> Decision:
+        if calibration_error is not None:
+            return decide_on_error(self.policy, index, calibration_error, score=score)
+        try:
+            return decide(self.policy, score, prompt or "", calibration, prompt_index=index)
+        except CalibrationError as error:
+            return decide_on_error(self.policy, index, str(error), score=score)
+
+    def _write_decisions(self, report: GuardReport, prompts: Sequence[str | None]) -> None:
+        """Write-ahead: one decision record per prompt. If the log cannot be written, every prompt gets the
+        ``on_error`` decision instead (so fail-closed policies generate nothing they could not record)."""
+        outcome = "checked" if report.mode == "check" else "pending"
+        try:
+            for decision in report.decisions:
+                report.records[decision.prompt_index] = self.audit.log_decision(
+                    decision,
+                    prompt=prompts[decision.prompt_index],
+                    outcome=outcome,
+                    request_id=report.request_id,
+                    latency_scoring_ms=report.latency_scoring_ms,
+                    source=self.source,
+                    context=report.context,
+                )
+        except (AuditWriteError, OSError) as error:
+            message = f"audit log not writable: {error}"
+            report.audit_error = message
+            report.decisions = [
+                decide_on_error(self.policy, d.prompt_index, message, score=d.score) for d in report.decisions
+            ]
+            warnings.warn(f"memguard: request {report.request_id} not audited: {message}", stacklevel=4)
+            log_event("audit_unwritable", level="error", request_id=report.request_id, error=str(error))
+
+    # ------------------------------------------------------------------ acting
+
+    def rewrite(
+        self,
+        report: GuardReport,
+        cond: TextConditioning,
+        *,
+        initial_noise: Callable[[], torch.Tensor] | None = None,
+        images_per_prompt: int = 1,
+    ) -> tuple[TextConditioning, torch.Tensor | None]:
+        """Mitigate the prompts whose decision is ``rewrite`` (``docs/mitigation.md``).
+
+        Updates ``report.decisions`` (fallbacks) and ``report.mitigations``; returns the conditioning to
+        generate from and, when an ``initial_noise`` rewrite changed it, the call's new initial noise.
+        ``initial_noise`` draws the call's own noise (None where the front end has none: such rules take
+        ``on_error``).
+        """
+        if self.scorer is None or not any(d.action == "rewrite" for d in report.decisions):
+            return cond, None
+        with self.lock:
+            decisions, cond, noise = apply_rewrites(
+                self.scorer, self.policy, report.decisions, cond, initial_noise=initial_noise,
+                images_per_prompt=images_per_prompt, mitigations=report.mitigations,
+            )
+        report.decisions = decisions
+        return cond, noise
+
+    def conclude(
+        self,
+        report: GuardReport,
+        outcomes: Mapping[int, Outcome],
+        *,
+        latency_generation_ms: float | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """Write one outcome record per prompt, chained to its decision record.
+
+        The decision was on disk before anything was done, so a log that fails now does not undo the
+        action: the report says so (``audit_error``) and a warning is raised.
+        """
+        report.outcomes.update(outcomes)
+        report.latency_generation_ms = latency_generation_ms
+        try:
+            for decision in report.decisions:
+                index = decision.prompt_index
+                mitigation = report.mitigations.get(index)
+                written = report.records.get(index)
+                changed = written is not None and written.get("action") != decision.action
+                self.audit.log_outcome(
+                    request_id=report.request_id,
+                    prompt_index=index,
+                    action=decision.action,
+                    outcome=outcomes[index],
+                    decision_record=written,
+                    reason=decision.reason if changed or error is not None else None,
+                    latency_generation_ms=latency_generation_ms,
+                    error=error,
+                    source=self.source,
+                    context=report.context,
+                    extras={"mitigation": mitigation.to_dict()} if mitigation is not None else {},
+                )
+        except (AuditWriteError, OSError) as failure:
+            report.audit_error = f"outcome not audited: {failure}"
+            warnings.warn(f"memguard: request {report.request_id}: {report.audit_error}", stacklevel=3)
+            log_event("audit_unwritable", level="error", request_id=report.request_id, error=str(failure))
+
+    def close(self) -> None:
+        """Close the audit log (reopened if the core is used again)."""
+        if self._audit is not None:
+            self._audit.close()
+            self._audit = None
+
+    def __repr__(self) -> str:
+        return f"GuardCore({self.model_class}, policy={self.policy.name!r} v{self.policy.version})"
