@@ -77,8 +77,9 @@ class Scorer:
         seed: seed of the detection noise; independent of any generator of the caller's.
         inference_steps: length of the schedule that t_hi/t_lo are taken from.
         profile: score weights; by default the model family's profile (``sd1``, ``sd2``, ``sdxl``, ...).
-        prediction_space: ``"auto"`` (eps for discrete-time models, velocity for flow models), ``"eps"``, or
-            ``"native"`` (reproduces the reference code for v-prediction models: raw-v cosine, score-space norm).
+        prediction_space: ``"auto"`` (eps for discrete-time models, velocity for flow models), ``"eps"``,
+            ``"native"`` (reproduces the reference code for v-prediction models: raw-v cosine, score-space norm;
+            velocity for flow models) or ``"velocity"`` (flow models only).
         batch_size: prompts per model call (each prompt costs ``2 * samples`` rows).
     """
 
