@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -26,6 +27,19 @@ def default_device() -> str:
     return "cpu"
 
 
+def _saved_without(path: Path | None) -> dict[str, None]:
+    """Components a local pipeline was saved without (``[null, null]`` in model_index.json, e.g. SD3 with
+    ``text_encoder_3=None``): diffusers only loads such a directory when they are passed as None again."""
+    if path is None:
+        return {}
+    index = json.loads((path / "model_index.json").read_text())
+    return {
+        name: None
+        for name, value in index.items()
+        if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value == [None, None]
+    }
+
+
 def load_pipeline(model: str | os.PathLike, *, device: str | None = None, dtype: str | None = None) -> Any:
     """A diffusers pipeline from a local directory (or a hub id where a hub is reachable).
 
@@ -45,7 +59,9 @@ def load_pipeline(model: str | os.PathLike, *, device: str | None = None, dtype:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=DTYPES[dtype_name])
+            pipe = DiffusionPipeline.from_pretrained(
+                str(model), torch_dtype=DTYPES[dtype_name], **_saved_without(path if looks_local else None)
+            )
     except Exception as error:  # diffusers raises many kinds; the caller needs one clear line
         raise ModelLoadError(f"cannot load model from {model}: {type(error).__name__}: {error}") from error
     pipe.to(device)

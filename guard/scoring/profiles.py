@@ -33,6 +33,23 @@ PROFILES: dict[str, ModelProfile] = {
             1.0,
             "Stable Diffusion XL; no published weights, equal weighting - calibrate before relying on it",
         ),
+        *(
+            ModelProfile(
+                name,
+                1.0,
+                1.0,
+                f"{model} (velocity space); provisional equal weighting: no published weights, to be replaced once "
+                "the project's flow-matching memorizer gives evidence - calibrate before relying on it",
+            )
+            for name, model in (("sd3", "Stable Diffusion 3 / 3.5"), ("flux", "FLUX.1 dev / schnell"))
+        ),
+        ModelProfile(
+            "pixart",
+            1.0,
+            1.0,
+            "PixArt-alpha / PixArt-Sigma (eps); provisional equal weighting: no published weights, to be replaced "
+            "once the project's memorizer gives evidence - calibrate before relying on it",
+        ),
     )
 }
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .adapters import ModelAdapter, adapter_for
+from .adapters import SCORE_SPACES, ModelAdapter, adapter_for
 from .conditioning import TextConditioning
 from .errors import NonFiniteScoreError
 from .noise import DEFAULT_INFERENCE_STEPS, DEFAULT_SEED, detection_noise
@@ -77,8 +77,9 @@ class Scorer:
         seed: seed of the detection noise; independent of any generator of the caller's.
         inference_steps: length of the schedule that t_hi/t_lo are taken from.
         profile: score weights; by default the model family's profile (``sd1``, ``sd2``, ``sdxl``, ...).
-        prediction_space: ``"auto"`` (eps for discrete-time models, velocity for flow models), ``"eps"``, or
-            ``"native"`` (reproduces the reference code for v-prediction models: raw-v cosine, score-space norm).
+        prediction_space: ``"auto"`` (eps for discrete-time models, velocity for flow models), ``"eps"``,
+            ``"native"`` (reproduces the reference code for v-prediction models: raw-v cosine, score-space norm;
+            velocity for flow models) or ``"velocity"`` (flow models only).
         batch_size: prompts per model call (each prompt costs ``2 * samples`` rows).
     """
 
@@ -97,8 +98,10 @@ class Scorer:
             raise ValueError(f"samples must be >= 1, got {samples}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if prediction_space not in ("auto", "eps", "native"):
-            raise ValueError(f"prediction_space must be 'auto', 'eps' or 'native', got {prediction_space!r}")
+        if prediction_space not in ("auto", *SCORE_SPACES):
+            raise ValueError(
+                f"prediction_space must be 'auto', 'eps', 'native' or 'velocity', got {prediction_space!r}"
+            )
         self.adapter: ModelAdapter = adapter_for(model)
         self.samples = samples
         self.seed = seed

@@ -236,6 +236,16 @@ class PipelineAdapter(ModelAdapter):
         scale = int(getattr(self.pipe, "vae_scale_factor", 8))
         return self.latent_shape[1] * scale, self.latent_shape[2] * scale
 
+    def call_size(self, arguments: Mapping[str, Any]) -> tuple[Any, Any]:
+        """The ``(height, width)`` in pixels the call checks and draws its latents at: the caller's, else the
+        default size (PixArt's resolution binning changes it)."""
+        height, width = self.default_size()
+        return arguments.get("height") or height, arguments.get("width") or width
+
+    def latents_argument(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unpacked initial latents ``[rows, C, h, w]`` as ``__call__``'s ``latents=`` takes them (FLUX packs)."""
+        return latents
+
     def check_call(self, arguments: Mapping[str, Any]) -> None:
         """Raise what the pipeline itself would raise for these arguments, before anything is scored.
 
@@ -255,9 +265,7 @@ class PipelineAdapter(ModelAdapter):
             if parameter.default is not inspect.Parameter.empty
         }
         values.update(arguments)
-        height, width = self.default_size()
-        values["height"] = values.get("height") or height
-        values["width"] = values.get("width") or width
+        values["height"], values["width"] = self.call_size(arguments)
         accepted = inspect.signature(check).parameters
         check(**{name: values.get(name) for name in accepted if name in values or not _has_default(accepted[name])})
 
@@ -266,15 +274,14 @@ class PipelineAdapter(ModelAdapter):
         pipeline's own ``prepare_latents`` from the caller's generator, as the call itself would draw it.
 
         The pipeline multiplies given ``latents`` by ``init_noise_sigma`` again, so passing these back as
-        ``latents=`` reproduces the call bit for bit when that is 1 (DDIM, PNDM, DPM-Solver, flow
-        schedulers) and to rounding otherwise.
+        ``latents=`` (through ``latents_argument``) reproduces the call bit for bit when that is 1 (DDIM, PNDM,
+        DPM-Solver, flow schedulers) and to rounding otherwise.
         """
         given = arguments.get("latents")
         if isinstance(given, torch.Tensor):
             return given
         per_prompt = arguments.get("num_images_per_prompt") or 1
-        height, width = self.default_size()
-        height, width = arguments.get("height") or height, arguments.get("width") or width
+        height, width = self.call_size(arguments)
         self._set_timesteps(arguments)
         latents = self._draw_latents(batch * per_prompt, int(height), int(width), arguments.get("generator"))
         sigma = float(getattr(self.pipe.scheduler, "init_noise_sigma", 1.0))
