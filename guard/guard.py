@@ -218,11 +218,14 @@ class Guard:
             if isinstance(value, torch.Tensor) and value.shape[0] == batch:
                 generation[name] = value[keep]
         per_prompt = generation.get("num_images_per_prompt") or 1
-        latents = noise if noise is not None else generation.get("latents")
-        if isinstance(latents, torch.Tensor):
+        if noise is not None:  # the call's own noise, unpacked, with rewritten rows replaced
+            if plan.dropped:
+                noise = noise[[i * per_prompt + k for i in keep for k in range(per_prompt)]]
+            generation["latents"] = adapter.latents_argument(noise)
+        elif isinstance(generation.get("latents"), torch.Tensor):
+            latents = generation["latents"]
             if latents.shape[0] == batch * per_prompt and plan.dropped:
-                latents = latents[[i * per_prompt + k for i in keep for k in range(per_prompt)]]
-            generation["latents"] = latents
+                generation["latents"] = latents[[i * per_prompt + k for i in keep for k in range(per_prompt)]]
         return generation
 
     def _refuse(self, report: GuardReport) -> GuardedOutput:

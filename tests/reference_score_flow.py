@@ -1,4 +1,4 @@
-"""A plain, obviously-correct implementation of DESIGN §6 (SD3 / SD3.5, FLUX.1, PixArt-alpha / -Sigma).
+"""A plain, obviously-correct implementation of docs/scoring.md (SD3 / SD3.5, FLUX.1, PixArt-alpha / -Sigma).
 
 One prompt, one noise sample at a time; the conditional and the unconditional branch each get their own
 transformer call; no cache, no batching; the scheduler is set up the way the pipeline's ``__call__`` sets it.
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, FluxPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline
 
-#: DESIGN §6: the encoders' max_sequence_length each pipeline's __call__ uses by default.
+#: docs/scoring.md: the encoders' max_sequence_length each pipeline's __call__ uses by default.
 MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512, "pixart-alpha": 120, "pixart-sigma": 300}
 
 

@@ -64,3 +64,22 @@ def test_scan_errors_are_one_clear_line(model_dir, prompts_file, tmp_path):
     blank.write_text("\n  \n")
     no_prompts = run("--model", model_dir, "--prompts", blank, "--out", tmp_path / "o.jsonl")
     assert no_prompts.exit_code == 1 and "no non-blank lines" in no_prompts.output
+
+
+def test_scan_takes_its_scoring_settings_from_a_policy(model_dir, prompts_file, tmp_path, sd_pipe):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("name: p\nscoring: {noise_seed: 7, samples: 2, inference_steps: 25}\n"
+                      "profile: {g_norm: 1.0, g_cos: -1.0}\n")
+    out = tmp_path / "scores.jsonl"
+    result = run("--model", model_dir, "--prompts", prompts_file, "--out", out, "--policy", policy)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    direct = score_prompts(sd_pipe, [rows[0]["prompt"]], seed=7, samples=2, inference_steps=25,
+                           profile={"g_norm": 1.0, "g_cos": -1.0})[0]
+    assert (rows[0]["seed"], rows[0]["samples"], rows[0]["g_cos"]) == (7, 2, -1.0)
+    assert (rows[0]["t_hi"], rows[0]["t_lo"]) == (direct.t_hi, direct.t_lo) != (981, 41)
+    assert rows[0]["score"] == pytest.approx(direct.score, abs=1e-5)
+    explicit = tmp_path / "explicit.jsonl"  # an explicit option wins over the policy
+    assert run("--model", model_dir, "--prompts", prompts_file, "--out", explicit, "--policy", policy,
+               "--samples", 1).exit_code == 0
+    assert json.loads(explicit.read_text().splitlines()[0])["samples"] == 1

@@ -211,11 +211,14 @@ def _diffusers_messages(run) -> list[str]:
 
     handler = Keep()
     logger = logging.getLogger("diffusers")
+    level = logger.level
     logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)  # the CLI tests quiet diffusers for the whole process
     try:
         run()
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
     return captured
 
 

@@ -1,4 +1,4 @@
-"""SD3 / SD3.5, FLUX.1 (dev, schnell), PixArt-alpha and PixArt-Sigma: the score as DESIGN §6 defines it,
+"""SD3 / SD3.5, FLUX.1 (dev, schnell), PixArt-alpha and PixArt-Sigma: the score as docs/scoring.md defines it,
 and the generation side the guard relies on (the pipeline's own branches, schedule, latents and errors)."""
 
 import logging
@@ -171,7 +171,7 @@ def test_native_shapes_and_labels_follow_the_design():
     assert adapter_for(stock_flux).latent_shape == (4, 128, 128)  # FLUX: 128 x vae_scale_factor px, 4096 tokens
     assert adapter_for(stock_flux).default_size() == (1024, 1024)
     for case in ("pixart-alpha", "pixart-sigma"):
-        assert Scorer(get_pipe(case)).t_hi == 999 and Scorer(get_pipe(case)).t_lo == 41  # DESIGN §6
+        assert Scorer(get_pipe(case)).t_hi == 999 and Scorer(get_pipe(case)).t_lo == 41  # docs/scoring.md
     sd3 = adapter_for(get_pipe("sd3"))
     s_hi, s_lo = sd3.scoring_sigmas(50)
     assert (s_hi * 1000, s_lo * 1000) == pytest.approx(sd3.scoring_timesteps(50))

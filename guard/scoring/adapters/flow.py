@@ -1,4 +1,4 @@
-"""Rectified-flow families: Stable Diffusion 3 / 3.5 and FLUX.1 (dev and schnell) (DESIGN §6).
+"""Rectified-flow families: Stable Diffusion 3 / 3.5 and FLUX.1 (dev and schnell) (docs/scoring.md, "Per family").
 
 The model predicts the velocity v = eps - x0; in eps space the guidance vector is (1 - s)(v_c - v_u), which
 vanishes at the first step, so these models are scored in velocity space. The two scoring steps come from

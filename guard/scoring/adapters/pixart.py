@@ -1,4 +1,4 @@
-"""PixArt-alpha and PixArt-Sigma: a DiT with T5 conditioning on a discrete eps schedule (DESIGN §6).
+"""PixArt-alpha and PixArt-Sigma: a DiT with T5 conditioning on a discrete eps schedule (docs/scoring.md, "Per family").
 
 Section 1 applies unchanged: t_hi/t_lo from a 50-step DDIM schedule built from the pipeline's scheduler
 config (not the pipeline's own DPM-Solver), the first ``in_channels`` output channels of a learned-sigma
