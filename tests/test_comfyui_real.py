@@ -11,6 +11,7 @@ CLIP is a stand-in with ComfyUI's ``tokenize``/``encode_from_tokens`` interface 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import sys
@@ -118,15 +119,19 @@ def objects(comfy, pipe):
     return {"model": model, "clip": clip, "positive": positive, "negative": negative}
 
 
-def execute(comfy, node_id: str, inputs: dict, unique_id: str = "5", prompt_id: str = "real-prompt-1"):
-    """One node call through ComfyUI's executor functions; returns its outputs (one list per output)."""
+def execute(comfy, node_id: str, inputs: dict, unique_id: str = "5", prompt_id: str = "real-prompt-1",
+            workflow: dict | None = None):
+    """One node call through ComfyUI's executor functions; returns its outputs (one list per output).
+
+    ``workflow`` is the queued API-format prompt (ComfyUI's hidden PROMPT input)."""
     execution, io = comfy["execution"], comfy["io"]
     node = comfy["nodes"].NODE_CLASS_MAPPINGS[node_id]
     data = {key: [value] for key, value in inputs.items()}
 
     async def run():
+        hidden = {io.Hidden.unique_id: unique_id, io.Hidden.prompt: workflow}
         return await execution._async_map_node_over_list(
-            prompt_id, unique_id, node, data, node.FUNCTION, hidden_inputs={io.Hidden.unique_id: unique_id}
+            prompt_id, unique_id, node, data, node.FUNCTION, hidden_inputs=hidden
         )
 
     with torch.inference_mode():
@@ -179,8 +184,18 @@ def test_score_in_real_comfyui_equals_guard(comfy, objects, pipe, tmp_path):
     output = execute(comfy, "MemguardMemorizationScore", node_inputs(objects, tmp_path, policy))
     assert abs(output[0][0] - reference(pipe)) < 1e-4
     record = last_record(tmp_path)
-    assert record["extras"]["comfyui"]["prompt_id"] == "real-prompt-1"
-    assert record["extras"]["comfyui"]["node_id"] == "5"
+    assert record["event"] == "decision" and record["outcome"] == "checked" and record["source"] == "comfyui"
+    assert record["context"]["comfyui"]["prompt_id"] == "real-prompt-1"
+    assert record["context"]["comfyui"]["node_id"] == "5"
+
+
+def test_prompt_text_is_read_from_the_workflow(comfy, objects, pipe, tmp_path):
+    policy = policy_file(tmp_path, {"when": {"score": {"gte": 1e9}}, "action": "warn"})
+    workflow = {"3": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["4", 1]}},
+                "5": {"class_type": "MemguardMemorizationScore", "inputs": {"positive": ["3", 0]}}}
+    execute(comfy, "MemguardMemorizationScore", node_inputs(objects, tmp_path, policy), workflow=workflow)
+    record = last_record(tmp_path)
+    assert record["prompt"] == hashlib.sha256(PROMPT.encode()).hexdigest()
 
 
 def test_block_gives_execution_blocker(comfy, objects, pipe, tmp_path):
@@ -191,7 +206,7 @@ def test_block_gives_execution_blocker(comfy, objects, pipe, tmp_path):
     blockers = [value[0] for value in output]
     assert len(blockers) == 3 and all(isinstance(b, ExecutionBlocker) for b in blockers)
     assert "memguard blocked" in blockers[0].message
-    assert last_record(tmp_path)["outcome"] == "blocked"
+    assert last_record(tmp_path)["event"] == "outcome" and last_record(tmp_path)["outcome"] == "blocked"
 
 
 def test_rewrite_through_inference_mode_weights(comfy, objects, pipe, tmp_path):
@@ -203,6 +218,6 @@ def test_rewrite_through_inference_mode_weights(comfy, objects, pipe, tmp_path):
     }
     output = execute(comfy, "MemguardMemorizationGuard", node_inputs(objects, tmp_path, policy_file(tmp_path, rule)))
     record = last_record(tmp_path)
-    assert record["outcome"] == "rewritten", record["reason"]
+    assert record["event"] == "outcome" and record["outcome"] == "rewritten", record["reason"]
     assert not torch.equal(output[0][0][0][0], objects["positive"][0][0])
     assert all(p.is_inference() for p in objects["model"].model.diffusion_model.parameters())  # restored
