@@ -1,5 +1,7 @@
 """The ComfyUI node pack against fakes of ComfyUI v0.3.64 (tests/comfy_fakes): scores equal memguard's own
-for the same UNet, text embeddings, seed and timesteps, and each policy action behaves as specified."""
+for the same denoiser, text embeddings, seed and timesteps, for every family the node accepts (SD 1.x here;
+SDXL, SD3 and FLUX in the second half, on twins from tests/comfy_twins.py), and each policy action behaves as
+specified."""
 
 from __future__ import annotations
 
@@ -31,9 +33,13 @@ def comfy():
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
+        import comfy.fake_networks
         import comfy.model_base
+        import comfy.model_management
         import comfy.model_patcher
+        import comfy.model_sampling
         import comfy.sd
+        import comfy.supported_models
         import comfy_execution.utils
         from comfy_api.latest import ComfyExtension, io
 
@@ -44,6 +50,10 @@ def comfy():
             "model_base": comfy.model_base,
             "patcher": comfy.model_patcher,
             "sd": comfy.sd,
+            "configs": comfy.supported_models,
+            "networks": comfy.fake_networks,
+            "sampling": comfy.model_sampling,
+            "management": comfy.model_management,
             "context": comfy_execution.utils.CurrentNodeContext,
         }
     finally:
@@ -63,7 +73,8 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def objects(comfy, pipe):
-    base = comfy["model_base"].BaseModel(pipe.unet, pipe.scheduler.alphas_cumprod)
+    config = comfy["configs"].SD15({"context_dim": 32, "in_channels": 4})
+    base = comfy["model_base"].BaseModel(config, comfy["networks"].UNetModel(pipe.unet))
     model = comfy["patcher"].ModelPatcher(base)
     clip = comfy["sd"].CLIP(pipe)
     tokens = clip.tokenize(PROMPT)
@@ -162,9 +173,10 @@ def test_guard_core_does_not_import_comfyui():
 
 
 def test_adapter_eps_and_timesteps_match_diffusers(comfy, objects, pipe):
-    from memguard_comfyui_pack.memguard_comfy.adapter import ComfyUIModelAdapter
+    from memguard_comfyui_pack.memguard_comfy.adapter import ComfyUIDiscreteAdapter, comfy_adapter
 
-    adapter = ComfyUIModelAdapter(objects["model"], objects["clip"], latent_size=LATENT)
+    adapter = comfy_adapter(objects["model"], objects["clip"], latent_size=LATENT)
+    assert type(adapter) is ComfyUIDiscreteAdapter and adapter.family == "sd1"
     assert adapter.scoring_timesteps(50) == (981, 41)
     assert adapter.latent_shape == (4, LATENT, LATENT)
     cond = adapter.encode([PROMPT, "a red car"])
@@ -177,7 +189,8 @@ def test_adapter_eps_and_timesteps_match_diffusers(comfy, objects, pipe):
             assert torch.allclose(eps, reference, atol=1e-5), (t, (eps - reference).abs().max())
     sigma = objects["model"].model.calls[-1]["sigma"]
     expected = ((1 - pipe.scheduler.alphas_cumprod[41]) / pipe.scheduler.alphas_cumprod[41]).sqrt()
-    assert torch.allclose(sigma, expected.expand_as(sigma), rtol=1e-6), "apply_model must receive sigma, not t"
+    assert torch.allclose(sigma, expected.expand_as(sigma), rtol=1e-5), "apply_model must receive sigma, not t"
+    assert objects["model"].model.calls[-1]["inputs"] == []  # SD 1.x: c_crossattn only, no adm
 
 
 @pytest.mark.parametrize(("seed", "samples"), [(51, 1), (7, 2)])
@@ -246,7 +259,8 @@ def test_block_stops_the_branch(comfy, objects, pipe, tmp_path):
     assert out.result is not None and len(out.args) == 3  # ComfyUI v0.3.64 drops a block without results
     record = decision_record(tmp_path)
     assert (record["action"], record["outcome"]) == ("block", "blocked")
-    assert record["context"]["comfyui"] == {"prompt_id": "p-9", "node_id": "12", "unconditional": "empty"}
+    assert record["context"]["comfyui"] == {"prompt_id": "p-9", "node_id": "12", "unconditional": "empty",
+                                            "family": "sd1"}
 
 
 def test_rewrite_returns_mitigated_conditioning(comfy, objects, pipe, tmp_path):

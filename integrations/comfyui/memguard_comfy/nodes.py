@@ -7,7 +7,8 @@ settings, so the model fingerprint and the cache of unconditional predictions su
 Every entry of the positive CONDITIONING is scored (each row of each entry is one prompt); with the
 policy's ``batch: drop_blocked`` blocked entries are dropped from the conditioning, otherwise any blocked
 entry blocks the branch. Prompt texts for the audit record's hash are read from the workflow: the
-``CLIPTextEncode``-style nodes (and ``ConditioningCombine`` chains) that feed ``positive``.
+``CLIPTextEncode``-style nodes (and ``ConditioningCombine`` chains, through ``FluxGuidance``) that feed
+``positive``. SDXL's size conditioning is the one the entries carry (``CLIPTextEncodeSDXL``), else the native size.
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ from guard.audit.record import Outcome
 from guard.policy import Decision, Policy, load_policy, shipped_policies
 from guard.scoring import TextConditioning
 
-from .adapter import ComfyUIModelAdapter, cat_token_lengths, conditioning_from_comfy
+from .adapter import (
+    ComfyUIModelAdapter,
+    SizeConditioning,
+    cat_token_lengths,
+    comfy_adapter,
+    comfy_family,
+    conditioning_from_comfy,
+    native_latent_size,
+)
 
 CATEGORY = "memguard"
 UNCOND_EMPTY = "empty prompt (reference)"
@@ -107,13 +116,17 @@ def _plain(conditioning: Sequence[Sequence[Any]]) -> list[list[Any]]:
     return out
 
 
-#: One core per model patcher (dropped with it), per settings key; a patched model (LoRA) is a new key.
+#: Cores per model patcher (dropped with it), by settings key; a patched model (LoRA) is a new key. A few are
+#: kept (an SDXL workflow may alternate size conditionings); older ones are closed.
 _CORES: weakref.WeakKeyDictionary[Any, dict[tuple, GuardCore]] = weakref.WeakKeyDictionary()
+_CORES_PER_MODEL = 4
 
-#: Text-encode nodes whose ``text`` input is the prompt (SDXL's: ``text_g``), and the combine node.
+#: Text-encode nodes and the inputs holding the prompt text (joined, distinct ones, in this order), the combine
+#: node, and nodes that pass one conditioning through unchanged in count and order (by input name).
 _TEXT_INPUTS = {"CLIPTextEncode": ("text",), "CLIPTextEncodeSDXL": ("text_g", "text_l"),
                 "CLIPTextEncodeSD3": ("clip_g", "clip_l", "t5xxl"), "CLIPTextEncodeFlux": ("t5xxl", "clip_l")}
 _COMBINE = "ConditioningCombine"
+_PASS_THROUGH = {"FluxGuidance": "conditioning"}
 
 
 def _digest(tensor: torch.Tensor) -> str:
@@ -129,11 +142,13 @@ def core_for(
     unconditional: str,
     latent_size: int,
     audit_path: str,
+    size: SizeConditioning | None = None,
 ) -> GuardCore:
     """The judging core for this model and these settings, made once and kept on the model patcher.
 
     The key holds the patcher's weight patches (``patches_uuid``), the CLIP, the unconditional choice (and
-    the negative embeddings when they are the unconditional), the policy's hash and the audit path.
+    the negative embeddings when they are the unconditional), SDXL's size conditioning, the policy's hash and
+    the audit path.
     """
     uncond: TextConditioning | None = None
     if unconditional == UNCOND_NEGATIVE and negative:
@@ -141,26 +156,49 @@ def core_for(
     key = (
         str(getattr(model, "patches_uuid", "")), id(clip), unconditional, latent_size, policy.content_hash,
         audit_path, None if uncond is None else _digest(uncond.embeds),
+        None if uncond is None or uncond.pooled is None else _digest(uncond.pooled), size,
     )
     try:
         per_model = _CORES.setdefault(model, {})
     except TypeError:  # not weak-referenceable: no caching
         per_model = {}
-    core = per_model.get(key)
+    core = per_model.pop(key, None)
     if core is None:
         adapter: ComfyUIModelAdapter | None = None
         setup_error: Exception | None = None
         try:
             if unconditional == UNCOND_NEGATIVE and not negative:
                 raise ValueError("unconditional is set to the negative conditioning, but none is connected")
-            adapter = ComfyUIModelAdapter(model, clip, unconditional=uncond, latent_size=latent_size or None)
+            adapter = comfy_adapter(model, clip, unconditional=uncond, latent_size=latent_size or None, size=size)
         except Exception as error:
             setup_error = error
         core = GuardCore(adapter if adapter is not None else model, policy, audit_path=audit_path or None,
                          source="comfyui", setup_error=setup_error)
-        per_model.clear()  # an older key of this patcher is stale (other weights or settings)
-        per_model[key] = core
+    per_model[key] = core  # most recently used last
+    while len(per_model) > _CORES_PER_MODEL:
+        per_model.pop(next(iter(per_model))).close()
     return core
+
+
+def sdxl_size(model: Any, positive: Sequence[Sequence[Any]], latent_size: int) -> tuple[SizeConditioning | None, str]:
+    """SDXL's size conditioning for the score: the one the positive entries carry (``CLIPTextEncodeSDXL``'s width,
+    height, crop and target sizes), None for the native size; and a line saying which, for the report.
+
+    Entries that carry different sizes cannot share one unconditional branch (u is scored at the same sizes as
+    the prompt), so the native size is used for all of them then, and the report says so.
+    """
+    if comfy_family(model) != "sdxl":
+        return None, ""
+    native_px = 8 * (latent_size or native_latent_size(model.model, "EPS", "sdxl"))
+    native = f"native ({native_px}x{native_px}, crop 0,0)"
+    found = {SizeConditioning.from_options(dict(entry[1]) if len(entry) > 1 else {}, native_px) for entry in positive}
+    if len(found) > 1:
+        return None, f"SDXL size conditioning: the entries carry different sizes; all scored at the {native} size"
+    size = next(iter(found), None)
+    if size is None:
+        return None, f"SDXL size conditioning: {native}"
+    return size, (f"SDXL size conditioning from the workflow: {size.width}x{size.height}, crop {size.crop_w},"
+                  f"{size.crop_h}, target {size.target_width}x{size.target_height}")
 
 
 def workflow_texts(prompt_graph: Any, node_id: Any, input_name: str = "positive") -> list[str] | None:
@@ -184,27 +222,37 @@ def workflow_texts(prompt_graph: Any, node_id: Any, input_name: str = "positive"
             first, second = texts_of(node_inputs.get("conditioning_1"), depth + 1), texts_of(
                 node_inputs.get("conditioning_2"), depth + 1)
             return None if first is None or second is None else first + second
+        if kind in _PASS_THROUGH:
+            return texts_of(node_inputs.get(_PASS_THROUGH[kind]), depth + 1)
         return None
 
     this = prompt_graph.get(str(node_id)) or {}
     return texts_of((this.get("inputs") or {}).get(input_name))
 
 
-def _conditioning_rows(positive: Sequence[Sequence[Any]]) -> tuple[TextConditioning, list[int]]:
-    """Every row of every entry as one prompt (token lengths made equal as ComfyUI does), and entry sizes."""
+def _conditioning_rows(
+    positive: Sequence[Sequence[Any]], adapter: ComfyUIModelAdapter | None
+) -> tuple[TextConditioning, list[int]]:
+    """Every row of every entry as one prompt, joined as the model's family needs (token lengths made equal as
+    ComfyUI does, pooled outputs kept where the family uses them), and the entry sizes."""
     entries = [conditioning_from_comfy([entry]) for entry in positive]
     sizes = [len(entry) for entry in entries]
     rows = [entry.select([i]) for entry in entries for i in range(len(entry))]
-    embeds = cat_token_lengths([row.embeds for row in rows])
-    pooled = [row.pooled for row in rows]
-    stacked = torch.cat(pooled) if all(p is not None for p in pooled) else None
-    return TextConditioning(embeds, stacked), sizes
+    if adapter is not None:
+        return adapter.join(rows), sizes
+    # no adapter (the model cannot be scored): every prompt gets on_error; the rows only need to exist
+    try:
+        return TextConditioning(cat_token_lengths([row.embeds for row in rows])), sizes
+    except (RuntimeError, ValueError):
+        return TextConditioning(torch.zeros(len(rows), 1, 1)), sizes
 
 
 def _output_conditioning(
     positive: Sequence[Sequence[Any]], sizes: list[int], cond: TextConditioning, report: GuardReport, keep: set[int]
 ) -> list[list[Any]]:
-    """``positive`` without dropped entries, rewritten rows replaced by their mitigated embeddings."""
+    """``positive`` without dropped entries, rewritten rows replaced by their mitigated embeddings (and pooled
+    output, where the family's rewrite optimised it), trimmed back to the entry's own token length when rows
+    were padded for batching."""
     out, start = [], 0
     for entry, size in zip(positive, sizes):
         rows = list(range(start, start + size))
@@ -214,13 +262,20 @@ def _output_conditioning(
         options = dict(entry[1]) if len(entry) > 1 else {}
         embeds = entry[0]
         if any(i in report.mitigations and report.mitigations[i].met for i in rows):
-            embeds = cond.embeds[rows[0] : rows[-1] + 1].to(entry[0].dtype)
+            embeds = cond.embeds[rows[0] : rows[-1] + 1]
+            if cond.mask is not None:
+                embeds = embeds[:, : entry[0].shape[1]]
+            embeds = embeds.to(entry[0].dtype)
+            pooled = options.get("pooled_output")
+            if cond.pooled is not None and isinstance(pooled, torch.Tensor):
+                options["pooled_output"] = cond.pooled[rows[0] : rows[-1] + 1].to(pooled.dtype)
         out.append([embeds, options])
     return out
 
 
-def _report(report: GuardReport, policy: Policy, blocked: bool, texts_known: bool) -> str:
+def _report(report: GuardReport, policy: Policy, blocked: bool, texts_known: bool, notes: Sequence[str] = ()) -> str:
     lines = [f"memguard policy {policy.name} v{policy.version}; request {report.request_id}"]
+    lines.extend(note for note in notes if note)
     for decision in report.decisions:
         score = decision.score
         shown = "n/a" if score is None else f"{score.score:.4f} (norm {score.norm:.4f}, cos {score.cos:.4f})"
@@ -245,6 +300,19 @@ def _top(decisions: Sequence[Decision]) -> Decision | None:
     return max(scored, key=lambda d: d.score.score) if scored else None
 
 
+def _context_notes(adapter: Any) -> dict[str, Any]:
+    """What of the model call the audit record should show besides the score: SDXL sizes, FLUX guidance."""
+    if adapter is None:
+        return {}
+    out: dict[str, Any] = {"family": getattr(adapter, "family", None)}
+    size = getattr(adapter, "size", None)
+    if isinstance(size, SizeConditioning):
+        out["size"] = {**size.as_kwargs(), "source": getattr(adapter, "size_source", "native")}
+    if getattr(adapter, "family", None) == "flux":
+        out["guidance"] = getattr(adapter, "guidance", None)
+    return out
+
+
 def run_guard(
     *,
     model: Any,
@@ -258,48 +326,62 @@ def run_guard(
     context: dict[str, Any],
     texts: list[str] | None,
     enforce: bool,
-) -> tuple[list[list[Any]], GuardReport, bool, bool]:
+) -> tuple[list[list[Any]], GuardReport, bool, bool, list[str]]:
     """Judge every row of the positive conditioning through the core, rewrite, and record the outcome.
 
-    Returns the conditioning to pass on, the report, whether the branch is blocked and whether the
-    prompt texts were known.
+    Returns the conditioning to pass on, the report, whether the branch is blocked, whether the prompt texts
+    were known, and notes for the report (which size conditioning SDXL was scored with).
     """
+    size, size_note = sdxl_size(model, positive, latent_size)
     core = core_for(model, clip, negative, policy=policy, unconditional=unconditional, latent_size=latent_size,
-                    audit_path=audit_path)
-    cond, sizes = _conditioning_rows(positive)
-    prompts: list[str | None] = [None] * len(cond)
-    texts_known = texts is not None and len(texts) == len(positive)
-    if texts_known:
-        prompts = [text for text, size in zip(texts, sizes) for _ in range(size)]
-    full_context = {"comfyui": {**context, "unconditional": "negative" if unconditional == UNCOND_NEGATIVE
-                                else "empty"}}
-    report, cond = core.judge(prompts, cond=cond, mode="generate" if enforce else "check", context=full_context)
-    if not enforce:
-        return list(positive), report, False, texts_known
-    if not report.plan(policy).blocked_whole and any(d.action == "rewrite" for d in report.decisions):
-        adapter = core.scorer.adapter if core.scorer is not None else None
-        weights = adapter.base_model.diffusion_model if isinstance(adapter, ComfyUIModelAdapter) else None
-        with autograd_weights(weights if weights is not None else torch.nn.Module()):
-            cond, _ = core.rewrite(report, cond)
-    plan = report.plan(policy)
-    keep = set(plan.generate)
-    outcomes: dict[int, Outcome] = {}
-    for decision in report.decisions:
-        index = decision.prompt_index
-        mitigation = report.mitigations.get(index)
-        outcomes[index] = ("blocked" if plan.blocked_whole else "dropped" if index in plan.dropped
-                           else "rewritten" if mitigation is not None and mitigation.met else "generated")
-    report.blocked = plan.blocked_whole
-    report.generated, report.dropped = list(plan.generate), list(plan.dropped)
-    core.conclude(report, outcomes)
-    output = [] if plan.blocked_whole else _output_conditioning(positive, sizes, cond, report, keep)
-    return output, report, plan.blocked_whole, texts_known
+                    audit_path=audit_path, size=size)
+    adapter = core.scorer.adapter if core.scorer is not None else None
+    adapter = adapter if isinstance(adapter, ComfyUIModelAdapter) else None
+    unusable: GuardCore | None = None
+    try:
+        cond, sizes = _conditioning_rows(positive, adapter)
+    except (ValueError, RuntimeError) as error:  # e.g. an SDXL entry without pooled output: on_error, audited
+        unusable = core = GuardCore(model, policy, audit_path=audit_path or None, source="comfyui", setup_error=error)
+        cond, sizes = _conditioning_rows(positive, None)
+        adapter = None
+    try:
+        prompts: list[str | None] = [None] * len(cond)
+        texts_known = texts is not None and len(texts) == len(positive)
+        if texts_known:
+            prompts = [text for text, size_ in zip(texts, sizes) for _ in range(size_)]
+        full_context = {"comfyui": {**context, "unconditional": "negative" if unconditional == UNCOND_NEGATIVE
+                                    else "empty", **_context_notes(adapter)}}
+        report, cond = core.judge(prompts, cond=cond, mode="generate" if enforce else "check", context=full_context)
+        notes = [size_note] if adapter is not None else []
+        if not enforce:
+            return list(positive), report, False, texts_known, notes
+        if not report.plan(policy).blocked_whole and any(d.action == "rewrite" for d in report.decisions):
+            weights = adapter.base_model.diffusion_model if adapter is not None else None
+            with autograd_weights(weights if weights is not None else torch.nn.Module()):
+                cond, _ = core.rewrite(report, cond)
+        plan = report.plan(policy)
+        keep = set(plan.generate)
+        outcomes: dict[int, Outcome] = {}
+        for decision in report.decisions:
+            index = decision.prompt_index
+            mitigation = report.mitigations.get(index)
+            outcomes[index] = ("blocked" if plan.blocked_whole else "dropped" if index in plan.dropped
+                               else "rewritten" if mitigation is not None and mitigation.met else "generated")
+        report.blocked = plan.blocked_whole
+        report.generated, report.dropped = list(plan.generate), list(plan.dropped)
+        core.conclude(report, outcomes)
+        output = [] if plan.blocked_whole else _output_conditioning(positive, sizes, cond, report, keep)
+        return output, report, plan.blocked_whole, texts_known, notes
+    finally:
+        if unusable is not None:
+            unusable.close()
 
 
 def _common_inputs() -> list[Any]:
     return [
         io.Model.Input("model"),
-        io.Clip.Input("clip", tooltip="encodes the empty prompt, the score's unconditional branch"),
+        io.Clip.Input("clip", tooltip="the model's CLIP: encodes the empty prompt, the score's unconditional branch "
+                      "(SDXL: zeros shaped as its encoding), and calibration captions"),
         io.Conditioning.Input("positive"),
         io.Conditioning.Input("negative"),
         io.Combo.Input("policy", options=policy_choices(), default="balanced"),
@@ -327,7 +409,8 @@ def _common_inputs() -> list[Any]:
             min=0,
             max=512,
             optional=True,
-            tooltip="latent side of the detection noise; 0: the model's native size",
+            tooltip="latent side of the detection noise; 0: the model's native size (SD 1.x 64, SD 2.x 768-v 96, "
+            "SDXL, SD3 and FLUX 128)",
         ),
         io.String.Input(
             "audit_path",
@@ -347,7 +430,7 @@ def _execute(cls: type[io.ComfyNode], enforce: bool, kwargs: dict[str, Any]) -> 
     with torch.inference_mode(False):
         positive = _plain(kwargs["positive"])
         negative = _plain(kwargs["negative"]) if kwargs.get("negative") else None
-        output, report, blocked, texts_known = run_guard(
+        output, report, blocked, texts_known, notes = run_guard(
             model=kwargs["model"],
             clip=kwargs.get("clip"),
             positive=positive,
@@ -360,7 +443,7 @@ def _execute(cls: type[io.ComfyNode], enforce: bool, kwargs: dict[str, Any]) -> 
             texts=texts,
             enforce=enforce,
         )
-    return output, report, blocked, _report(report, policy, blocked, texts_known)
+    return output, report, blocked, _report(report, policy, blocked, texts_known, notes)
 
 
 class MemorizationGuard(io.ComfyNode):

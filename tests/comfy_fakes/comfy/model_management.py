@@ -1,10 +1,12 @@
-"""Fake of ``comfy.model_management``: records which patchers were loaded."""
+"""Fake of ``comfy.model_management``: loading a patcher applies its patches (unpatching the one that held the
+model before, as ComfyUI does when another clone of the same model is loaded) and is recorded."""
 
 from __future__ import annotations
 
 from typing import Any
 
 loaded: list[Any] = []
+load_calls: list[Any] = []
 
 
 def load_models_gpu(
@@ -15,5 +17,11 @@ def load_models_gpu(
     force_full_load: bool = False,
 ) -> None:
     for model in models:
-        if model not in loaded:
-            loaded.append(model)
+        load_calls.append(model)
+        if model in loaded:
+            continue
+        for other in [m for m in loaded if m.model is model.model]:
+            other.unpatch_model()
+            loaded.remove(other)
+        model.patch_model()
+        loaded.append(model)

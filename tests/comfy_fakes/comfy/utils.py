@@ -1,0 +1,18 @@
+"""Fake of the ``comfy.utils`` helpers the fakes use."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def repeat_to_batch_size(tensor: torch.Tensor, batch_size: int, dim: int = 0) -> torch.Tensor:
+    """Cut or repeat ``tensor`` along ``dim`` to ``batch_size`` rows (a no-op at the right size)."""
+    if tensor.shape[dim] > batch_size:
+        return tensor.narrow(dim, 0, batch_size)
+    if tensor.shape[dim] < batch_size:
+        repeats = [1] * tensor.ndim
+        repeats[dim] = math.ceil(batch_size / tensor.shape[dim])
+        return tensor.repeat(repeats).narrow(dim, 0, batch_size)
+    return tensor

@@ -1,0 +1,218 @@
+"""Tiny diffusers pipelines whose denoisers ComfyUI v0.3.64 can also build, with the ComfyUI configs to build them.
+
+ComfyUI's own model classes constrain the layout, so ``guard.testing``'s tiny models do not all fit (NOTES.md,
+"Measured on 2026-11-29"): its ldm UNet hard-codes GroupNorm(32) and SDXL's ``encode_adm`` a 256-wide size
+embedding; its MMDiT has 64-wide heads (hidden size = 64 x depth); its FLUX takes 16 unpacked latent channels and
+its latent formats say 16 channels for SD3 and FLUX. The twins below respect all of that, so a ComfyUI model with
+the same weights computes the same function. Text encoders come from ``guard.testing`` (tests hand ComfyUI the
+same embeddings through a stand-in CLIP). Native sizes are small (a ``LATENT`` x ``LATENT`` latent) to keep tests
+fast; FLUX's native shift is then ``calculate_shift`` of that size (``flux_native_shift``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+LATENT = 8  # native latent side of every twin (64 px with an x8 VAE)
+SDXL_POOLED = 32
+SDXL_CONTEXT = 64
+
+
+def _vae_x8(latent_channels: int, shift_factor: float | None = None, scaling_factor: float = 0.18215):
+    """A tiny VAE with four levels (``vae_scale_factor`` 8, as the full-size models) and the family's channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8), in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=latent_channels, layers_per_block=1, norm_num_groups=4, sample_size=32,
+        shift_factor=shift_factor, scaling_factor=scaling_factor,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- SDXL
+
+
+def sdxl_twin(seed: int = 0):
+    """A ``StableDiffusionXLPipeline`` whose UNet ComfyUI's ldm ``UNetModel`` reproduces (``SDXL_UNET_CONFIG``).
+
+    Scale-shift resnets: with 32 channels GroupNorm(32) normalises each channel alone and would cancel an additive
+    time embedding at the first level (the UNet would then ignore t, the sizes and the pooled text). One 64-wide
+    attention head per transformer (ComfyUI's SDXL config fixes ``num_head_channels`` at 64).
+    """
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from guard.testing import _ddim_scheduler, _text_config, build_word_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_word_tokenizer(), build_word_tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=LATENT, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(1, 1), use_linear_projection=True, transformer_layers_per_block=1,
+        cross_attention_dim=SDXL_CONTEXT, resnet_time_scale_shift="scale_shift",
+        addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=6 * 256 + SDXL_POOLED,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae_x8(4, scaling_factor=0.13025),
+        text_encoder=CLIPTextModel(_text_config(tokenizer, hidden_size=32)),
+        text_encoder_2=CLIPTextModelWithProjection(
+            _text_config(tokenizer_2, hidden_size=32, projection_dim=SDXL_POOLED)
+        ),
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=_ddim_scheduler("epsilon"),
+        force_zeros_for_empty_prompt=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+#: ComfyUI's ldm ``UNetModel`` arguments for ``sdxl_twin``'s UNet (what ``model_detection`` would infer for it).
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+    "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+    "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1], "transformer_depth_middle": 1,
+    "context_dim": SDXL_CONTEXT, "use_linear_in_transformer": True, "use_spatial_transformer": True,
+    "legacy": False, "use_scale_shift_norm": True,
+    "num_classes": "sequential", "adm_in_channels": 6 * 256 + SDXL_POOLED,
+    "use_temporal_attention": False, "use_temporal_resblock": False, "disable_self_attentions": None,
+}
+
+
+# ---------------------------------------------------------------------------------------------- SD3
+
+
+def sd3_twin(seed: int = 0):
+    """A ``StableDiffusion3Pipeline`` whose MMDiT ComfyUI reproduces: depth 2 = two blocks, hidden 128, two 64-wide
+    heads; 16 latent channels; two CLIPs and a T5 (pooled 64 = 32 + 32, joint attention dim 64)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    from guard.testing import _t5_encoder, _text_config, build_t5_tokenizer, build_word_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_word_tokenizer(), build_word_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=LATENT, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+        attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=128,
+        pooled_projection_dim=64, pos_embed_max_size=16,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae_x8(16, shift_factor=0.0609, scaling_factor=1.5305),
+        text_encoder=CLIPTextModelWithProjection(_text_config(tokenizer, hidden_size=32)),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, hidden_size=32)),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=_t5_encoder(build_t5_tokenizer(), d_model=64),
+        tokenizer_3=build_t5_tokenizer(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------- FLUX
+
+
+def flux_twin(seed: int = 0, guidance_embeds: bool = True):
+    """A ``FluxPipeline`` (dev style, or schnell style without guidance) with 16 unpacked latent channels (64
+    packed), so ComfyUI's Flux (``FLUX_UNET_CONFIG``) takes the same latents. Native size ``LATENT`` x ``LATENT``
+    (``default_sample_size`` lowered from FluxPipeline's 128, as the repository's FLUX tests do)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    from guard.testing import _t5_encoder, _text_config, build_t5_tokenizer, build_word_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_word_tokenizer(), build_t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+        guidance_embeds=guidance_embeds,
+    )
+    if guidance_embeds:
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096,
+        )
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=_vae_x8(16, shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=CLIPTextModel(_text_config(tokenizer, hidden_size=32)),
+        tokenizer=tokenizer,
+        text_encoder_2=_t5_encoder(tokenizer_2, d_model=32),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.default_sample_size = LATENT
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_unet_config(guidance_embeds: bool = True) -> dict[str, Any]:
+    """ComfyUI's ``comfy.ldm.flux.model.Flux`` arguments for ``flux_twin``'s transformer."""
+    return {
+        "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2,
+        "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 32, "mlp_ratio": 4.0, "num_heads": 2,
+        "depth": 1, "depth_single_blocks": 1, "axes_dim": [4, 4, 8], "theta": 10000, "qkv_bias": True,
+        "guidance_embed": guidance_embeds,
+    }
+
+
+def flux_native_shift(pipe) -> float:
+    """The ``mu`` FluxPipeline uses at the twin's native size: ComfyUI's ``ModelSamplingFlux`` shift for it
+    (FLUX.1's own 1.15 at 1024 px)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config = pipe.scheduler.config
+    side = pipe.default_sample_size // 2
+    return float(calculate_shift(side * side, config.get("base_image_seq_len", 256), config.get("max_image_seq_len",
+                                 4096), config.get("base_shift", 0.5), config.get("max_shift", 1.15)))
+
+
+class StandInCLIP:
+    """ComfyUI's CLIP interface (``tokenize`` / ``encode_from_tokens``) over a diffusers pipeline's own
+    ``encode_prompt``, so ComfyUI and the diffusers adapter score the same prompt embeddings.
+
+    Returns what ComfyUI's CLIP of the family returns: SD1 ``(cond, None)`` here; SDXL, SD3, FLUX
+    ``(cond [1, L, D], pooled [1, P])``.
+    """
+
+    def __init__(self, pipe) -> None:
+        self.pipe = pipe
+        self.cond_stage_model = torch.nn.ModuleList(
+            [m for m in (getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+             if isinstance(m, torch.nn.Module)]
+        )
+        self.encoded: list[str] = []
+
+    def tokenize(self, text: str, return_word_ids: bool = False, **kwargs) -> dict:
+        return {"text": text}
+
+    @torch.no_grad()
+    def encode_from_tokens(self, tokens: dict, return_pooled: bool = False, return_dict: bool = False):
+        text = tokens["text"]
+        self.encoded.append(text)
+        name = type(self.pipe).__name__
+        cpu = torch.device("cpu")
+        if name == "StableDiffusionXLPipeline":
+            cond, _, pooled, _ = self.pipe.encode_prompt([text], device=cpu, num_images_per_prompt=1,
+                                                         do_classifier_free_guidance=False)
+        elif name == "StableDiffusion3Pipeline":
+            cond, _, pooled, _ = self.pipe.encode_prompt(prompt=[text], prompt_2=None, prompt_3=None, device=cpu,
+                                                         num_images_per_prompt=1, do_classifier_free_guidance=False,
+                                                         max_sequence_length=256)
+        elif name == "FluxPipeline":
+            cond, pooled, _ = self.pipe.encode_prompt(prompt=[text], prompt_2=None, device=cpu,
+                                                      num_images_per_prompt=1, max_sequence_length=512)
+        else:
+            cond, _ = self.pipe.encode_prompt([text], cpu, 1, False)
+            pooled = None
+        return (cond, pooled) if return_pooled else cond
