@@ -6,6 +6,7 @@ specified."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib.util
 import json
 import re
@@ -369,3 +370,329 @@ def test_every_conditioning_entry_is_scored_and_drop_blocked_drops_entries(comfy
 
 def audit_records_at(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------- SDXL, SD3, FLUX
+#
+# Twins (tests/comfy_twins.py) of each family in the fakes' ComfyUI model classes: the node's score must equal the
+# diffusers adapter's on the same weights and embeddings to 1e-5, with ComfyUI's conventions (SDXL's adm built by
+# encode_adm, flow sigmas and timestep labels, FLUX packing and guidance) in between.
+
+OTHER = "a red car on the street"
+FAMILIES = ["sdxl", "sd3", "flux", "flux-schnell"]
+#: The family's own text-encode node and how it holds one prompt text (for workflow_texts).
+TEXT_NODES = {
+    "sdxl": ("CLIPTextEncodeSDXL", lambda t: {"text_g": t, "text_l": t, "width": 1024, "height": 1024}),
+    "sd3": ("CLIPTextEncodeSD3", lambda t: {"clip_g": t, "clip_l": t, "t5xxl": t, "empty_padding": "none"}),
+    "flux": ("CLIPTextEncodeFlux", lambda t: {"clip_l": t, "t5xxl": t, "guidance": 3.5}),
+    "flux-schnell": ("CLIPTextEncode", lambda t: {"text": t}),
+}
+
+
+_BUILT: dict[tuple[int, str], dict] = {}
+
+
+def build_family(comfy, name: str) -> dict:
+    """A twin pipeline, the same weights as a fake ComfyUI MODEL of the family, its CLIP, and reference scores
+    (built once per family for this module's fakes)."""
+    key = (id(comfy["configs"]), name)
+    if key not in _BUILT:
+        _BUILT[key] = _build_family(comfy, name)
+    return _BUILT[key]
+
+
+def _build_family(comfy, name: str) -> dict:
+    from comfy_twins import flux_native_shift, flux_twin, sd3_twin, sdxl_twin
+
+    from guard.scoring import Scorer
+
+    configs, bases, nets = comfy["configs"], comfy["model_base"], comfy["networks"]
+    if name == "sdxl":
+        pipe = sdxl_twin(seed=5)
+        config = configs.SDXL({"in_channels": 4, "context_dim": 64, "adm_in_channels": 6 * 256 + 32})
+        base = bases.SDXL(config, nets.UNetModel(pipe.unet))
+    elif name == "sd3":
+        pipe = sd3_twin(seed=6)
+        base = bases.SD3(configs.SD3({"in_channels": 16, "depth": 2}), nets.MMDiT(pipe.transformer))
+    else:
+        guidance = name == "flux"
+        pipe = flux_twin(seed=7, guidance_embeds=guidance)
+        config = (configs.Flux if guidance else configs.FluxSchnell)(
+            {"image_model": "flux", "in_channels": 16, "out_channels": 16, "guidance_embed": guidance})
+        model_type = bases.ModelType.FLUX if guidance else bases.ModelType.FLOW
+        base = bases.Flux(config, nets.Flux(pipe.transformer), model_type=model_type)
+    model = unpatched = comfy["patcher"].ModelPatcher(base)
+    if name == "flux":  # FLUX's shift for the twin's native size, as ComfyUI's ModelSamplingFlux node sets it
+        model = model.clone()
+        sampling = bases.model_sampling(base.model_config, bases.ModelType.FLUX)
+        sampling.set_parameters(shift=flux_native_shift(pipe))
+        model.add_object_patch("model_sampling", sampling)
+    clip = comfy["sd"].CLIP(pipe)
+    reference = Scorer(pipe).score([PROMPT, OTHER])
+    return {"name": name, "pipe": pipe, "model": model, "unpatched": unpatched, "clip": clip, "reference": reference}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(comfy, request):
+    return build_family(comfy, request.param)
+
+
+def entry(family: dict, text: str, **options) -> list:
+    """One conditioning entry as the family's text-encode node makes it (embeddings and pooled output)."""
+    clip = family["clip"]
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    return [cond, {"pooled_output": pooled, **options}]
+
+
+def family_inputs(family: dict, tmp_path: Path, policy_path: str, **overrides) -> dict:
+    values = {
+        "model": family["model"], "clip": family["clip"], "positive": [entry(family, PROMPT)],
+        "negative": [entry(family, "")], "policy": "monitor", "policy_path": policy_path,
+        "unconditional": "empty prompt (reference)", "seed": 51, "samples": 1, "latent_size": 0,
+        "audit_path": str(tmp_path / "audit.jsonl"),
+    }
+    values.update(overrides)
+    return values
+
+
+def family_workflow(family: dict, node_id: str, *texts: str) -> dict:
+    """An API-format workflow feeding ``node_id``'s positive from the family's text-encode nodes (combined;
+    FLUX's through a FluxGuidance node, as FLUX workflows do)."""
+    kind, inputs_of = TEXT_NODES[family["name"]]
+    graph = {f"t{i}": {"class_type": kind, "inputs": {**inputs_of(t), "clip": ["c", 0]}} for i, t in enumerate(texts)}
+    link = ["t0", 0]
+    for i in range(1, len(texts)):
+        graph[f"k{i}"] = {"class_type": "ConditioningCombine",
+                          "inputs": {"conditioning_1": link, "conditioning_2": [f"t{i}", 0]}}
+        link = [f"k{i}", 0]
+    if family["name"] == "flux":
+        graph["g"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": link, "guidance": 2.5}}
+        link = ["g", 0]
+    graph[node_id] = {"class_type": "MemguardMemorizationGuard", "inputs": {"positive": link}}
+    return graph
+
+
+OBSERVE = [{"when": {"score": {"gte": 1e9}}, "action": "warn"}]
+
+
+def test_family_adapter_is_recognised_by_model_class(comfy, family):
+    from memguard_comfyui_pack.memguard_comfy import adapter as pack
+
+    made = pack.comfy_adapter(family["model"], family["clip"])
+    expected = {"sdxl": pack.ComfyUISDXLAdapter, "sd3": pack.ComfyUISD3Adapter, "flux": pack.ComfyUIFluxAdapter,
+                "flux-schnell": pack.ComfyUIFluxAdapter}[family["name"]]
+    assert type(made) is expected and made.latent_shape[1:] == (128, 128)  # native 1024 px unless told otherwise
+    reference = family["reference"][0]
+    made = pack.comfy_adapter(family["model"], family["clip"], latent_size=LATENT)
+    assert made.latent_shape == (4 if family["name"] == "sdxl" else 16, LATENT, LATENT)
+    assert made.default_profile == reference.profile
+    t_hi, t_lo = made.scoring_timesteps(50)
+    assert abs(t_hi - reference.t_hi) <= 1e-4 * max(1.0, abs(reference.t_hi))
+    assert abs(t_lo - reference.t_lo) <= 1e-4 * max(1.0, abs(reference.t_lo))
+
+
+def test_family_score_node_equals_diffusers(comfy, family, tmp_path):
+    """The node's score is the diffusers adapter's on the twin, to 1e-5; FLUX ignores the workflow's guidance
+    (the score is defined at 3.5); the record says which family, sizes and guidance were used."""
+    positive = [entry(family, PROMPT, guidance=7.0)] if family["name"].startswith("flux") else None
+    overrides = {"latent_size": LATENT, **({"positive": positive} if positive else {})}
+    policy = write_policy(tmp_path, "observe", OBSERVE, audit={"prompt": "hash"})
+    out = run_node(comfy, nodes(comfy)["MemguardMemorizationScore"], graph=family_workflow(family, "7", PROMPT),
+                   **family_inputs(family, tmp_path, policy, **overrides))
+    score, norm, cos, report = out.args
+    expected = family["reference"][0]
+    assert abs(score - expected.score) < 1e-5 and abs(norm - expected.norm) < 1e-5 and abs(cos - expected.cos) < 1e-5
+    record = decision_record(tmp_path)
+    assert record["prompt"] == hashlib.sha256(PROMPT.encode()).hexdigest()
+    assert abs(record["score"] - expected.score) < 1e-5 and record["profile"] == expected.profile
+    context = record["context"]["comfyui"]
+    assert context["family"] == family["name"].split("-")[0]
+    if family["name"] == "sdxl":
+        assert context["size"] == {"width": 64, "height": 64, "crop_w": 0, "crop_h": 0, "target_width": 64,
+                                   "target_height": 64, "source": "native"}
+        assert "SDXL size conditioning: native (64x64" in report
+    if family["name"].startswith("flux"):
+        assert context["guidance"] == (3.5 if family["name"] == "flux" else None)
+        assert family["model"].model.calls[-1]["inputs"] == (["guidance", "y"] if family["name"] == "flux" else ["y"])
+
+
+def test_family_every_entry_scored_with_prompt_texts(comfy, family, tmp_path):
+    """Two entries combined: both scored (each equal to diffusers), each record with its text from the workflow."""
+    positive = [entry(family, PROMPT), entry(family, OTHER)]
+    policy = write_policy(tmp_path, "plain", OBSERVE, audit={"prompt": "plain"})
+    run_node(comfy, nodes(comfy)["MemguardMemorizationScore"], graph=family_workflow(family, "7", PROMPT, OTHER),
+             **family_inputs(family, tmp_path, policy, positive=positive, latent_size=LATENT))
+    records = [r for r in audit_records(tmp_path) if r["event"] == "decision"]
+    assert [r["prompt"] for r in records] == [PROMPT, OTHER]
+    for record, expected in zip(records, family["reference"]):
+        assert abs(record["score"] - expected.score) < 1e-5
+
+
+@pytest.mark.parametrize("action", ["warn", "block"])
+def test_family_warn_and_block(comfy, family, tmp_path, action):
+    expected = family["reference"][0].score
+    policy = _action_policy(tmp_path, action, expected)
+    out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"],
+                   **family_inputs(family, tmp_path, policy, latent_size=LATENT))
+    record = decision_record(tmp_path)
+    if action == "block":
+        assert out.block_execution is not None and (record["action"], record["outcome"]) == ("block", "blocked")
+    else:
+        assert out.block_execution is None and (record["action"], record["outcome"]) == ("warn", "generated")
+        assert torch.equal(out.args[0][0][0], family_inputs(family, tmp_path, policy)["positive"][0][0])
+
+
+def test_family_rewrite_returns_mitigated_conditioning(comfy, family, tmp_path):
+    """The rewritten embeddings and pooled output go downstream, at the entry's own token length, and score
+    at most the target on the diffusers twin."""
+    from guard.scoring import Scorer, TextConditioning
+
+    expected = family["reference"][0].score
+    target = expected - 1e-3
+    rewrite = {"target": {"score": target}, "max_steps": 20, "lr": 0.05, "fallback": "block"}
+    policy = _action_policy(tmp_path, "rewrite", expected, rewrite=rewrite)
+    original = entry(family, PROMPT)
+    out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"],
+                   **family_inputs(family, tmp_path, policy, latent_size=LATENT, positive=[original]))
+    assert out.block_execution is None, out.args[2]
+    (rewritten,) = out.args[0]
+    assert rewritten[0].shape == original[0].shape and not torch.equal(rewritten[0], original[0])
+    pooled = rewritten[1]["pooled_output"]
+    assert pooled.shape == original[1]["pooled_output"].shape
+    rescored = Scorer(family["pipe"]).score_conditioning(TextConditioning(rewritten[0], pooled))[0].score
+    assert rescored <= target + 1e-5
+    assert decision_record(tmp_path)["outcome"] == "rewritten"
+
+
+def test_sdxl_size_conditioning_from_the_entries(comfy, tmp_path):
+    """CLIPTextEncodeSDXL's sizes (in the entry's options) are the score's time ids, ComfyUI's order (height,
+    width, crop_h, crop_w, target height, width) = diffusers' (original size, crop top-left, target size); entries
+    that disagree are scored at the native size and the report says so."""
+    from guard.scoring import Scorer
+    from guard.scoring.adapters import StableDiffusionXLAdapter
+
+    sdxl = build_family(comfy, "sdxl")
+    pipe = sdxl["pipe"]
+    sizes = {"width": 128, "height": 96, "crop_w": 8, "crop_h": 4, "target_width": 112, "target_height": 80}
+    reference = StableDiffusionXLAdapter(pipe)
+    reference._time_ids = pipe._get_add_time_ids((96, 128), (4, 8), (80, 112), dtype=torch.float32,
+                                                 text_encoder_projection_dim=32)
+    expected = Scorer(reference).score([PROMPT])[0]
+    assert abs(expected.score - sdxl["reference"][0].score) > 1e-3  # the sizes matter to this twin
+    policy = write_policy(tmp_path, "observe", OBSERVE)
+    node = nodes(comfy)["MemguardMemorizationScore"]
+    out = run_node(comfy, node, **family_inputs(sdxl, tmp_path, policy, latent_size=LATENT,
+                                                positive=[entry(sdxl, PROMPT, **sizes)]))
+    assert abs(out.args[0] - expected.score) < 1e-5
+    assert "from the workflow: 128x96, crop 8,4, target 112x80" in out.args[3]
+    assert decision_record(tmp_path)["context"]["comfyui"]["size"] == {**sizes, "source": "workflow"}
+
+    partial = {"width": 128, "height": 96}  # target defaults to the size, crop to 0, as encode_adm does
+    reference._time_ids = pipe._get_add_time_ids((96, 128), (0, 0), (96, 128), dtype=torch.float32,
+                                                 text_encoder_projection_dim=32)
+    out = run_node(comfy, node, **family_inputs(sdxl, tmp_path, policy, latent_size=LATENT,
+                                                positive=[entry(sdxl, PROMPT, **partial)]))
+    assert abs(out.args[0] - Scorer(reference).score([PROMPT])[0].score) < 1e-5
+
+    mixed = [entry(sdxl, PROMPT, **sizes), entry(sdxl, OTHER)]
+    out = run_node(comfy, node, **family_inputs(sdxl, tmp_path, policy, latent_size=LATENT, positive=mixed))
+    assert "the entries carry different sizes; all scored at the native" in out.args[3]
+    records = [r for r in audit_records(tmp_path) if r["event"] == "decision"][-2:]
+    for record, native in zip(records, sdxl["reference"]):
+        assert abs(record["score"] - native.score) < 1e-5
+
+
+def test_sdxl_unconditional_is_zeros_and_pooled_is_required(comfy, tmp_path):
+    """u = zero token and pooled embeddings (diffusers' force_zeros_for_empty_prompt); an entry without pooled
+    output is an audited on_error decision, not a crash."""
+    from memguard_comfyui_pack.memguard_comfy.adapter import comfy_adapter
+
+    sdxl = build_family(comfy, "sdxl")
+    uncond = comfy_adapter(sdxl["model"], sdxl["clip"]).unconditional()
+    assert uncond.pooled is not None and not uncond.embeds.any() and not uncond.pooled.any()
+    policy = write_policy(tmp_path, "closed", OBSERVE)
+    bare = [[entry(sdxl, PROMPT)[0], {}]]
+    out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"],
+                   **family_inputs(sdxl, tmp_path, policy, latent_size=LATENT, positive=bare))
+    assert out.block_execution is not None  # the policy's on_error is block
+    record = decision_record(tmp_path)
+    assert record["event"] == "error" and "pooled_output" in record["reason"]
+
+
+def test_flow_entries_of_different_token_lengths(comfy, tmp_path):
+    """SD3 entries of different token lengths are not repeated to a common length (joint attention would see
+    the repeats): each is scored at its own length, equal to diffusers on the same embeddings."""
+    from guard.scoring import Scorer, TextConditioning
+
+    sd3 = build_family(comfy, "sd3")
+    full = entry(sd3, PROMPT)
+    short = [full[0][:, :40].clone(), dict(full[1])]
+    policy = write_policy(tmp_path, "observe", OBSERVE)
+    run_node(comfy, nodes(comfy)["MemguardMemorizationScore"],
+             **family_inputs(sd3, tmp_path, policy, latent_size=LATENT, positive=[full, short]))
+    records = [r for r in audit_records(tmp_path) if r["event"] == "decision"]
+    scorer = Scorer(sd3["pipe"])
+    for record, row in zip(records, (full, short)):
+        expected = scorer.score_conditioning(TextConditioning(row[0], row[1]["pooled_output"]))[0].score
+        assert abs(record["score"] - expected) < 1e-5
+    assert abs(records[0]["score"] - records[1]["score"]) > 1e-4
+
+
+def test_flux_shift_comes_from_the_models_sampling(comfy):
+    """FLUX's mu is the (patched) ModelSamplingFlux shift: unpatched (1.15, FLUX's 1024 px value) the low step
+    differs from the twin's native schedule; the schedule is FluxPipeline's at that mu."""
+    from comfy_twins import flux_native_shift
+    from memguard_comfyui_pack.memguard_comfy.adapter import comfy_adapter
+
+    flux = build_family(comfy, "flux")
+    patched = comfy_adapter(flux["model"], flux["clip"], latent_size=LATENT)
+    assert patched.shift == pytest.approx(flux_native_shift(flux["pipe"])) and patched.dynamic_shift
+    comfy["management"].load_models_gpu([flux["model"]])  # the patch is applied to the shared model now
+    plain = comfy_adapter(flux["unpatched"], flux["clip"], latent_size=LATENT)
+    assert plain.shift == pytest.approx(1.15)
+    assert plain.scoring_timesteps(50)[1] != pytest.approx(patched.scoring_timesteps(50)[1])
+
+
+@pytest.mark.parametrize("kind", ["chroma", "edm", "inpaint"])
+def test_unsupported_models_are_refused_clearly(comfy, tmp_path, kind):
+    from memguard_comfyui_pack.memguard_comfy.adapter import comfy_adapter
+
+    from guard.scoring import UnsupportedPipelineError
+
+    configs, bases, nets = comfy["configs"], comfy["model_base"], comfy["networks"]
+    sdxl = build_family(comfy, "sdxl") if kind != "chroma" else None
+    if kind == "chroma":
+        flux = build_family(comfy, "flux-schnell")
+        base = bases.Chroma(configs.Flux({"in_channels": 16}), nets.Flux(flux["pipe"].transformer))
+        clip, message = flux["clip"], "not a family memguard scores"
+    elif kind == "edm":
+        base = bases.SDXL(configs.SDXL({"in_channels": 4}), nets.UNetModel(sdxl["pipe"].unet), bases.ModelType.EDM)
+        clip, message = sdxl["clip"], "EDM sampling"
+    else:
+        base = bases.SDXL(configs.SDXL({"in_channels": 9}), nets.UNetModel(sdxl["pipe"].unet))
+        clip, message = sdxl["clip"], "inpainting"
+    model = comfy["patcher"].ModelPatcher(base)
+    with pytest.raises(UnsupportedPipelineError, match=message):
+        comfy_adapter(model, clip)
+    policy = write_policy(tmp_path, "closed", OBSERVE)
+    positive = [[clip.encode_from_tokens(clip.tokenize(PROMPT), return_pooled=True)[0], {}]]
+    out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"],
+                   **inputs({"model": model, "clip": clip, "positive": positive, "negative": positive}, tmp_path,
+                            policy))
+    assert out.block_execution is not None and message in decision_record(tmp_path)["reason"]
+
+
+def test_sdxl_cores_are_kept_per_size(comfy, tmp_path):
+    """Alternating size conditionings reuse their cores (and unconditional caches) instead of rebuilding them."""
+    from memguard_comfyui_pack.memguard_comfy import nodes as pack_nodes
+
+    sdxl = build_family(comfy, "sdxl")
+    policy = write_policy(tmp_path, "observe", OBSERVE)
+    node = nodes(comfy)["MemguardMemorizationScore"]
+    cores = []
+    for sizes in ({}, {"width": 128, "height": 128}, {}):
+        run_node(comfy, node, **family_inputs(sdxl, tmp_path, policy, latent_size=LATENT,
+                                              positive=[entry(sdxl, PROMPT, **sizes)]))
+        cores.append(list(pack_nodes._CORES[sdxl["model"]].values())[-1])
+    assert cores[0] is cores[2] and cores[0] is not cores[1]
+    assert cores[1].scorer.adapter.size.width == 128 and cores[0].scorer.adapter.size.width == 64

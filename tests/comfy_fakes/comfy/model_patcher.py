@@ -1,5 +1,7 @@
 """Fake of ``comfy.model_patcher.ModelPatcher``: the MODEL object nodes receive, with object patches (what the
-``ModelSamplingSD3`` / ``ModelSamplingFlux`` nodes add) applied when the model is loaded, as in ComfyUI."""
+``ModelSamplingSD3`` / ``ModelSamplingFlux`` nodes add) applied when the model is loaded, as in ComfyUI. Clones
+share the model and the backup of patched attributes, so ``get_model_object`` answers each clone's own object
+even while another clone's patch is applied to the shared model."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class ModelPatcher:
         clone = ModelPatcher(self.model, self.load_device, self.offload_device)
         clone.model_options = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.model_options.items()}
         clone.object_patches = dict(self.object_patches)
+        clone.object_patches_backup = self.object_patches_backup
         clone.patches_uuid = self.patches_uuid
         return clone
 
