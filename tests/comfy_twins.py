@@ -178,11 +178,13 @@ def flux_native_shift(pipe) -> float:
 
 
 class StandInCLIP:
-    """ComfyUI's CLIP interface (``tokenize`` / ``encode_from_tokens``) over a diffusers pipeline's own
-    ``encode_prompt``, so ComfyUI and the diffusers adapter score the same prompt embeddings.
+    """ComfyUI's CLIP interface (``tokenize`` / ``encode_from_tokens`` / ``encode_from_tokens_scheduled``) over a
+    diffusers pipeline's own ``encode_prompt``, so ComfyUI and the diffusers adapter score the same prompt
+    embeddings, and ComfyUI's own text-encode nodes (``CLIPTextEncodeSDXL``, ``CLIPTextEncodeSD3``,
+    ``CLIPTextEncodeFlux``) can run on it and add their options (sizes, guidance) as they do.
 
     Returns what ComfyUI's CLIP of the family returns: SD1 ``(cond, None)`` here; SDXL, SD3, FLUX
-    ``(cond [1, L, D], pooled [1, P])``.
+    ``(cond [1, L, D], pooled [1, P])``. Tokens are the text itself under each encoder's key.
     """
 
     def __init__(self, pipe) -> None:
@@ -194,11 +196,14 @@ class StandInCLIP:
         self.encoded: list[str] = []
 
     def tokenize(self, text: str, return_word_ids: bool = False, **kwargs) -> dict:
-        return {"text": text}
+        return {"l": text, "g": text, "t5xxl": text}
 
     @torch.no_grad()
     def encode_from_tokens(self, tokens: dict, return_pooled: bool = False, return_dict: bool = False):
-        text = tokens["text"]
+        texts = {value for value in tokens.values() if isinstance(value, str)}
+        if len(texts) != 1:
+            raise ValueError(f"the stand-in CLIP encodes one text for all its encoders, got {sorted(texts)}")
+        (text,) = texts
         self.encoded.append(text)
         name = type(self.pipe).__name__
         cpu = torch.device("cpu")
@@ -215,4 +220,14 @@ class StandInCLIP:
         else:
             cond, _ = self.pipe.encode_prompt([text], cpu, 1, False)
             pooled = None
+        if return_dict:
+            return {"cond": cond, "pooled_output": pooled}
         return (cond, pooled) if return_pooled else cond
+
+    def encode_from_tokens_scheduled(self, tokens: dict, unprojected: bool = False, add_dict: dict | None = None,
+                                     show_pbar: bool = True) -> list:
+        """A CONDITIONING list of one entry, with ``add_dict`` merged into its options (no hooks here)."""
+        out = self.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+        cond = out.pop("cond")
+        out.update(add_dict or {})
+        return [[cond, out]]

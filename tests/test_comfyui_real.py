@@ -2,10 +2,21 @@
 
 The pack is loaded by ComfyUI's own ``nodes.load_custom_node`` (V3 ``comfy_entrypoint``) and run by its
 executor's ``_async_map_node_over_list`` / ``get_output_from_returns`` under ``torch.inference_mode``, as a queued
-prompt is. The MODEL is a real ``ModelPatcher`` around a real ``BaseModel`` (ComfyUI's ldm UNet, built from an
-explicit SD1-style ``unet_config``) carrying the weights of memguard's fixture diffusers UNet, renamed with
-``comfy.utils.unet_to_diffusers``. ComfyUI's checkpoint loader only recognises full-size architectures, so the
-CLIP is a stand-in with ComfyUI's ``tokenize``/``encode_from_tokens`` interface over the fixture's text encoder.
+prompt is. Each MODEL is a real ``ModelPatcher`` around a real ``BaseModel`` of the family, built in ComfyUI's own
+classes with the weights of a diffusers twin (tests/comfy_twins.py), loaded under inference mode as ComfyUI's
+loaders load them:
+
+- SD 1.x: ``supported_models.SD15`` (ldm UNet), weights renamed with ``comfy.utils.unet_to_diffusers``;
+- SDXL: ``supported_models.SDXL`` (``model_base.SDXL``, ldm UNet with ``adm``), renamed the same way;
+- SD3: ``comfy.model_detection.convert_diffusers_mmdit`` + ``detect_unet_config`` + ``model_config_from_unet_config``
+  (which picks ``supported_models.SD3``: ``model_base.SD3``, MMDiT, ``ModelSamplingDiscreteFlow`` shift 3);
+- FLUX.1 dev / schnell: ``convert_diffusers_mmdit`` into ``supported_models.Flux`` / ``FluxSchnell``
+  (``model_base.Flux``); dev's shift set for the twin's native size by ComfyUI's own ``ModelSamplingFlux`` node.
+
+ComfyUI's checkpoint loader only recognises full-size architectures, so the CLIP is a stand-in with ComfyUI's
+``tokenize``/``encode_from_tokens``/``encode_from_tokens_scheduled`` interface over the twin's text encoders;
+the conditioning is made by ComfyUI's own text-encode nodes on it (``CLIPTextEncodeSDXL`` with its sizes,
+``CLIPTextEncodeSD3``, ``CLIPTextEncodeFlux`` + ``FluxGuidance``).
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from comfy_twins import StandInCLIP
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(
@@ -52,21 +64,6 @@ UNET_CONFIG = {
     "use_temporal_resblock": False,
     "disable_self_attentions": None,
 }
-
-
-class StandInCLIP:
-    """ComfyUI's CLIP interface over the fixture pipeline's own tokenizer and text encoder."""
-
-    def __init__(self, pipe) -> None:
-        self.pipe = pipe
-        self.cond_stage_model = pipe.text_encoder
-
-    def tokenize(self, text: str, return_word_ids: bool = False, **kwargs) -> dict:
-        return {"l": text}
-
-    def encode_from_tokens(self, tokens: dict, return_pooled: bool = False, return_dict: bool = False):
-        cond, _ = self.pipe.encode_prompt([tokens["l"]], torch.device("cpu"), 1, False)
-        return (cond, None) if return_pooled else cond
 
 
 @pytest.fixture(scope="module")
@@ -119,19 +116,21 @@ def objects(comfy, pipe):
     return {"model": model, "clip": clip, "positive": positive, "negative": negative}
 
 
-def execute(comfy, node_id: str, inputs: dict, unique_id: str = "5", prompt_id: str = "real-prompt-1",
+def execute(comfy, node_id: str | type, inputs: dict, unique_id: str = "5", prompt_id: str = "real-prompt-1",
             workflow: dict | None = None):
     """One node call through ComfyUI's executor functions; returns its outputs (one list per output).
 
-    ``workflow`` is the queued API-format prompt (ComfyUI's hidden PROMPT input)."""
+    ``node_id`` is a registered node id or a node class (ComfyUI's own nodes); ``workflow`` is the queued
+    API-format prompt (ComfyUI's hidden PROMPT input)."""
     execution, io = comfy["execution"], comfy["io"]
-    node = comfy["nodes"].NODE_CLASS_MAPPINGS[node_id]
+    node_class = comfy["nodes"].NODE_CLASS_MAPPINGS[node_id] if isinstance(node_id, str) else node_id
+    node = node_class()  # the executor's ``obj = class_def()``, V1 and V3 nodes alike
     data = {key: [value] for key, value in inputs.items()}
 
     async def run():
         hidden = {io.Hidden.unique_id: unique_id, io.Hidden.prompt: workflow}
         return await execution._async_map_node_over_list(
-            prompt_id, unique_id, node, data, node.FUNCTION, hidden_inputs=hidden
+            prompt_id, unique_id, node, data, node_class.FUNCTION, hidden_inputs=hidden
         )
 
     with torch.inference_mode():
@@ -182,7 +181,7 @@ def test_registered_through_comfy_entrypoint(comfy):
 def test_score_in_real_comfyui_equals_guard(comfy, objects, pipe, tmp_path):
     policy = policy_file(tmp_path, {"when": {"score": {"gte": 1e9}}, "action": "warn"})
     output = execute(comfy, "MemguardMemorizationScore", node_inputs(objects, tmp_path, policy))
-    assert abs(output[0][0] - reference(pipe)) < 1e-4
+    assert abs(output[0][0] - reference(pipe)) < 1e-5
     record = last_record(tmp_path)
     assert record["event"] == "decision" and record["outcome"] == "checked" and record["source"] == "comfyui"
     assert record["context"]["comfyui"]["prompt_id"] == "real-prompt-1"
@@ -221,3 +220,213 @@ def test_rewrite_through_inference_mode_weights(comfy, objects, pipe, tmp_path):
     assert record["event"] == "outcome" and record["outcome"] == "rewritten", record["reason"]
     assert not torch.equal(output[0][0][0][0], objects["positive"][0][0])
     assert all(p.is_inference() for p in objects["model"].model.diffusion_model.parameters())  # restored
+
+
+# ---------------------------------------------------------------------------------------------- SDXL, SD3, FLUX
+
+OTHER = "a red car on the street"
+FAMILIES = ["sdxl", "sd3", "flux", "flux-schnell"]
+
+
+def build_real_family(comfy, name: str) -> dict:
+    """A diffusers twin and a ComfyUI model of the family in ComfyUI's own classes with the same weights."""
+    import comfy_twins as twins
+    from comfy_extras.nodes_model_advanced import ModelSamplingFlux
+
+    from guard.scoring import Scorer
+
+    c = comfy["comfy"]
+    import comfy.model_detection as detection
+
+    cpu = torch.device("cpu")
+    if name == "sdxl":
+        pipe = twins.sdxl_twin(seed=5)
+        config = c.supported_models.SDXL(dict(twins.SDXL_UNET_CONFIG))
+        mapping = c.utils.unet_to_diffusers(config.unet_config)
+        weights = pipe.unet.state_dict()
+        state = {ldm: weights[diffusers] for diffusers, ldm in mapping.items() if diffusers in weights}
+        assert len(state) == len(weights)
+    elif name == "sd3":
+        pipe = twins.sd3_twin(seed=6)
+        # a copy: convert_diffusers_mmdit overwrites its input tensors in place (NOTES.md)
+        state = detection.convert_diffusers_mmdit({k: v.clone() for k, v in pipe.transformer.state_dict().items()}, "")
+        unet_config = detection.detect_unet_config(state, "")
+        config = detection.model_config_from_unet_config(unet_config, state)
+        assert type(config).__name__ == "SD3"
+    else:
+        guidance = name == "flux"
+        pipe = twins.flux_twin(seed=7, guidance_embeds=guidance)
+        state = detection.convert_diffusers_mmdit({k: v.clone() for k, v in pipe.transformer.state_dict().items()}, "")
+        config_class = c.supported_models.Flux if guidance else c.supported_models.FluxSchnell
+        config = config_class(twins.flux_unet_config(guidance))
+    with torch.inference_mode():  # as ComfyUI's loaders run: the weights are inference tensors
+        base = config.get_model({}, "", cpu)
+        result = base.diffusion_model.load_state_dict(state, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    model = c.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    if name == "flux":  # FLUX's mu for the twin's native size, by ComfyUI's own node
+        side = 8 * twins.LATENT
+        (model,) = ModelSamplingFlux().patch(model, max_shift=1.15, base_shift=0.5, width=side, height=side)
+        assert abs(model.get_model_object("model_sampling").shift - twins.flux_native_shift(pipe)) < 1e-9
+    reference = Scorer(pipe).score([PROMPT, OTHER])
+    return {"name": name, "pipe": pipe, "model": model, "clip": StandInCLIP(pipe), "reference": reference}
+
+
+_REAL: dict[str, dict] = {}
+
+
+def _family(comfy, name: str) -> dict:
+    if name not in _REAL:
+        _REAL[name] = build_real_family(comfy, name)
+    return _REAL[name]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(comfy, request):
+    return _family(comfy, request.param)
+
+
+def encode_node(comfy, family: dict, text: str, **sizes) -> tuple[list, dict]:
+    """The positive conditioning made by the family's own ComfyUI text-encode node (run by the executor), and
+    that node in API format."""
+    from comfy_extras.nodes_clip_sdxl import CLIPTextEncodeSDXL
+    from comfy_extras.nodes_flux import CLIPTextEncodeFlux
+    from comfy_extras.nodes_sd3 import CLIPTextEncodeSD3
+
+    clip, name = family["clip"], family["name"]
+    if name == "sdxl":
+        side = 64  # the twin's native size unless the test asks for others
+        values = {"width": side, "height": side, "crop_w": 0, "crop_h": 0, "target_width": side,
+                  "target_height": side, **sizes, "text_g": text, "text_l": text}
+        node = CLIPTextEncodeSDXL
+    elif name == "sd3":
+        values, node = {"clip_l": text, "clip_g": text, "t5xxl": text, "empty_padding": "none"}, CLIPTextEncodeSD3
+    elif name == "flux":
+        values, node = {"clip_l": text, "t5xxl": text, "guidance": 3.5}, CLIPTextEncodeFlux
+    else:
+        values, node = {"text": text}, comfy["nodes"].CLIPTextEncode
+    (conditioning,) = execute(comfy, node, {"clip": clip, **values}, unique_id="t")
+    return conditioning[0], {"class_type": node.__name__, "inputs": {**values, "clip": ["c", 0]}}
+
+
+def family_node_inputs(family: dict, tmp_path: Path, policy_path: str, positive: list) -> dict:
+    return {
+        "model": family["model"], "clip": family["clip"], "positive": positive, "negative": positive,
+        "policy": "monitor", "policy_path": policy_path, "unconditional": "empty prompt (reference)", "seed": 51,
+        "samples": 1, "latent_size": 8, "audit_path": str(tmp_path / "audit.jsonl"),
+    }
+
+
+def test_family_score_in_real_comfyui_equals_diffusers(comfy, family, tmp_path):
+    """Per family: ComfyUI's own model classes and conditioning nodes, the real executor, and the score equals the
+    diffusers adapter's on the twin to 1e-5; the prompt hash comes from the workflow's text-encode node. FLUX's
+    conditioning carries FluxGuidance 7.0, which the score (defined at guidance 3.5) does not use."""
+    from comfy_extras.nodes_flux import FluxGuidance
+
+    positive, text_node = encode_node(comfy, family, PROMPT)
+    graph = {"3": text_node, "5": {"class_type": "MemguardMemorizationScore", "inputs": {"positive": ["3", 0]}}}
+    if family["name"] == "flux":
+        (positive,) = execute(comfy, FluxGuidance, {"conditioning": positive, "guidance": 7.0}, unique_id="g")[0]
+        assert positive[0][1]["guidance"] == 7.0
+        graph["4"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["3", 0], "guidance": 7.0}}
+        graph["5"]["inputs"]["positive"] = ["4", 0]
+    policy = policy_file(tmp_path, {"when": {"score": {"gte": 1e9}}, "action": "warn"})
+    output = execute(comfy, "MemguardMemorizationScore", family_node_inputs(family, tmp_path, policy, positive),
+                     workflow=graph)
+    expected = family["reference"][0]
+    assert abs(output[0][0] - expected.score) < 1e-5
+    assert abs(output[1][0] - expected.norm) < 1e-5 and abs(output[2][0] - expected.cos) < 1e-5
+    record = last_record(tmp_path)
+    assert record["prompt"] == hashlib.sha256(PROMPT.encode()).hexdigest()
+    assert record["context"]["comfyui"]["family"] == family["name"].split("-")[0]
+
+
+def test_family_every_entry_scored_in_real_comfyui(comfy, family, tmp_path):
+    """Two entries through ComfyUI's own ConditioningCombine: both scored, each equal to diffusers."""
+    first, _ = encode_node(comfy, family, PROMPT)
+    second, _ = encode_node(comfy, family, OTHER)
+    (combined,) = execute(comfy, "ConditioningCombine", {"conditioning_1": first, "conditioning_2": second},
+                          unique_id="k")
+    policy = policy_file(tmp_path, {"when": {"score": {"gte": 1e9}}, "action": "warn"})
+    execute(comfy, "MemguardMemorizationScore", family_node_inputs(family, tmp_path, policy, combined[0]))
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    for record, expected in zip([r for r in records if r["event"] == "decision"], family["reference"], strict=True):
+        assert abs(record["score"] - expected.score) < 1e-5
+
+
+def test_family_rewrite_through_inference_mode_weights(comfy, family, tmp_path):
+    """The rewrite back-propagates through ComfyUI's own networks (weights and buffers made under inference mode);
+    the rewritten embeddings and pooled output score at most the target on the diffusers twin."""
+    from guard.scoring import Scorer, TextConditioning
+
+    positive, _ = encode_node(comfy, family, PROMPT)
+    score = family["reference"][0].score
+    rule = {"when": {"score": {"gte": score - 1.0}}, "action": "rewrite",
+            "rewrite": {"target": {"score": score - 1e-3}, "max_steps": 20, "fallback": "block"}}
+    output = execute(comfy, "MemguardMemorizationGuard",
+                     family_node_inputs(family, tmp_path, policy_file(tmp_path, rule), positive))
+    record = last_record(tmp_path)
+    assert record["event"] == "outcome" and record["outcome"] == "rewritten", record["reason"]
+    (rewritten,) = output[0][0]
+    assert rewritten[0].shape == positive[0][0].shape and not torch.equal(rewritten[0], positive[0][0])
+    cond = TextConditioning(rewritten[0], rewritten[1]["pooled_output"])
+    assert Scorer(family["pipe"]).score_conditioning(cond)[0].score <= score - 1e-3 + 1e-5
+    assert all(p.is_inference() for p in family["model"].model.diffusion_model.parameters())  # restored
+
+
+def test_sdxl_sizes_from_real_clip_text_encode_sdxl(comfy, tmp_path):
+    """The sizes CLIPTextEncodeSDXL puts into the conditioning are the score's: equal to diffusers' adapter with
+    time_ids (original size, crop top-left, target size) of those values."""
+    from guard.scoring import Scorer
+    from guard.scoring.adapters import StableDiffusionXLAdapter
+
+    sdxl = _family(comfy, "sdxl")
+    sizes = {"width": 128, "height": 96, "crop_w": 8, "crop_h": 4, "target_width": 112, "target_height": 80}
+    positive, _ = encode_node(comfy, sdxl, PROMPT, **sizes)
+    assert {k: positive[0][1][k] for k in sizes} == sizes
+    reference = StableDiffusionXLAdapter(sdxl["pipe"])
+    reference._time_ids = sdxl["pipe"]._get_add_time_ids((96, 128), (4, 8), (80, 112), dtype=torch.float32,
+                                                         text_encoder_projection_dim=32)
+    expected = Scorer(reference).score([PROMPT])[0].score
+    assert abs(expected - sdxl["reference"][0].score) > 1e-3
+    policy = policy_file(tmp_path, {"when": {"score": {"gte": 1e9}}, "action": "warn"})
+    output = execute(comfy, "MemguardMemorizationScore", family_node_inputs(sdxl, tmp_path, policy, positive))
+    assert abs(output[0][0] - expected) < 1e-5
+    assert last_record(tmp_path)["context"]["comfyui"]["size"] == {**sizes, "source": "workflow"}
+
+
+def test_sd3_shift_patched_by_model_sampling_sd3(comfy, tmp_path):
+    """ComfyUI's ModelSamplingSD3 node (shift 6) changes the schedule as the scheduler's shift does in diffusers."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from guard.scoring import Scorer
+
+    sd3 = _family(comfy, "sd3")
+    (patched,) = ModelSamplingSD3().patch(sd3["model"], shift=6.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=6.0)
+    twin = StableDiffusion3Pipeline(**{**sd3["pipe"].components, "scheduler": scheduler})
+    expected = Scorer(twin).score([PROMPT])[0].score
+    assert abs(expected - sd3["reference"][0].score) > 1e-3
+    positive, _ = encode_node(comfy, sd3, PROMPT)
+    policy = policy_file(tmp_path, {"when": {"score": {"gte": 1e9}}, "action": "warn"})
+    output = execute(comfy, "MemguardMemorizationScore",
+                     {**family_node_inputs(sd3, tmp_path, policy, positive), "model": patched})
+    assert abs(output[0][0] - expected) < 1e-5
+
+
+def test_edm_patched_sdxl_is_refused_and_fails_closed(comfy, tmp_path):
+    """An SDXL model switched to EDM sampling by ComfyUI's ModelSamplingContinuousEDM node (Playground v2.5 style)
+    is not a model the score is defined for: the node takes the policy's on_error (block), audited."""
+    from comfy_execution.graph_utils import ExecutionBlocker
+    from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM
+
+    sdxl = _family(comfy, "sdxl")
+    (patched,) = ModelSamplingContinuousEDM().patch(sdxl["model"], "edm_playground_v2.5", 80.0, 0.002)
+    positive, _ = encode_node(comfy, sdxl, PROMPT)
+    policy = policy_file(tmp_path, {"when": {"score": {"gte": 0.0}}, "action": "warn"})
+    output = execute(comfy, "MemguardMemorizationGuard",
+                     {**family_node_inputs(sdxl, tmp_path, policy, positive), "model": patched})
+    assert all(isinstance(value[0], ExecutionBlocker) for value in output)
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert records[0]["event"] == "error" and "EDM sampling" in records[0]["reason"]

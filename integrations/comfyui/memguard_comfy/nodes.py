@@ -89,10 +89,13 @@ def comfy_context(hidden: Any) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def autograd_weights(module: torch.nn.Module) -> Iterator[None]:
-    """Let autograd run through weights ComfyUI created under ``torch.inference_mode`` (its loaders do).
+    """Let autograd run through a ComfyUI network, for the prompt-embedding rewrite.
 
-    Inference tensors cannot be saved for backward, which the prompt-embedding rewrite needs; for its
-    duration the parameters are swapped for ordinary copies (more memory, for a few steps) and restored.
+    Two things stand in the way in ComfyUI: its loaders create the weights under ``torch.inference_mode``, and
+    inference tensors cannot be saved for backward (for the rewrite's duration the parameters are swapped for
+    ordinary copies, more memory for a few steps, and restored); and its networks update activations in place
+    (FLUX's blocks do ``x += ...``), which autograd refuses when the tensor was saved for backward (under
+    ``allow_mutation_on_saved_tensors`` a saved tensor is cloned when mutated, so the backward pass is exact).
     """
     swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
     try:
@@ -101,7 +104,8 @@ def autograd_weights(module: torch.nn.Module) -> Iterator[None]:
                 if param is not None and param.is_inference():
                     swapped.append((sub, name, param))
                     sub._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
-        yield
+        with torch.autograd.graph.allow_mutation_on_saved_tensors():
+            yield
     finally:
         for sub, name, param in swapped:
             sub._parameters[name] = param
