@@ -696,3 +696,47 @@ def test_sdxl_cores_are_kept_per_size(comfy, tmp_path):
         cores.append(list(pack_nodes._CORES[sdxl["model"]].values())[-1])
     assert cores[0] is cores[2] and cores[0] is not cores[1]
     assert cores[1].scorer.adapter.size.width == 128 and cores[0].scorer.adapter.size.width == 64
+
+
+def test_flow_rewrite_of_padded_rows_keeps_each_entry_length(comfy, tmp_path):
+    """Rows padded to a common length for batching are rewritten at their own length (the padding is masked out,
+    so it gets no gradient) and go downstream trimmed back to it."""
+    from guard.scoring import Scorer, TextConditioning
+
+    sd3 = build_family(comfy, "sd3")
+    full = entry(sd3, PROMPT)
+    short = [full[0][:, :40].clone(), dict(full[1])]
+    scorer = Scorer(sd3["pipe"])
+    scores = [scorer.score_conditioning(TextConditioning(e[0], e[1]["pooled_output"]))[0].score for e in (full, short)]
+    target = min(scores) - 1e-3
+    rule = {"when": {"score": {"gte": min(scores) - 1.0}}, "action": "rewrite",
+            "rewrite": {"target": {"score": target}, "max_steps": 20, "lr": 0.05, "fallback": "block"}}
+    policy = write_policy(tmp_path, "rw", [rule])
+    out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"],
+                   **family_inputs(sd3, tmp_path, policy, latent_size=LATENT, positive=[full, short]))
+    assert out.block_execution is None, out.args[2]
+    for rewritten, original in zip(out.args[0], (full, short), strict=True):
+        assert rewritten[0].shape == original[0].shape and not torch.equal(rewritten[0], original[0])
+        cond = TextConditioning(rewritten[0], rewritten[1]["pooled_output"])
+        assert scorer.score_conditioning(cond)[0].score <= target + 1e-5
+
+
+def test_sd2_v_prediction_scored_in_eps_space(comfy, tmp_path):
+    """SD 2.x style (V_PREDICTION sampling): the node's eps-space score equals the diffusers adapter's."""
+    from guard.scoring import Scorer
+    from guard.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline("v_prediction", seed=4, sample_size=LATENT)
+    config = comfy["configs"].SD20({"context_dim": 32, "in_channels": 4})
+    base = comfy["model_base"].BaseModel(config, comfy["networks"].UNetModel(pipe.unet),
+                                         comfy["model_base"].ModelType.V_PREDICTION)
+    clip = comfy["sd"].CLIP(pipe)
+    model = comfy["patcher"].ModelPatcher(base)
+    positive = [[clip.encode_from_tokens(clip.tokenize(PROMPT), return_pooled=True)[0], {}]]
+    policy = write_policy(tmp_path, "observe", OBSERVE)
+    out = run_node(comfy, nodes(comfy)["MemguardMemorizationScore"],
+                   **inputs({"model": model, "clip": clip, "positive": positive, "negative": positive}, tmp_path,
+                            policy))
+    expected = Scorer(pipe).score([PROMPT])[0]
+    assert expected.profile == "sd2" and abs(out.args[0] - expected.score) < 1e-5
+    assert decision_record(tmp_path)["profile"] == "sd2"

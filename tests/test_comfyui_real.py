@@ -430,3 +430,35 @@ def test_edm_patched_sdxl_is_refused_and_fails_closed(comfy, tmp_path):
     assert all(isinstance(value[0], ExecutionBlocker) for value in output)
     records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert records[0]["event"] == "error" and "EDM sampling" in records[0]["reason"]
+
+
+def test_sd2_v_prediction_in_real_comfyui(comfy, tmp_path):
+    """SD 2.x style: ComfyUI's ldm UNet (linear transformers, 16-wide heads) with V_PREDICTION sampling, the
+    twin's weights; the node's eps-space score equals the diffusers adapter's to 1e-5."""
+    from guard.scoring import Scorer
+    from guard.testing import tiny_sd_pipeline
+
+    c = comfy["comfy"]
+    import comfy.model_base as model_base
+
+    pipe = tiny_sd_pipeline("v_prediction", seed=4, sample_size=LATENT)
+    unet_config = {**UNET_CONFIG, "num_heads": -1, "num_head_channels": 16, "use_linear_in_transformer": True}
+    config = c.supported_models.SD20(unet_config)
+    config.unet_config.update(num_heads=-1, num_head_channels=16)  # SD20's defaults are 64-wide heads
+    mapping = c.utils.unet_to_diffusers(config.unet_config)
+    weights = pipe.unet.state_dict()
+    with torch.inference_mode():
+        base = model_base.BaseModel(config, model_type=model_base.ModelType.V_PREDICTION, device=torch.device("cpu"))
+        result = base.diffusion_model.load_state_dict(
+            {ldm: weights[name] for name, ldm in mapping.items() if name in weights}, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    cpu = torch.device("cpu")
+    model = c.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    clip = StandInCLIP(pipe)
+    with torch.no_grad():
+        positive = [[clip.encode_from_tokens(clip.tokenize(PROMPT), return_pooled=True)[0], {}]]
+    policy = policy_file(tmp_path, {"when": {"score": {"gte": 1e9}}, "action": "warn"})
+    inputs = node_inputs({"model": model, "clip": clip, "positive": positive, "negative": positive}, tmp_path, policy)
+    output = execute(comfy, "MemguardMemorizationScore", inputs)
+    expected = Scorer(pipe).score([PROMPT])[0]
+    assert abs(output[0][0] - expected.score) < 1e-5 and last_record(tmp_path)["profile"] == "sd2"
