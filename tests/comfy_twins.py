@@ -6,7 +6,7 @@ embedding; its MMDiT has 64-wide heads (hidden size = 64 x depth); its FLUX take
 its latent formats say 16 channels for SD3 and FLUX. The twins below respect all of that, so a ComfyUI model with
 the same weights computes the same function. Text encoders come from ``guard.testing`` (tests hand ComfyUI the
 same embeddings through a stand-in CLIP). Native sizes are small (a ``LATENT`` x ``LATENT`` latent) to keep tests
-fast; FLUX's native shift is then ``calculate_shift`` of that size (``flux_native_shift``).
+fast; FLUX's native mu is then ``calculate_shift`` of that size (``flux_native_shift``).
 """
 
 from __future__ import annotations
@@ -167,8 +167,8 @@ def flux_unet_config(guidance_embeds: bool = True) -> dict[str, Any]:
 
 
 def flux_native_shift(pipe) -> float:
-    """The ``mu`` FluxPipeline uses at the twin's native size: ComfyUI's ``ModelSamplingFlux`` shift for it
-    (FLUX.1's own 1.15 at 1024 px)."""
+    """The ``mu`` FluxPipeline uses at the twin's native size (FLUX.1's own is 1.15 at 1024 px), which the
+    ComfyUI adapter must compute for a detection latent of the twin's size."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     config = pipe.scheduler.config

@@ -402,7 +402,7 @@ def build_family(comfy, name: str) -> dict:
 
 
 def _build_family(comfy, name: str) -> dict:
-    from comfy_twins import flux_native_shift, flux_twin, sd3_twin, sdxl_twin
+    from comfy_twins import flux_twin, sd3_twin, sdxl_twin
 
     from guard.scoring import Scorer
 
@@ -422,10 +422,10 @@ def _build_family(comfy, name: str) -> dict:
         model_type = bases.ModelType.FLUX if guidance else bases.ModelType.FLOW
         base = bases.Flux(config, nets.Flux(pipe.transformer), model_type=model_type)
     model = unpatched = comfy["patcher"].ModelPatcher(base)
-    if name == "flux":  # FLUX's shift for the twin's native size, as ComfyUI's ModelSamplingFlux node sets it
+    if name == "flux":  # a ModelSamplingFlux patch for a 512 x 768 generation (mu of 1536 tokens), as workflows set
         model = model.clone()
         sampling = bases.model_sampling(base.model_config, bases.ModelType.FLUX)
-        sampling.set_parameters(shift=flux_native_shift(pipe))
+        sampling.set_parameters(shift=0.5 + 0.65 * (1536 - 256) / 3840)
         model.add_object_patch("model_sampling", sampling)
     clip = comfy["sd"].CLIP(pipe)
     reference = Scorer(pipe).score([PROMPT, OTHER])
@@ -638,30 +638,34 @@ def test_flow_entries_of_different_token_lengths(comfy, tmp_path):
     assert abs(records[0]["score"] - records[1]["score"]) > 1e-4
 
 
-def test_flux_shift_comes_from_the_models_sampling(comfy):
-    """FLUX's mu is the (patched) ModelSamplingFlux shift: unpatched (1.15, FLUX's 1024 px value) the low step
-    differs from the twin's native schedule; the schedule is FluxPipeline's at that mu."""
+def test_flux_mu_is_the_native_sizes_not_the_workflows(comfy):
+    """FLUX dev's mu is FluxPipeline's at the native size (1.15 at 1024 px; the twin's at its 64 px), whatever
+    ModelSamplingFlux patch the workflow applies for its generation resolution: the score must not drift with it."""
     from comfy_twins import flux_native_shift
     from memguard_comfyui_pack.memguard_comfy.adapter import comfy_adapter
 
     flux = build_family(comfy, "flux")
+    assert flux["model"].get_model_object("model_sampling").shift != pytest.approx(flux_native_shift(flux["pipe"]))
     patched = comfy_adapter(flux["model"], flux["clip"], latent_size=LATENT)
-    assert patched.shift == pytest.approx(flux_native_shift(flux["pipe"])) and patched.dynamic_shift
-    comfy["management"].load_models_gpu([flux["model"]])  # the patch is applied to the shared model now
     plain = comfy_adapter(flux["unpatched"], flux["clip"], latent_size=LATENT)
-    assert plain.shift == pytest.approx(1.15)
-    assert plain.scoring_timesteps(50)[1] != pytest.approx(patched.scoring_timesteps(50)[1])
+    assert patched.shift == pytest.approx(flux_native_shift(flux["pipe"])) and patched.dynamic_shift
+    assert plain.scoring_timesteps(50) == patched.scoring_timesteps(50)
+    assert comfy_adapter(flux["model"], flux["clip"]).shift == pytest.approx(1.15)
 
 
-@pytest.mark.parametrize("kind", ["chroma", "edm", "inpaint"])
+@pytest.mark.parametrize("kind", ["chroma", "edm", "inpaint", "sd3-flux-sampling"])
 def test_unsupported_models_are_refused_clearly(comfy, tmp_path, kind):
     from memguard_comfyui_pack.memguard_comfy.adapter import comfy_adapter
 
     from guard.scoring import UnsupportedPipelineError
 
     configs, bases, nets = comfy["configs"], comfy["model_base"], comfy["networks"]
-    sdxl = build_family(comfy, "sdxl") if kind != "chroma" else None
-    if kind == "chroma":
+    sdxl = build_family(comfy, "sdxl") if kind in ("edm", "inpaint") else None
+    if kind == "sd3-flux-sampling":
+        sd3 = build_family(comfy, "sd3")
+        base = bases.SD3(configs.SD3({"in_channels": 16}), nets.MMDiT(sd3["pipe"].transformer), bases.ModelType.FLUX)
+        clip, message = sd3["clip"], "resolution-dependent sampling"
+    elif kind == "chroma":
         flux = build_family(comfy, "flux-schnell")
         base = bases.Chroma(configs.Flux({"in_channels": 16}), nets.Flux(flux["pipe"].transformer))
         clip, message = flux["clip"], "not a family memguard scores"
@@ -740,3 +744,23 @@ def test_sd2_v_prediction_scored_in_eps_space(comfy, tmp_path):
     expected = Scorer(pipe).score([PROMPT])[0]
     assert expected.profile == "sd2" and abs(out.args[0] - expected.score) < 1e-5
     assert decision_record(tmp_path)["profile"] == "sd2"
+
+
+def test_sdxl_v_prediction(comfy, tmp_path):
+    """SDXL with V_PREDICTION sampling (v-pred SDXL fine-tunes): eps-space score equal to the diffusers adapter's
+    for the same UNet with a v-prediction scheduler."""
+    from comfy_twins import sdxl_twin
+
+    from guard.scoring import Scorer
+    from guard.testing import _ddim_scheduler
+
+    pipe = sdxl_twin(seed=8)
+    pipe.scheduler = _ddim_scheduler("v_prediction")
+    configs, bases = comfy["configs"], comfy["model_base"]
+    base = bases.SDXL(configs.SDXL({"in_channels": 4, "adm_in_channels": 6 * 256 + 32}),
+                      comfy["networks"].UNetModel(pipe.unet), bases.ModelType.V_PREDICTION)
+    sdxl = {"name": "sdxl", "model": comfy["patcher"].ModelPatcher(base), "clip": comfy["sd"].CLIP(pipe)}
+    policy = write_policy(tmp_path, "observe", OBSERVE)
+    out = run_node(comfy, nodes(comfy)["MemguardMemorizationScore"],
+                   **family_inputs(sdxl, tmp_path, policy, latent_size=LATENT))
+    assert abs(out.args[0] - Scorer(pipe).score([PROMPT])[0].score) < 1e-5

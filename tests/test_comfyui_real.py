@@ -11,7 +11,8 @@ loaders load them:
 - SD3: ``comfy.model_detection.convert_diffusers_mmdit`` + ``detect_unet_config`` + ``model_config_from_unet_config``
   (which picks ``supported_models.SD3``: ``model_base.SD3``, MMDiT, ``ModelSamplingDiscreteFlow`` shift 3);
 - FLUX.1 dev / schnell: ``convert_diffusers_mmdit`` into ``supported_models.Flux`` / ``FluxSchnell``
-  (``model_base.Flux``); dev's shift set for the twin's native size by ComfyUI's own ``ModelSamplingFlux`` node.
+  (``model_base.Flux``); dev patched by ComfyUI's own ``ModelSamplingFlux`` node for a 512 x 768 generation, which
+  the score (at the native size's mu) must not follow.
 
 ComfyUI's checkpoint loader only recognises full-size architectures, so the CLIP is a stand-in with ComfyUI's
 ``tokenize``/``encode_from_tokens``/``encode_from_tokens_scheduled`` interface over the twin's text encoders;
@@ -264,10 +265,10 @@ def build_real_family(comfy, name: str) -> dict:
         result = base.diffusion_model.load_state_dict(state, strict=False)
     assert not result.missing_keys and not result.unexpected_keys
     model = c.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
-    if name == "flux":  # FLUX's mu for the twin's native size, by ComfyUI's own node
-        side = 8 * twins.LATENT
-        (model,) = ModelSamplingFlux().patch(model, max_shift=1.15, base_shift=0.5, width=side, height=side)
-        assert abs(model.get_model_object("model_sampling").shift - twins.flux_native_shift(pipe)) < 1e-9
+    if name == "flux":  # as FLUX workflows do: ComfyUI's own node sets the shift for the generation resolution,
+        # which the score (at the native size's mu) does not follow
+        (model,) = ModelSamplingFlux().patch(model, max_shift=1.15, base_shift=0.5, width=512, height=768)
+        assert abs(model.get_model_object("model_sampling").shift - twins.flux_native_shift(pipe)) > 0.1
     reference = Scorer(pipe).score([PROMPT, OTHER])
     return {"name": name, "pipe": pipe, "model": model, "clip": StandInCLIP(pipe), "reference": reference}
 

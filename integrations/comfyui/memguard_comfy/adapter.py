@@ -12,8 +12,11 @@ the score in, so the formulas stay in ``guard.scoring``:
 - **SD3 / SD3.5** (``ModelSamplingDiscreteFlow``) and **FLUX.1** (``ModelSamplingFlux``; schnell:
   ``ModelSamplingDiscreteFlow``): velocity ``v = (x - x0) / sigma`` on the unscaled noise. The two noise levels
   are those of diffusers' ``FlowMatchEulerDiscreteScheduler`` set as the diffusers pipeline's ``__call__`` sets it
-  for 50 steps, with the shift taken from the model's (possibly patched) sampling object; FLUX's packing into
-  2x2 patches is done by ComfyUI's own model.
+  for 50 steps at the native size: a static shift is the model's sampling shift (as patched, e.g. by
+  ``ModelSamplingSD3``: a resolution-independent setting, like a diffusers scheduler config); FLUX's dynamic shift
+  ``mu`` is computed at the native size as ``FluxPipeline`` computes it, not read from a ``ModelSamplingFlux``
+  patch (which workflows set from the generation resolution: the score must not drift with it). FLUX's packing
+  into 2x2 patches is done by ComfyUI's own model.
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ _NATIVE_BY_FAMILY = {"sdxl": 128, "sd3": 128, "flux": 128}
 
 #: FLUX.1-dev's ``__call__`` default guidance scale: the guidance input of the score (docs/scoring.md).
 FLUX_GUIDANCE = 3.5
+#: FLUX.1's scheduler config for the resolution-dependent shift (``calculate_shift``): mu goes linearly from
+#: ``base_shift`` at 256 image tokens to ``max_shift`` at 4096 (1.15 at the native 1024 px, ComfyUI's default).
+FLUX_SHIFT = {"base_seq_len": 256, "max_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
 
 
 def _mro_names(obj: Any) -> list[str]:
@@ -448,10 +454,20 @@ class ComfyUIFlowAdapter(ComfyUIModelAdapter):
             )
         self.default_profile = self.family
         self.dynamic_shift = "ModelSamplingFlux" in names
-        self.shift = float(self.sampling.shift)
+        #: The static shift, or with dynamic shifting the ``mu`` of the native size (see ``native_mu``).
+        self.shift = self.native_mu() if self.dynamic_shift else float(self.sampling.shift)
         #: ``model_sampling.timestep(sigma) = sigma * multiplier`` (ModelSamplingFlux: multiplier 1).
         self.multiplier = float(getattr(self.sampling, "multiplier", 1.0)) if not self.dynamic_shift else 1.0
         self._schedule: dict[int, tuple[float, float]] = {}
+
+    def native_mu(self) -> float:
+        """FluxPipeline's ``mu`` at the native size: ``calculate_shift`` of the detection latent's token count
+        (2x2 patches) with FLUX.1's scheduler config; 1.15 at 1024 px."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        tokens = (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
+        c = FLUX_SHIFT
+        return float(calculate_shift(tokens, c["base_seq_len"], c["max_seq_len"], c["base_shift"], c["max_shift"]))
 
     # ------------------------------------------------------------------ schedule
 
@@ -466,8 +482,10 @@ class ComfyUIFlowAdapter(ComfyUIModelAdapter):
     def _scheduler(self) -> Any:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        if self.dynamic_shift:  # ModelSamplingFlux's shift is diffusers' mu (1.15 at FLUX's native 1024 px)
-            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, use_dynamic_shifting=True)
+        if self.dynamic_shift:
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, use_dynamic_shifting=True, **{
+                "base_shift": FLUX_SHIFT["base_shift"], "max_shift": FLUX_SHIFT["max_shift"],
+                "base_image_seq_len": FLUX_SHIFT["base_seq_len"], "max_image_seq_len": FLUX_SHIFT["max_seq_len"]})
         # ModelSamplingDiscreteFlow's table has one sigma per training step, as the scheduler's config counts them
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(len(self.sampling.sigmas)), shift=self.shift)
 
@@ -552,18 +570,26 @@ class ComfyUISD3Adapter(ComfyUIFlowAdapter):
 
     family = "sd3"
 
+    def __init__(self, model: Any, clip: Any = None, **kwargs: Any) -> None:
+        super().__init__(model, clip, **kwargs)
+        if self.dynamic_shift:
+            raise UnsupportedPipelineError(
+                f"{self.model_class} is an SD3 model with FLUX's resolution-dependent sampling (a ModelSamplingFlux "
+                "patch): SD3's score is defined with its static shift (ModelSamplingDiscreteFlow / ModelSamplingSD3)"
+            )
+
     def _set_timesteps(self, scheduler: Any, inference_steps: int) -> None:
-        # a ModelSamplingFlux patch on an SD3 model makes its shift the mu of dynamic shifting
-        scheduler.set_timesteps(inference_steps, mu=self.shift if self.dynamic_shift else None)
+        scheduler.set_timesteps(inference_steps)
 
 
 class ComfyUIFluxAdapter(ComfyUIFlowAdapter):
     """FLUX.1 (``model_base.Flux``): dev (``ModelSamplingFlux``, guidance input) and schnell
     (``ModelSamplingDiscreteFlow``, no guidance input). The schedule is ``FluxPipeline``'s: sigmas
-    ``linspace(1, 1/N, N)`` time-shifted with mu = the sampling object's shift (1.15, FLUX's mu at its native
-    1024 px; the ``ModelSamplingFlux`` node sets it from a resolution). Dev is called with guidance 3.5 (the
-    pipeline's default), for the prompt and for u = "" alike; the workflow's own guidance is not used, so
-    scores stay comparable. Latents are packed into 2x2 patches by ComfyUI's model itself."""
+    ``linspace(1, 1/N, N)``, time-shifted with the native size's mu (dev: 1.15 at 1024 px, whatever
+    ``ModelSamplingFlux`` patch the workflow sets for its generation resolution) or shifted statically (schnell:
+    its sampling's shift, 1). Dev is called with guidance 3.5 (the pipeline's default), for the prompt and for
+    u = "" alike; the workflow's own guidance is not used, so scores stay comparable. Latents are packed into
+    2x2 patches by ComfyUI's model itself."""
 
     family = "flux"
 
