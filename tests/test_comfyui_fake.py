@@ -513,6 +513,8 @@ def test_family_score_node_equals_diffusers(comfy, family, tmp_path):
         assert "SDXL size conditioning: native (64x64" in report
     if family["name"].startswith("flux"):
         assert context["guidance"] == (3.5 if family["name"] == "flux" else None)
+        assert ("FLUX scored with guidance 3.5 and the native size's mu" if family["name"] == "flux"
+                else "FLUX scored with no guidance input and shift 1 ") in report
         assert family["model"].model.calls[-1]["inputs"] == (["guidance", "y"] if family["name"] == "flux" else ["y"])
 
 

@@ -317,6 +317,18 @@ def _context_notes(adapter: Any) -> dict[str, Any]:
     return out
 
 
+def _flux_note(adapter: Any) -> str:
+    """FLUX is scored at the definition's guidance and native-size mu, not the workflow's: say so in the report."""
+    if getattr(adapter, "family", None) != "flux":
+        return ""
+    guidance = getattr(adapter, "guidance", None)
+    said = "no guidance input" if guidance is None else f"guidance {guidance:g}"
+    shift = (f"the native size's mu {adapter.shift:.4g}" if getattr(adapter, "dynamic_shift", False)
+             else f"shift {adapter.shift:.4g}")
+    return (f"FLUX scored with {said} and {shift} (the score's definition; the workflow's FluxGuidance and "
+            "ModelSamplingFlux settings are the sampler's)")
+
+
 def run_guard(
     *,
     model: Any,
@@ -356,7 +368,7 @@ def run_guard(
         full_context = {"comfyui": {**context, "unconditional": "negative" if unconditional == UNCOND_NEGATIVE
                                     else "empty", **_context_notes(adapter)}}
         report, cond = core.judge(prompts, cond=cond, mode="generate" if enforce else "check", context=full_context)
-        notes = [size_note] if adapter is not None else []
+        notes = [size_note, _flux_note(adapter)] if adapter is not None else []
         if not enforce:
             return list(positive), report, False, texts_known, notes
         if not report.plan(policy).blocked_whole and any(d.action == "rewrite" for d in report.decisions):
