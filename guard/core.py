@@ -34,6 +34,7 @@ from .policy import Decision, Policy, decide, decide_on_error, load_policy, matc
 from .redaction import redacted_library_logs
 from .scoring import MemorizationScore, Scorer, TextConditioning
 from .scoring.profiles import ProfileLike
+from .telemetry import check_span, decide_span, rewrite_span, score_span, traced
 
 __all__ = ["GuardCore", "GuardReport", "Mode", "Submission"]
 
@@ -292,6 +293,7 @@ class GuardCore:
         (report,), conds = self.judge_many([request], mode=mode)
         return report, conds[0]
 
+    @traced(check_span)
     def judge_many(
         self, requests: Sequence[Submission], *, mode: Mode = "check"
     ) -> tuple[list[GuardReport], list[TextConditioning | None]]:
@@ -345,7 +347,8 @@ class GuardCore:
                    for i in range(len(request.prompts)) if i not in listed[k]]
         cond = requests[0].cond if len(requests) == 1 else None
         try:
-            with self.lock, redacted_library_logs(self.scorer.adapter, self.hashes_prompts):
+            with self.lock, redacted_library_logs(self.scorer.adapter, self.hashes_prompts), \
+                    score_span(self, len(texts)):
                 if cond is None:
                     cond = self.scorer.encode(texts, **dict(requests[0].encode_options))
                 flat = [p for request in requests for p in request.prompts]
@@ -376,6 +379,7 @@ class GuardCore:
         """Every prompt not already decided by the lists gets the ``on_error`` decision."""
         return [decided.get(i) or decide_on_error(self.policy, i, error) for i in range(len(prompts))]
 
+    @traced(decide_span)
     def _decide_one(
         self,
         prompt: str | None,
@@ -417,6 +421,7 @@ class GuardCore:
 
     # ------------------------------------------------------------------ acting
 
+    @traced(rewrite_span)
     def rewrite(
         self,
         report: GuardReport,
