@@ -121,14 +121,15 @@ def _read_key_file(path: str | os.PathLike[str], what: str) -> bytes:
 
 
 def load_private_key(path: str | os.PathLike[str]) -> Any:
-    """An Ed25519 private key from an unencrypted PKCS#8 PEM file that only its owner can read or write."""
+    """An Ed25519 private key from an unencrypted PKCS#8 PEM file that others cannot read and only its owner
+    can write (group read is allowed, for service groups such as Kubernetes' ``fsGroup``)."""
     serialization, ed25519 = _crypto()
     data = _read_key_file(path, "signing key")
     if os.name == "posix":
         mode = stat.S_IMODE(os.stat(Path(path).expanduser()).st_mode)
-        if mode & 0o077:
-            raise KeyFileError(f"signing key {path} is accessible by group or others (mode {mode:04o}); "
-                               f"run `chmod 600 {path}`")
+        if mode & 0o027:
+            raise KeyFileError(f"signing key {path} is accessible by others or writable by its group "
+                               f"(mode {mode:04o}); run `chmod 600 {path}`")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as error:
