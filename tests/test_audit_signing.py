@@ -491,3 +491,27 @@ def test_guard_signs_its_log_and_records_its_policy(sd_pipe, tmp_path, monkeypat
     assert loaded["policy_path"] == str(policy_file.resolve()) and loaded["signing_key_id"] == signer(keys).key_id
     assert loaded["actor"]["pid"] == os.getpid() and loaded["actor"]["user"]
     assert verify_log(tmp_path / "a.jsonl", public_keys=pub(keys), strict=True).ok
+
+
+def test_a_checkpoint_that_cannot_be_written_does_not_fail_the_record(tmp_path, keys, monkeypatch):
+    import guard.audit.sink as sink_module
+
+    path = tmp_path / "a.jsonl"
+    log = AuditLog(path, signer=signer(keys), checkpoint_every=2, checkpoint_seconds=3600)
+    real_write = os.write
+
+    def full_disk_for_checkpoints(fd, data):
+        if b'"event":"checkpoint"' in data:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(sink_module.os, "write", full_disk_for_checkpoints)
+    log.append({"event": "decision", "i": 0})
+    with pytest.warns(UserWarning, match="checkpoint not written, records after seq 0 stay unsigned"):
+        written = log.append({"event": "decision", "i": 1})
+    assert written["seq"] == 2 and [r["event"] for r in read(path)] == ["decision", "decision"]
+    monkeypatch.setattr(sink_module.os, "write", real_write)
+    log.append({"event": "decision", "i": 2})  # the next record retries, and signs all three
+    assert [r["event"] for r in read(path)][-1] == "checkpoint" and read(path)[-1]["signed_seq"] == 3
+    log.close()
+    assert verify_log(path, public_keys=pub(keys), strict=True).ok

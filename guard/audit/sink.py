@@ -194,19 +194,27 @@ class AuditLog:
     # ------------------------------------------------------------------ checkpoints
 
     def _checkpoint_if_needed(self, fd: int) -> None:
+        """After a record is on disk: sign now if due, else make sure the timer will. A checkpoint that cannot
+        be written does not fail the record (it is written); it is retried with the next record or tick."""
         unsigned = self._seq - self._cp_seq
         if unsigned <= 0:
             return
         now = time.monotonic()
         if self._unsigned_since is None:
             self._unsigned_since = now
-        if unsigned >= self.checkpoint_every:
-            self._write_checkpoint(fd, "count")
-        elif now - self._unsigned_since >= self.checkpoint_seconds:
-            self._write_checkpoint(fd, "interval")
-        else:
-            _PENDING.add(self)
-            self._arm_timer()
+        _PENDING.add(self)
+        self._arm_timer()
+        due = now - self._unsigned_since >= self.checkpoint_seconds
+        if unsigned < self.checkpoint_every and not due:
+            return
+        try:
+            self._write_checkpoint(fd, "count" if unsigned >= self.checkpoint_every else "interval")
+        except (AuditWriteError, OSError) as err:
+            from guard.events import log_event
+
+            warnings.warn(f"memguard: audit log {self.path}: checkpoint not written, records after seq "
+                          f"{self._cp_seq} stay unsigned for now: {err}", stacklevel=3)
+            log_event("audit_checkpoint_failed", level="error", path=str(self.path), error=str(err))
 
     def _write_checkpoint(self, fd: int, reason: str) -> dict[str, Any]:
         assert self.signer is not None
