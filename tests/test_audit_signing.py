@@ -297,6 +297,7 @@ def test_a_log_without_any_checkpoint_fails_with_a_key(tmp_path, keys):
             log.append({"event": "decision", "i": i})
     report = verify_log(path, public_keys=pub(keys))
     assert not report.ok and report.first_bad_line == 1 and "none of the 3 record(s) is signed" in report.reason
+    assert verify_log(path).ok and not verify_log(path, strict=True).ok  # --strict: unsigned records fail
 
 
 # ---------------------------------------------------------------- many writers, restarts, crashes

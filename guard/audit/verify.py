@@ -187,10 +187,11 @@ def verify_log(
     if keys is not None and checkpoints == 0:
         return report(False, 1 if count else None,
                       f"no checkpoint: none of the {count} record(s) is signed (was a signing key configured?)")
-    if strict and (count - cp_line if checkpoints else count):
-        tail = count - cp_line
-        return report(False, cp_line + 1, f"{tail} record(s) after the last checkpoint (seq {cp_seq}) are not "
-                                          f"signed (--strict)")
+    if strict and count - cp_line:
+        if not checkpoints:
+            return report(False, 1, f"no checkpoint: none of the {count} record(s) is signed (--strict)")
+        return report(False, cp_line + 1, f"{count - cp_line} record(s) after the last checkpoint (seq {cp_seq}) "
+                                          f"are not signed (--strict)")
     return report(True)
 
 
