@@ -324,3 +324,13 @@ def test_real_server_with_api_keys(sd_pipe, key_file, tmp_path):
         server.wait(timeout=30)
     assert [r["context"]["key_id"] for r in decisions(audit)] == ["alice", "bob"]
     assert verify_log(audit)
+
+
+def test_a_key_whose_policy_cannot_be_loaded_stops_the_start(tmp_path):
+    from types import SimpleNamespace
+
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"keys: [{{id: erin, secret_hash: '{cheap_hash('x' * 16)}', policy: ./missing.yaml}}]\n")
+    default = SimpleNamespace(policy=SimpleNamespace(content_hash="h"))
+    with pytest.raises(ApiKeyFileError, match=r"keys.yaml: key 'erin': policy .*missing.yaml.*file not found"):
+        ServiceAccess.build(load_api_keys(path), default, lambda spec: pytest.fail("no guard for a bad policy"))
