@@ -34,6 +34,7 @@ from .policy import Decision, Policy, decide, decide_on_error, load_policy, matc
 from .redaction import redacted_library_logs
 from .scoring import MemorizationScore, Scorer, TextConditioning
 from .scoring.profiles import ProfileLike
+from .telemetry import check_span, decide_span, rewrite_span, score_span, traced
 
 __all__ = ["GuardCore", "GuardReport", "Mode", "Submission"]
 
@@ -156,6 +157,7 @@ class GuardCore:
         self._calibration_override = calibration
         self._calibration: CalibrationProfile | None = None
         self._calibration_error: CalibrationError | None = None
+        self._calibration_label: str | None = None
         try:
             self.audit  # noqa: B018 - open the log now so a bad path shows up at once, as a warning
         except AuditWriteError as error:
@@ -173,9 +175,15 @@ class GuardCore:
     def audit(self) -> AuditLogger:
         """The audit logger; opened on first use, and retried on each request while it cannot be."""
         if self._audit is None:
-            self._audit = AuditLogger.for_policy(
+            audit = AuditLogger.for_policy(
                 self.policy, path=self._audit_path, model_id=self.model_id, model_class=self.model_class
             )
+            try:
+                audit.log_policy_loaded(self.policy, source=self.source)
+            except BaseException:
+                audit.close()
+                raise
+            self._audit = audit
         return self._audit
 
     @property
@@ -201,7 +209,38 @@ class GuardCore:
                 except CalibrationError as error:
                     self._calibration_error = error
                     raise
+                self._audit_calibration(None)
             return self._calibration
+
+    def use_calibration(self, calibration: CalibrationProfile | str | os.PathLike) -> CalibrationProfile | None:
+        """Switch to another calibration (a profile or its file), checked against this model now and audited
+        with the one it replaces; raises ``CalibrationError`` and keeps the current one if it does not fit."""
+        with self.lock:
+            previous = self._calibration.id if self._calibration is not None else None
+            kept = self._calibration_override
+            self._calibration_override = calibration
+            try:
+                profile = self._load_calibration()
+            except BaseException:
+                self._calibration_override = kept
+                raise
+            self._calibration, self._calibration_error = profile, None
+            self._audit_calibration(previous)
+            return profile
+
+    def _audit_calibration(self, previous: str | None) -> None:
+        """A ``calibration_loaded`` record; an unwritable log is reported by the decisions that follow."""
+        profile = self._calibration
+        if profile is None:
+            return
+        label = self._calibration_label
+        origin = "file" if label else ("object" if isinstance(self._calibration_override, CalibrationProfile)
+                                       else "auto")
+        try:
+            self.audit.log_calibration_loaded(profile.id, origin=origin, path=label, previous=previous,
+                                              source=self.source)
+        except (AuditWriteError, OSError) as error:
+            log_event("audit_unwritable", level="error", error=str(error))
 
     def _load_calibration(self) -> CalibrationProfile | None:
         override = self._calibration_override
@@ -220,6 +259,7 @@ class GuardCore:
             profile = None
         if profile is not None and self.scorer is not None:
             profile.check_measurement(self.scorer.measurement(), source=label)
+        self._calibration_label = label
         return profile
 
     def _calibration_or_error(self) -> tuple[CalibrationProfile | None, str | None]:
@@ -253,6 +293,7 @@ class GuardCore:
         (report,), conds = self.judge_many([request], mode=mode)
         return report, conds[0]
 
+    @traced(check_span)
     def judge_many(
         self, requests: Sequence[Submission], *, mode: Mode = "check"
     ) -> tuple[list[GuardReport], list[TextConditioning | None]]:
@@ -306,7 +347,8 @@ class GuardCore:
                    for i in range(len(request.prompts)) if i not in listed[k]]
         cond = requests[0].cond if len(requests) == 1 else None
         try:
-            with self.lock, redacted_library_logs(self.scorer.adapter, self.hashes_prompts):
+            with self.lock, redacted_library_logs(self.scorer.adapter, self.hashes_prompts), \
+                    score_span(self, len(texts)):
                 if cond is None:
                     cond = self.scorer.encode(texts, **dict(requests[0].encode_options))
                 flat = [p for request in requests for p in request.prompts]
@@ -337,6 +379,7 @@ class GuardCore:
         """Every prompt not already decided by the lists gets the ``on_error`` decision."""
         return [decided.get(i) or decide_on_error(self.policy, i, error) for i in range(len(prompts))]
 
+    @traced(decide_span)
     def _decide_one(
         self,
         prompt: str | None,
@@ -378,6 +421,7 @@ class GuardCore:
 
     # ------------------------------------------------------------------ acting
 
+    @traced(rewrite_span)
     def rewrite(
         self,
         report: GuardReport,

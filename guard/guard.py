@@ -19,6 +19,7 @@ from .core import GuardCore, GuardReport, ms_since
 from .policy import Decision, Policy
 from .redaction import redacted_library_logs
 from .scoring import PipelineAdapter, Scorer, TextConditioning, validate_prompts
+from .telemetry import generate_span
 
 __all__ = ["Guard", "GuardedOutput"]
 
@@ -163,7 +164,8 @@ class Guard:
         generation = self._generation_arguments(arguments, plan, cond, noise)
         started = time.perf_counter()
         try:
-            with self.core.lock, redacted_library_logs(self.pipe, self.core.hashes_prompts):
+            with self.core.lock, redacted_library_logs(self.pipe, self.core.hashes_prompts), \
+                    generate_span(self.core, report, len(plan.generate)):
                 output = self.pipe(**generation)
         except BaseException as error:
             self.core.conclude(report, dict.fromkeys(report.generated, "failed") | dict.fromkeys(plan.dropped,

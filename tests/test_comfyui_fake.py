@@ -369,7 +369,9 @@ def test_every_conditioning_entry_is_scored_and_drop_blocked_drops_entries(comfy
 
 
 def audit_records_at(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The per-prompt records, without provenance events (policy_loaded, service_started)."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in records if r["event"] in ("decision", "error", "outcome")]
 
 
 # ---------------------------------------------------------------------------------------------- SDXL, SD3, FLUX

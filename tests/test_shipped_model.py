@@ -53,4 +53,5 @@ def test_demo_runs_and_audits(tmp_path):
     assert "trained 200x" in result.output and "unseen" in result.output
     assert "intact" in result.output
     prompts = demo_prompts()
-    assert len(log.read_text().splitlines()) == len(prompts["memorized"]) + len(prompts["unseen"])
+    decisions = [r for r in map(json.loads, log.read_text().splitlines()) if r["event"] == "decision"]
+    assert len(decisions) == len(prompts["memorized"]) + len(prompts["unseen"])

@@ -1,6 +1,14 @@
-"""memguard's audit trail: record schema, hash-chained JSONL sink, structlog logger, verification."""
+"""memguard's audit trail: record schema, hash-chained JSONL sink with signed checkpoints, structlog logger,
+verification."""
 
-from .logger import AUDIT_PATH_ENV, AuditLogger, AuditRecordError, resolve_audit_path
+from .logger import (
+    AUDIT_PATH_ENV,
+    AuditLogger,
+    AuditRecordError,
+    audit_context,
+    current_audit_context,
+    resolve_audit_path,
+)
 from .record import (
     RECORD_MODELS,
     DecisionOutcome,
@@ -16,28 +24,49 @@ from .record import (
     protect_prompt,
     utc_timestamp,
 )
+from .signing import (
+    SIGNING_KEY_ENV,
+    CheckpointSigner,
+    KeyFileError,
+    KeyRing,
+    SigningKeyError,
+    generate_keypair,
+    load_private_key,
+    load_public_key,
+)
 from .sink import GENESIS_HASH, AuditLog, AuditWriteError, canonical_json, record_hash
-from .verify import VerifyReport, verify_log
+from .verify import VerifyReport, load_anchors, verify_log
 
 __all__ = [
     "AUDIT_PATH_ENV",
     "GENESIS_HASH",
     "RECORD_MODELS",
+    "SIGNING_KEY_ENV",
     "AuditLog",
     "AuditLogger",
     "AuditRecordError",
     "AuditWriteError",
+    "CheckpointSigner",
     "DecisionOutcome",
     "DecisionRecord",
     "ErrorInfo",
+    "KeyFileError",
+    "KeyRing",
     "ModelRef",
     "Outcome",
     "OutcomeRecord",
     "PolicyRef",
     "PromptMode",
+    "SigningKeyError",
     "VerifyReport",
+    "audit_context",
     "canonical_json",
+    "current_audit_context",
     "decision_fields",
+    "generate_keypair",
+    "load_anchors",
+    "load_private_key",
+    "load_public_key",
     "new_request_id",
     "protect_prompt",
     "record_hash",

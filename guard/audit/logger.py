@@ -8,8 +8,11 @@ can filter, reformat or redirect audit records, and memguard never changes them 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import structlog
@@ -21,27 +24,66 @@ from guard.policy.schema import Policy
 
 from .record import (
     RECORD_MODELS,
+    SINK_EVENTS,
     DecisionOutcome,
     ModelRef,
     Outcome,
     PolicyRef,
     PromptMode,
+    current_actor,
     decision_fields,
     error_info,
     new_request_id,
     protect_prompt,
     utc_timestamp,
 )
+from .signing import resolve_signer
 from .sink import AuditLog
 
-__all__ = ["AUDIT_PATH_ENV", "AuditLogger", "AuditRecordError", "resolve_audit_path"]
+__all__ = [
+    "AUDIT_PATH_ENV",
+    "AuditLogger",
+    "AuditRecordError",
+    "audit_context",
+    "current_audit_context",
+    "resolve_audit_path",
+]
 
 AUDIT_PATH_ENV = "MEMGUARD_AUDIT_PATH"
 EventDict = MutableMapping[str, Any]
+_AUDIT_CONTEXT: ContextVar[Mapping[str, Any]] = ContextVar(
+    "memguard_audit_context", default=MappingProxyType({})
+)
 
 
 class AuditRecordError(MemguardError, ValueError):
     """An event does not fit the audit record schema (a bug in the caller, not in the log)."""
+
+
+@contextmanager
+def audit_context(**fields: Any) -> Iterator[None]:
+    """Adds ``fields`` to the ``context`` of every record written in this context (thread or task).
+
+    How a caller's identity reaches records written deep inside a guard call: the HTTP service wraps each
+    request in ``audit_context(key_id=..., endpoint=...)``. Fields a record sets itself win.
+    """
+    token = _AUDIT_CONTEXT.set({**_AUDIT_CONTEXT.get(), **fields})
+    try:
+        yield
+    finally:
+        _AUDIT_CONTEXT.reset(token)
+
+
+def current_audit_context() -> Mapping[str, Any]:
+    """The fields ``audit_context`` added in the current context."""
+    return _AUDIT_CONTEXT.get()
+
+
+def add_audit_context(_: Any, __: str, event: EventDict) -> EventDict:
+    extra = _AUDIT_CONTEXT.get()
+    if extra:
+        event["context"] = {**extra, **(event.get("context") or {})}
+    return event
 
 
 def add_timestamp(_: Any, __: str, event: EventDict) -> EventDict:
@@ -70,6 +112,8 @@ class ProtectPrompt:
 
 
 def validate_record(_: Any, __: str, event: EventDict) -> dict[str, Any]:
+    if event.get("event") in SINK_EVENTS:
+        raise AuditRecordError(f"invalid audit record: {event.get('event')} records are written by the sink only")
     model = RECORD_MODELS.get(str(event.get("event")))
     if model is None:
         raise AuditRecordError(f"invalid audit record: unknown event {event.get('event')!r}")
@@ -100,8 +144,9 @@ class _SinkLogger:
 class AuditLogger:
     """Writes audit records through memguard's own structlog processor chain into an ``AuditLog``.
 
-    Processors: add a UTC timestamp, add a request id, protect the prompt (hash, redact or plain),
-    validate against the event's record model; the sink then chains and writes the canonical JSON line.
+    Processors: add a UTC timestamp, add a request id, add the ``audit_context`` fields to ``context``,
+    protect the prompt (hash, redact or plain), validate against the event's record model; the sink then
+    chains and writes the canonical JSON line (and signs checkpoints, with a signing key).
     Context bound with ``bind`` (request id, policy, model) goes into every record.
     """
 
@@ -119,6 +164,7 @@ class AuditLogger:
         processors = [
             add_timestamp,
             add_request_id,
+            add_audit_context,
             ProtectPrompt(prompt_mode, hash_salt),
             validate_record,
             to_sink,
@@ -140,8 +186,17 @@ class AuditLogger:
         model_id: str | None = None,
         model_class: str | None = None,
     ) -> AuditLogger:
-        """A logger as ``policy.audit`` says; ``path``, then ``$MEMGUARD_AUDIT_PATH``, override its path."""
-        sink = AuditLog(resolve_audit_path(policy, path), fsync=policy.audit.fsync)
+        """A logger as ``policy.audit`` says; ``path``, then ``$MEMGUARD_AUDIT_PATH``, override its path, and
+        ``$MEMGUARD_AUDIT_SIGNING_KEY`` its ``signing_key``. An unusable signing key raises ``SigningKeyError``."""
+        settings = policy.audit
+        sink = AuditLog(
+            resolve_audit_path(policy, path),
+            fsync=settings.fsync,
+            signer=resolve_signer(settings.signing_key),
+            checkpoint_every=settings.checkpoint_every,
+            checkpoint_seconds=settings.checkpoint_seconds,
+            checkpoint_copy=settings.checkpoint_copy,
+        )
         context = {
             "policy": PolicyRef.of(policy).model_dump(),
             "model": ModelRef(id=model_id, class_=model_class).model_dump(by_alias=True),
@@ -199,6 +254,32 @@ class AuditLogger:
             error=error_info(error),
             decision_seq=None if decision_record is None else decision_record.get("seq"),
             decision_hash=None if decision_record is None else decision_record.get("hash"),
+            **fields,
+        )
+
+    def log_policy_loaded(self, policy: Policy, **fields: Any) -> dict[str, Any]:
+        """Record that ``policy`` is in force from here on: its file, this writer's signing key, who started it."""
+        signer = self.sink.signer
+        return self.log(
+            "policy_loaded",
+            policy_path=str(policy.source) if policy.source is not None else None,
+            signing_key_id=signer.key_id if signer is not None else None,
+            actor=current_actor(current_audit_context().get("key_id")),
+            **fields,
+        )
+
+    def log_calibration_loaded(
+        self, calibration_id: str, *, origin: str, path: str | None = None, previous: str | None = None,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """Record the calibration relative thresholds use from here on (and the one it replaced)."""
+        return self.log(
+            "calibration_loaded",
+            calibration=calibration_id,
+            calibration_path=path,
+            origin=origin,
+            previous=previous,
+            actor=current_actor(current_audit_context().get("key_id")),
             **fields,
         )
 

@@ -1,19 +1,24 @@
-"""The audit records: one JSON object per line, of three kinds.
+"""The audit records: one JSON object per line, of these kinds (``event``):
 
 * ``decision`` (``error`` when the decision came from ``on_error``): the verdict on one prompt, written
   **before** anything is generated (write-ahead). ``outcome`` is ``pending`` when an outcome record is
   to follow, ``checked`` when the request only asked for a verdict.
 * ``outcome``: what was done with the prompt (generated, withheld, blocked, rewritten, dropped, failed),
   with latencies, chained to its decision record by that record's ``seq`` and ``hash``.
-* ``event``-style records of other kinds are added by later features (see ``RECORD_MODELS``).
+* ``policy_loaded``, ``calibration_loaded``, ``service_started``: which rules and calibration were in
+  force from then on, where they came from and who started them (process user; API key id in the service).
+* ``checkpoint``: a signature over the chain so far (``guard.audit.signing``), written by the sink only.
 
 Records never hold prompt text unless the policy says ``audit.prompt: plain``.
 """
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import math
+import os
+import socket
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -24,15 +29,21 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from guard.policy import Action, Decision, Policy
 
 __all__ = [
+    "Actor",
+    "CalibrationLoadedRecord",
+    "CheckpointRecord",
     "DecisionOutcome",
     "DecisionRecord",
     "ErrorInfo",
     "ModelRef",
     "Outcome",
     "OutcomeRecord",
+    "PolicyLoadedRecord",
     "PolicyRef",
     "PromptMode",
     "RECORD_MODELS",
+    "ServiceStartedRecord",
+    "current_actor",
     "decision_fields",
     "error_info",
     "new_request_id",
@@ -51,6 +62,9 @@ _Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
 
 
 class PolicyRef(_Model):
@@ -92,9 +106,6 @@ class _Record(_Model):
         datetime.fromisoformat(value[:-1] + "+00:00")
         return value
 
-    def to_json_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)
-
 
 class DecisionRecord(_Record):
     """The verdict on one prompt (the sink adds ``seq``, ``prev_hash`` and ``hash``).
@@ -133,12 +144,105 @@ class OutcomeRecord(_Record):
     latency_generation_ms: _Finite | None = Field(default=None, ge=0)
 
 
+class Actor(_Model):
+    """Who caused a provenance event: the process's user and, for a service call, the API key."""
+
+    user: str | None = None
+    uid: int | None = None
+    pid: int
+    host: str
+    key_id: str | None = None
+
+
+class PolicyLoadedRecord(_Record):
+    """A guard started applying ``policy`` (also on reopening its log): the rules in force from here on.
+
+    ``signing_key_id`` is the key this writer signs checkpoints with (None: this writer does not sign).
+    """
+
+    event: Literal["policy_loaded"]
+    policy_path: str | None = None
+    signing_key_id: str | None = None
+    actor: Actor
+
+
+class CalibrationLoadedRecord(_Record):
+    """The calibration that relative thresholds use from here on (``previous``: the one it replaced)."""
+
+    event: Literal["calibration_loaded"]
+    calibration: str
+    calibration_path: str | None = None
+    origin: Literal["file", "auto", "object"]
+    previous: str | None = None
+    actor: Actor
+
+
+class KeyGrant(_Model):
+    """One API key of the service: its id, team, the policy its requests are judged by, its rate limit."""
+
+    id: str
+    team: str | None = None
+    policy: PolicyRef
+    policy_path: str | None = None
+    rate_limit: dict[str, float] | None = None
+
+
+class ServiceStartedRecord(_Record):
+    """The HTTP service started: where it listens, how callers authenticate, and each key's policy."""
+
+    event: Literal["service_started"]
+    actor: Actor
+    bind: str | None = None
+    auth: Literal["api_keys", "none"]
+    insecure_no_auth: bool = False
+    api_keys_path: str | None = None
+    api_keys_sha256: str | None = None
+    keys: tuple[KeyGrant, ...] = ()
+
+
+class CheckpointRecord(_Model):
+    """A signed checkpoint (written by the sink, never through the logger); see ``guard.audit.signing``.
+
+    Signs ``signed_seq``/``signed_hash`` (the record right before it), the previous checkpoint's ``seq``
+    and ``signature`` (0 and null for the first), the time and every other field here but ``signature``.
+    """
+
+    event: Literal["checkpoint"]
+    v: Literal[1]
+    timestamp: str
+    alg: Literal["ed25519"]
+    key_id: str
+    signed_seq: int = Field(ge=0)
+    signed_hash: str = Field(min_length=64, max_length=64)
+    prev_checkpoint_seq: int = Field(ge=0)
+    prev_signature: str | None
+    reason: Literal["count", "interval", "close", "exit", "open"]
+    writer: dict[str, Any] = Field(default_factory=dict)
+    signature: str
+
+
 #: The record model of each ``event``.
-RECORD_MODELS: dict[str, type[_Record]] = {
+RECORD_MODELS: dict[str, type[_Model]] = {
     "decision": DecisionRecord,
     "error": DecisionRecord,
     "outcome": OutcomeRecord,
+    "policy_loaded": PolicyLoadedRecord,
+    "calibration_loaded": CalibrationLoadedRecord,
+    "service_started": ServiceStartedRecord,
+    "checkpoint": CheckpointRecord,
 }
+#: Events only the sink writes (the logger refuses them).
+SINK_EVENTS = frozenset({"checkpoint"})
+
+
+def current_actor(key_id: str | None = None) -> dict[str, Any]:
+    """This process's user, uid, pid and host (and the calling API key, if any), as a record's ``actor``."""
+    try:
+        user: str | None = getpass.getuser()
+    except Exception:  # no login name and no passwd entry (e.g. an arbitrary container uid)
+        user = None
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    return Actor(user=user, uid=uid, pid=os.getpid(), host=socket.gethostname(), key_id=key_id).model_dump()
 
 
 def utc_timestamp() -> str:

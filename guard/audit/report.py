@@ -27,6 +27,7 @@ section{background:#fff;border:1px solid #dde1e6;border-radius:8px;padding:14px 
 .status{font-weight:600;padding:10px 14px;border-radius:6px}
 .ok{background:#e5f4ea;color:#1d6b3c;border:1px solid #a9d8b8}
 .bad{background:#fbe7e6;color:#8c1d17;border:1px solid #eab1ad}
+.warn{background:#fff6e0;color:#7a5300;border:1px solid #f0d48a}
 .cards{display:flex;gap:12px;flex-wrap:wrap}
 .card{flex:1;min-width:120px;border-radius:6px;padding:10px 12px;background:#f7f8fa;border-left:5px solid #999}
 .card b{display:block;font-size:22px}
@@ -151,6 +152,9 @@ def render_html(summary: AuditSummary, verify: VerifyReport | None, *, bucket: s
     else:
         chain = (f'<div id="chain-status" class="status bad">Hash chain BROKEN at line {verify.first_bad_line}: '
                  f'{_e(verify.reason)} ({verify.n_records} records verified before it).</div>')
+    signed = verify is not None and verify.ok and verify.key_checked
+    chain += (f'<div id="signature-status" class="status {"ok" if signed else "warn"}" style="margin-top:8px">'
+              f'{_e(summary.signing.line(verify))}</div>')
     total = sum(data["actions"].values())
     cards = "".join(
         f'<div class="card" style="border-left-color:{_COLORS[a]}" id="count-{a}">{a}<b>{data["actions"][a]}</b>'

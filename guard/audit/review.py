@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .verify import SignatureTally, VerifyReport
+
 __all__ = ["AuditFilter", "AuditSummary", "ScoreSample", "parse_time", "render_text", "summarize"]
 
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0)
@@ -45,21 +47,24 @@ def _record_time(stamp: str) -> datetime | None:
 
 @dataclass(frozen=True)
 class AuditFilter:
-    """Which records count: a time range (inclusive since, exclusive until), actions and policy names."""
+    """Which records count: a time range (inclusive since, exclusive until), actions, policy names, API key ids."""
 
     since: datetime | None = None
     until: datetime | None = None
     actions: frozenset[str] = frozenset()
     policies: frozenset[str] = frozenset()
+    key_ids: frozenset[str] = frozenset()
 
     @property
     def active(self) -> bool:
-        return bool(self.since or self.until or self.actions or self.policies)
+        return bool(self.since or self.until or self.actions or self.policies or self.key_ids)
 
     def matches(self, record: dict[str, Any]) -> bool:
         if self.actions and record.get("action") not in self.actions:
             return False
         if self.policies and (record.get("policy") or {}).get("name") not in self.policies:
+            return False
+        if self.key_ids and (record.get("context") or {}).get("key_id") not in self.key_ids:
             return False
         if self.since or self.until:
             when = _record_time(record.get("timestamp", ""))
@@ -77,6 +82,8 @@ class AuditFilter:
             parts.append(f"action in {', '.join(sorted(self.actions))}")
         if self.policies:
             parts.append(f"policy in {', '.join(sorted(self.policies))}")
+        if self.key_ids:
+            parts.append(f"key in {', '.join(sorted(self.key_ids))}")
         return "; ".join(parts) or "all records"
 
 
@@ -161,6 +168,9 @@ class AuditSummary:
     scores: ScoreSample = field(default_factory=ScoreSample)
     flagged: deque = field(default_factory=lambda: deque(maxlen=200))
     recent_errors: deque = field(default_factory=lambda: deque(maxlen=50))
+    events: Counter = field(default_factory=Counter)
+    signing: SignatureTally = field(default_factory=SignatureTally)
+    verification: VerifyReport | None = None  # set when the log was also verified (with or without keys)
 
     @property
     def decisions(self) -> int:
@@ -172,9 +182,12 @@ class AuditSummary:
         return sum(self.errors.values())
 
     def add(self, record: dict[str, Any]) -> None:
-        """Count one record: a decision (or error) record, or the outcome record that follows one."""
+        """Count one record: a decision (or error) record, the outcome record that follows one, or another event."""
         if record.get("event") == "outcome":
             self._add_outcome(record)
+            return
+        if record.get("event") not in ("decision", "error"):
+            self.events[str(record.get("event"))] += 1
             return
         stamp = record.get("timestamp") or ""
         if self.first is None or stamp < self.first:
@@ -273,6 +286,8 @@ class AuditSummary:
             "errors": {"count": self.error_count, "by_type": dict(self.errors.most_common()),
                        "recent": list(self.recent_errors)},
             "flagged_recent": list(self.flagged),
+            "events": dict(self.events.most_common()),
+            "signature": self.signing.to_dict(self.verification),
         }
 
 
@@ -317,6 +332,7 @@ def summarize(path: str | os.PathLike[str], filters: AuditFilter | None = None, 
                 summary.unreadable += 1
                 continue
             summary.records += 1
+            summary.signing.note(record)
             if active and not matches(record):
                 continue
             summary.matched += 1
@@ -357,6 +373,9 @@ def render_text(summary: AuditSummary, bucket: str = "auto") -> str:
         out.append(f"  warning: {data['unreadable_lines']} unreadable line(s) skipped")
     if data["first"]:
         out.append(f"  from {data['first']} to {data['last']}")
+    out.append("  " + summary.signing.line(summary.verification))
+    if data["events"]:
+        out.append("  events: " + ", ".join(f"{k} {v}" for k, v in data["events"].items()))
     total = max(sum(data["actions"].values()), 1)
     out += ["", "actions"] + _table(["action", "count", "share"], [
         [a, n, f"{100 * n / total:.1f}%"] for a, n in data["actions"].items()])

@@ -1,22 +1,34 @@
-"""Verifying an audit log's hash chain, streaming (constant memory)."""
+"""Verifying an audit log, streaming (constant memory): the hash chain, and with public keys the signatures.
+
+Without a key only the chain is checked: that proves the file is internally consistent, not who wrote
+it (anyone who can write the file can recompute every hash). With the writers' public keys, every
+checkpoint must carry a valid signature by one of them, sign the record right before it, and chain to
+the previous checkpoint; every record before the last checkpoint is then as its signer wrote it.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .sink import GENESIS_HASH, record_hash
 
-__all__ = ["VerifyReport", "verify_log"]
+__all__ = ["SignatureTally", "VerifyReport", "load_anchors", "verify_log"]
 
 
 @dataclass(frozen=True)
 class VerifyReport:
     """The result of checking a log: ``ok``, or the first bad line (1-based) and why.
 
-    ``n_records`` counts the records verified intact before the first bad line.
+    ``n_records`` counts the records verified intact before the first bad line. ``key_checked``: public
+    keys were given, so checkpoint signatures were verified (``signed``: and at least one was valid).
+    ``unsigned_tail`` counts the records after the last checkpoint; ``adopted`` those that were first
+    signed by an ``open`` checkpoint of a later writer (the process that wrote them never signed them:
+    it crashed, had no key, or was still writing).
     """
 
     path: str
@@ -25,46 +37,121 @@ class VerifyReport:
     first_bad_line: int | None = None
     reason: str | None = None
     last_hash: str | None = None
+    key_checked: bool = False
+    signed: bool = False
+    checkpoints: int = 0
+    last_checkpoint_seq: int | None = None
+    unsigned_tail: int = 0
+    adopted: int = 0
+    signers: tuple[str, ...] = ()
+    anchors: int = 0
+    strict: bool = False
 
     def __bool__(self) -> bool:
         return self.ok
 
     def __str__(self) -> str:
-        if self.ok:
-            return f"{self.path}: intact, {self.n_records} records"
-        return f"{self.path}: line {self.first_bad_line}: {self.reason}"
+        if not self.ok:
+            return f"{self.path}: line {self.first_bad_line}: {self.reason}"
+        head = f"{self.path}: intact, {self.n_records} records"
+        if not self.key_checked:
+            seen = f"; {self.checkpoints} checkpoint(s) present but not verified" if self.checkpoints else ""
+            return (f"{head} (integrity only: hash chain checked, no signatures{seen}; "
+                    f"pass --public-key to verify who wrote it)")
+        parts = [f"{head}, signed: {self.checkpoints} checkpoint(s) verified with key {', '.join(self.signers)}"]
+        if self.anchors:
+            parts.append(f"{self.anchors} shipped checkpoint(s) matched")
+        parts.append(f"{self.unsigned_tail} record(s) after the last checkpoint (seq {self.last_checkpoint_seq}) "
+                     f"not yet signed")
+        if self.adopted:
+            parts.append(f"{self.adopted} record(s) first signed by a later writer's opening checkpoint")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__} | {"signers": list(self.signers)}
 
 
-def verify_log(path: str | os.PathLike[str]) -> VerifyReport:
+def load_anchors(paths: Iterable[str | os.PathLike[str]]) -> dict[int, dict[str, Any]]:
+    """Checkpoint records kept elsewhere (``audit.checkpoint_copy``, or lines copied from the log), by seq.
+
+    Raises ``ValueError`` naming the file and line of anything that is not a chained checkpoint record.
+    """
+    anchors: dict[int, dict[str, Any]] = {}
+    for path in paths:
+        with Path(path).open("rb") as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    raise ValueError(f"{path}: line {line_no}: not valid JSON") from None
+                if not isinstance(record, dict) or record.get("event") != "checkpoint" or not isinstance(
+                        record.get("seq"), int) or record_hash(record) != record.get("hash"):
+                    raise ValueError(f"{path}: line {line_no}: not an intact checkpoint record")
+                anchors[record["seq"]] = record
+    return anchors
+
+
+def verify_log(
+    path: str | os.PathLike[str],
+    *,
+    public_keys: Any = None,
+    strict: bool = False,
+    anchors: Mapping[int, Mapping[str, Any]] | None = None,
+) -> VerifyReport:
     """Check every line of a log: complete, JSON, its own hash, and chained to the line before.
 
     Detects edited records (hash mismatch), deleted, reordered or inserted records (seq or
     prev_hash mismatch), a line cut off mid-write (no final newline) and garbage lines.
-    Raises ``OSError`` if the file cannot be read.
+
+    ``public_keys`` (a ``KeyRing``, or public key files) also verifies every checkpoint: a valid signature by
+    one of the keys, over the record right before it, chained to the previous checkpoint. That detects
+    an edit anywhere before the last checkpoint even when the editor re-chained the hashes, and deleted,
+    reordered or foreign checkpoints. A log without any checkpoint fails (nothing in it is signed).
+    ``strict`` fails on records after the last checkpoint. ``anchors`` (``load_anchors``) are checkpoints
+    kept elsewhere: each must be in the log, unchanged, so a cut-off log fails down to the last one shipped.
+    Raises ``OSError`` if the file cannot be read, ``KeyFileError`` if a key file is unusable.
     """
+    keys = _key_ring(public_keys)
+    anchors = dict(anchors or {})
+    if anchors and keys is not None:
+        from .signing import checkpoint_problem
+
+        for seq, anchor in sorted(anchors.items()):
+            problem = checkpoint_problem(anchor, keys)
+            if problem is not None:
+                raise ValueError(f"shipped checkpoint seq {seq} does not verify: {problem}")
     name = str(path)
     prev_hash, prev_seq, count = GENESIS_HASH, 0, 0
+    checkpoints, cp_seq, cp_sig, cp_line, adopted, matched = 0, 0, None, 0, 0, 0
+    signers: list[str] = []
 
-    def bad(line_no: int, reason: str) -> VerifyReport:
-        return VerifyReport(name, False, count, line_no, reason, prev_hash if count else None)
+    def report(ok: bool, line_no: int | None = None, reason: str | None = None) -> VerifyReport:
+        return VerifyReport(
+            name, ok, count, line_no, reason, prev_hash if count else None, key_checked=keys is not None,
+            signed=keys is not None and checkpoints > 0, checkpoints=checkpoints,
+            last_checkpoint_seq=cp_seq if checkpoints else None, unsigned_tail=count - cp_line if checkpoints
+            else count, adopted=adopted, signers=tuple(signers), anchors=matched, strict=strict,
+        )
 
     with Path(path).open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             if not raw.endswith(b"\n"):
-                return bad(line_no, "incomplete last line (no newline): truncated mid-write")
+                return report(False, line_no, "incomplete last line (no newline): truncated mid-write")
             if not raw.strip():
-                return bad(line_no, "empty line")
+                return report(False, line_no, "empty line")
             try:
                 record = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError):
-                return bad(line_no, "not valid JSON")
+                return report(False, line_no, "not valid JSON")
             if not isinstance(record, dict):
-                return bad(line_no, "not a JSON object")
+                return report(False, line_no, "not a JSON object")
             missing = [k for k in ("seq", "prev_hash", "hash") if k not in record]
             if missing:
-                return bad(line_no, f"missing chain field(s) {', '.join(missing)}")
+                return report(False, line_no, f"missing chain field(s) {', '.join(missing)}")
             if record_hash(record) != record["hash"]:
-                return bad(line_no, "hash mismatch: record edited")
+                return report(False, line_no, "hash mismatch: record edited")
             seq = record["seq"]
             if seq != prev_seq + 1:
                 what = (
@@ -72,9 +159,108 @@ def verify_log(path: str | os.PathLike[str]) -> VerifyReport:
                     if isinstance(seq, int) and seq > prev_seq + 1
                     else "records reordered"
                 )
-                return bad(line_no, f"seq {seq} follows seq {prev_seq}: {what}")
+                return report(False, line_no, f"seq {seq} follows seq {prev_seq}: {what}")
             if record["prev_hash"] != prev_hash:
                 where = "the genesis hash" if line_no == 1 else f"the hash of line {line_no - 1}"
-                return bad(line_no, f"prev_hash is not {where}: records deleted, reordered or inserted")
+                return report(False, line_no, f"prev_hash is not {where}: records deleted, reordered or inserted")
+            anchor = anchors.pop(seq, None)
+            if anchor is not None:
+                if anchor.get("hash") != record["hash"]:
+                    return report(False, line_no, f"differs from the shipped checkpoint seq {seq}: the log was "
+                                                  f"rewritten before it")
+                matched += 1
+            if record.get("event") == "checkpoint":
+                if keys is not None:
+                    problem = _checkpoint_problem(record, keys, cp_seq, cp_sig)
+                    if problem is not None:
+                        return report(False, line_no, problem)
+                    if record["key_id"] not in signers:
+                        signers.append(record["key_id"])
+                if record.get("reason") == "open" and isinstance(record.get("signed_seq"), int):
+                    adopted += max(0, record["signed_seq"] - cp_seq)
+                checkpoints, cp_seq, cp_sig, cp_line = checkpoints + 1, seq, record.get("signature"), count + 1
             prev_hash, prev_seq, count = record["hash"], seq, count + 1
-    return VerifyReport(name, True, count, None, None, prev_hash if count else None)
+    if anchors:
+        first = min(anchors)
+        return report(False, count + 1, f"the log ends at seq {prev_seq}, but a shipped checkpoint has seq {first}: "
+                                        f"records were cut off the end")
+    if keys is not None and checkpoints == 0:
+        return report(False, 1 if count else None,
+                      f"no checkpoint: none of the {count} record(s) is signed (was a signing key configured?)")
+    if strict and count - cp_line:
+        if not checkpoints:
+            return report(False, 1, f"no checkpoint: none of the {count} record(s) is signed (--strict)")
+        return report(False, cp_line + 1, f"{count - cp_line} record(s) after the last checkpoint (seq {cp_seq}) "
+                                          f"are not signed (--strict)")
+    return report(True)
+
+
+def _key_ring(public_keys: Any) -> Any:
+    if public_keys is None:
+        return None
+    from .signing import KeyRing
+
+    if isinstance(public_keys, KeyRing):
+        return public_keys
+    if isinstance(public_keys, (str, os.PathLike)):
+        public_keys = [public_keys]
+    items: Sequence[Any] = list(public_keys)
+    if items and all(isinstance(item, (str, os.PathLike)) for item in items):
+        return KeyRing.from_files(items)
+    return KeyRing(items)
+
+
+def _checkpoint_problem(record: Mapping[str, Any], keys: Any, cp_seq: int, cp_sig: str | None) -> str | None:
+    """Why a checkpoint does not verify where it stands, or None."""
+    from .signing import checkpoint_problem
+
+    seq = record["seq"]
+    if record.get("prev_checkpoint_seq") != cp_seq or record.get("prev_signature") != cp_sig:
+        before = f"the checkpoint at seq {cp_seq}" if cp_seq else "no checkpoint"
+        return (f"checkpoint chains to seq {record.get('prev_checkpoint_seq')} but the log has {before} before it: "
+                f"a checkpoint was deleted, reordered or inserted")
+    if record.get("signed_seq") != seq - 1 or record.get("signed_hash") != record["prev_hash"]:
+        return (f"checkpoint signs seq {record.get('signed_seq')} hash {str(record.get('signed_hash'))[:12]}..., "
+                f"not the record before it (seq {seq - 1}): records before it were changed")
+    return checkpoint_problem(record, keys)
+
+
+class SignatureTally:
+    """What a reading pass (``audit summary``) sees of signing, unverified: checkpoints, their key ids, and
+    the records after the last one; with a ``VerifyReport`` it also says whether a key verified them."""
+
+    def __init__(self) -> None:
+        self.checkpoints = 0
+        self.last_checkpoint_seq: int | None = None
+        self.after_checkpoint = 0
+        self.signers: set[str] = set()
+
+    def note(self, record: Mapping[str, Any]) -> None:
+        if record.get("event") != "checkpoint":
+            self.after_checkpoint += 1
+            return
+        self.checkpoints += 1
+        self.last_checkpoint_seq = record.get("seq")
+        self.after_checkpoint = 0
+        if len(self.signers) < 100:
+            self.signers.add(str(record.get("key_id")))
+
+    def to_dict(self, verified: VerifyReport | None = None) -> dict[str, Any]:
+        return {
+            "checkpoints": self.checkpoints, "signers": sorted(self.signers),
+            "last_checkpoint_seq": self.last_checkpoint_seq, "records_after_last_checkpoint": self.after_checkpoint,
+            "verified": None if verified is None else {"ok": verified.ok, "with_key": verified.key_checked,
+                                                       "summary": str(verified)},
+        }
+
+    def line(self, verified: VerifyReport | None = None) -> str:
+        """One line: signed or not, and whether a key verified it."""
+        if verified is not None and not verified.ok:
+            return f"signature: verification FAILED: {verified}"
+        if verified is not None and verified.key_checked:
+            return (f"signature: verified with key {', '.join(verified.signers)}: {verified.checkpoints} "
+                    f"checkpoint(s), {verified.unsigned_tail} record(s) after the last one not yet signed")
+        if not self.checkpoints:
+            return "signature: not signed (no checkpoints): the hash chain shows integrity only, not who wrote it"
+        return (f"signature: {self.checkpoints} checkpoint(s) by key {', '.join(sorted(self.signers))}, "
+                f"{self.after_checkpoint} record(s) after the last; NOT verified with a key (pass --public-key)")

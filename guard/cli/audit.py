@@ -8,7 +8,7 @@ import click
 
 from guard.audit.verify import verify_log
 
-__all__ = ["audit", "report", "summary", "verify"]
+__all__ = ["audit", "keygen", "report", "summary", "verify"]
 
 
 @click.group(name="audit")
@@ -16,15 +16,60 @@ def audit() -> None:
     """Inspect memguard audit logs."""
 
 
+@audit.command(name="keygen")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for NAME.key (private, mode 0600) and NAME.pub (public).")
+@click.option("--name", default="memguard-audit", show_default=True, help="File name stem of the key pair.")
+@click.option("--force", is_flag=True, help="Replace an existing key pair (its checkpoints then need the old .pub).")
+def keygen(out_dir: Path, name: str, force: bool) -> None:
+    """Make an Ed25519 key pair for signed audit checkpoints.
+
+    Point MEMGUARD_AUDIT_SIGNING_KEY (or the policy's audit.signing_key) at the .key file on the machines
+    that write the log; verify with the .pub file, kept where reviewers are.
+    """
+    from guard.audit.signing import KeyFileError, generate_keypair, key_id_of, load_public_key
+
+    try:
+        private, public = generate_keypair(out_dir, name, overwrite=force)
+    except KeyFileError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"key id {key_id_of(load_public_key(public))}\nprivate key: {private} (mode 0600; keep it secret)\n"
+               f"public key:  {public}")
+
+
+def _public_key_option(command):
+    return click.option(
+        "--public-key", "public_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+        help="Verify checkpoint signatures with this public key (.pub); repeat for rotated keys.")(command)
+
+
+def _verify(file: Path, public_keys, strict: bool = False, anchors=()):
+    """``verify_log`` with CLI errors: unreadable log exit 2, unusable key or anchor file a one-line error."""
+    from guard.audit.signing import KeyFileError
+    from guard.audit.verify import load_anchors
+
+    try:
+        shipped = load_anchors(anchors) if anchors else None
+        return verify_log(file, public_keys=list(public_keys) or None, strict=strict, anchors=shipped)
+    except KeyFileError as err:
+        raise click.ClickException(str(err)) from None
+    except OSError as err:
+        click.echo(f"{err.filename or file}: cannot read: {err.strerror or err}", err=True)
+        raise SystemExit(2) from None
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+
+
 @audit.command(name="verify")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-def verify(file: Path) -> None:
-    """Check FILE's hash chain: exit 0 if intact, 1 naming the first bad line, 2 if unreadable."""
-    try:
-        report = verify_log(file)
-    except OSError as err:
-        click.echo(f"{file}: cannot read: {err.strerror or err}", err=True)
-        raise SystemExit(2) from None
+@_public_key_option
+@click.option("--strict", is_flag=True, help="Also fail if records follow the last checkpoint (not yet signed).")
+@click.option("--anchors", "anchors", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Checkpoints kept elsewhere (audit.checkpoint_copy): each must be in FILE, unchanged.")
+def verify(file: Path, public_keys, strict: bool, anchors) -> None:
+    """Check FILE's hash chain, and with --public-key its signed checkpoints: exit 0 if intact, 1 naming the
+    first bad line, 2 if unreadable. Without a key only integrity is checked, not who wrote the log."""
+    report = _verify(file, public_keys, strict, anchors)
     if report.ok:
         click.echo(str(report))
         return
@@ -40,6 +85,8 @@ def _filter_options(command):
         click.option("--action", "actions", multiple=True, type=click.Choice(["allow", "warn", "rewrite", "block"]),
                      help="Only records with this action (repeatable)."),
         click.option("--policy", "policies", multiple=True, help="Only records of this policy name (repeatable)."),
+        click.option("--key", "key_ids", multiple=True, help="Only records of requests with this API key id "
+                                                             "(repeatable)."),
         click.option("--bucket", default="auto", show_default=True, type=click.Choice(["auto", "hour", "day"]),
                      help="Timeline bucket (auto: hourly for spans up to 3 days, else daily)."),
     ]
@@ -48,7 +95,7 @@ def _filter_options(command):
     return command
 
 
-def _summarize(file: Path, since, until, actions, policies):
+def _summarize(file: Path, since, until, actions, policies, key_ids=()):
     from guard.audit.review import AuditFilter, parse_time, summarize
 
     try:
@@ -57,6 +104,7 @@ def _summarize(file: Path, since, until, actions, policies):
             until=parse_time(until) if until else None,
             actions=frozenset(actions),
             policies=frozenset(policies),
+            key_ids=frozenset(key_ids),
         )
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--since/--until") from None
@@ -69,8 +117,9 @@ def _summarize(file: Path, since, until, actions, policies):
 @audit.command(name="summary")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @_filter_options
+@_public_key_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-def summary(file: Path, since, until, actions, policies, bucket, as_json) -> None:
+def summary(file: Path, since, until, actions, policies, key_ids, bucket, public_keys, as_json) -> None:
     """Counts per action and rule, score quantiles, blocked/rewritten over time and errors of FILE.
 
     One streaming pass with bounded memory, so logs of millions of records work; quantiles are exact
@@ -80,7 +129,8 @@ def summary(file: Path, since, until, actions, policies, bucket, as_json) -> Non
 
     from guard.audit.review import render_text
 
-    result = _summarize(file, since, until, actions, policies)
+    result = _summarize(file, since, until, actions, policies, key_ids)
+    result.verification = _verify(file, public_keys) if public_keys else None
     if as_json:
         click.echo(json.dumps(result.to_dict(bucket), indent=1, ensure_ascii=False))
     else:
@@ -92,11 +142,12 @@ def summary(file: Path, since, until, actions, policies, bucket, as_json) -> Non
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="HTML file to write.")
 @_filter_options
-def report(file: Path, out: Path, since, until, actions, policies, bucket) -> None:
+@_public_key_option
+def report(file: Path, out: Path, since, until, actions, policies, key_ids, bucket, public_keys) -> None:
     """Write a self-contained HTML report of FILE: chain status, score histogram with the policy thresholds,
     decisions over time, blocked/rewritten requests and errors (no scripts, no network resources)."""
     from guard.audit.report import write_report
 
-    result = _summarize(file, since, until, actions, policies)
-    written = write_report(result, verify_log(file), out, bucket=bucket)
+    result = _summarize(file, since, until, actions, policies, key_ids)
+    written = write_report(result, _verify(file, public_keys), out, bucket=bucket)
     click.echo(f"report of {result.matched} records -> {written}")

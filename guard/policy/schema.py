@@ -260,6 +260,12 @@ class AuditSettings(_Model):
     prompt: Literal["hash", "redact", "plain"] = "hash"
     fsync: bool = False
     hash_salt: str | None = None
+    # Signed checkpoints (docs/audit.md); $MEMGUARD_AUDIT_SIGNING_KEY overrides signing_key. Paths are
+    # relative to the working directory, like ``path``.
+    signing_key: str | None = Field(default=None, min_length=1)
+    checkpoint_every: int = Field(default=100, ge=1, le=1_000_000)
+    checkpoint_seconds: float = Field(default=60.0, gt=0.0, le=86_400.0, allow_inf_nan=False)
+    checkpoint_copy: str | None = Field(default=None, min_length=1)
 
 
 class Policy(_Model):

@@ -5,6 +5,10 @@ batched model call), run on a single worker thread that owns the pipeline; each 
 request id, prompt indices and audit records. Every verdict goes through the guard's core, so a scorer
 failure is the policy's ``on_error`` decision: the service never answers "allow" for a prompt it did not
 score unless the policy says so.
+
+With API keys (``access``), each request is authenticated before anything else (``auth.ApiKeyAuth``), judged
+by its key's guard (one per distinct policy, sharing the pipeline) and recorded with the key's id in every
+record's ``context``.
 """
 
 from __future__ import annotations
@@ -19,8 +23,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from ..actions import MemorizationBlocked
+from ..audit import AuditWriteError, audit_context
+from ..audit.record import current_actor
 from ..core import GuardReport, Submission
+from ..events import log_event
 from ..policy import Decision, decide_on_error
+from .auth import KEY_SCOPE, ApiKey, ApiKeyAuth, ServiceAccess
 from .batching import MicroBatcher
 from .models import (
     BlockedResponse,
@@ -31,6 +39,11 @@ from .models import (
     GenerateResponse,
     Health,
 )
+
+try:  # at module level, so FastAPI can resolve the endpoints' ``request: Request`` annotations
+    from fastapi import Request
+except ImportError:  # the serve extra is missing: create_app's own import says so
+    Request = Any  # type: ignore[assignment,misc]
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 
@@ -46,6 +59,9 @@ def create_app(
     max_batch: int = 16,
     max_wait_ms: float = 10.0,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    access: ServiceAccess | None = None,
+    bind: str | None = None,
+    insecure_no_auth: bool = False,
 ) -> Any:
     """A FastAPI app serving ``guard`` (a ``guard.Guard``).
 
@@ -53,21 +69,33 @@ def create_app(
         max_batch: most prompts scored in one micro-batch (a larger single request still runs whole).
         max_wait_ms: how long the first request of a batch waits for company.
         max_body_bytes: larger request bodies get HTTP 413, checked from Content-Length and as streamed.
+        access: API keys (``ServiceAccess``); None serves everyone with ``guard``.
+        bind: the address served, for the ``service_started`` audit record.
+        insecure_no_auth: recorded in ``service_started``: the operator chose no keys on a public address.
     """
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memguard-guard")
-    batcher: MicroBatcher[list[str], GuardReport] = MicroBatcher(
-        lambda batch: _check_fail_closed(guard, batch), executor, max_batch=max_batch, max_wait_ms=max_wait_ms
-    )
+    guards = [guard] + [g for g in (access.distinct_guards() if access else []) if g is not guard]
+    batchers: dict[int, MicroBatcher[tuple[list[str], dict[str, Any]], GuardReport]] = {
+        id(g): MicroBatcher(lambda batch, g=g: _check_fail_closed(g, batch), executor, max_batch=max_batch,
+                            max_wait_ms=max_wait_ms, size=lambda item: len(item[0]))
+        for g in guards
+    }
+    batcher = batchers[id(guard)]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher.start()
+        await asyncio.get_running_loop().run_in_executor(
+            executor, _record_start, guards, access, bind, insecure_no_auth)
+        for each in batchers.values():
+            each.start()
         yield
-        await batcher.stop()
+        for each in batchers.values():
+            await each.stop()
+        await asyncio.get_running_loop().run_in_executor(executor, _close_guards, guards)
         executor.shutdown(wait=True)
 
     app = FastAPI(
@@ -78,7 +106,21 @@ def create_app(
     )
     app.state.guard = guard
     app.state.batcher = batcher
+    app.state.batchers = batchers
+    app.state.access = access
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    if access is not None:
+        app.add_middleware(ApiKeyAuth, access=access)  # added last: runs first, before the body is read
+
+    def caller(request: Request, endpoint: str) -> tuple[Any, dict[str, Any]]:
+        """The guard that judges this request (its key's) and the context its records carry."""
+        key: ApiKey | None = request.scope.get(KEY_SCOPE)
+        if key is None:
+            return guard, {"endpoint": endpoint}
+        context = {"endpoint": endpoint, "key_id": key.id}
+        if key.team is not None:
+            context["team"] = key.team
+        return access.guard_for(key) if access is not None else guard, context
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -98,9 +140,10 @@ def create_app(
         return JSONResponse(status_code=200 if ready else 503, content=health.model_dump())
 
     @app.post("/v1/check", response_model=CheckResponse, responses={422: {"model": ErrorResponse}})
-    async def check(body: CheckRequest) -> CheckResponse:
+    async def check(body: CheckRequest, request: Request) -> CheckResponse:
         """Score and decide each prompt; nothing is generated. Each verdict is audited under ``request_id``."""
-        report = await batcher.submit(body.as_list())
+        target, context = caller(request, "/v1/check")
+        report = await batchers[id(target)].submit((body.as_list(), context))
         return CheckResponse(
             request_id=report.request_id,
             decisions=report.decisions,
@@ -112,11 +155,12 @@ def create_app(
         response_model=GenerateResponse,
         responses={403: {"model": BlockedResponse}, 422: {"model": ErrorResponse}},
     )
-    async def generate(body: GenerateRequest) -> Any:
+    async def generate(body: GenerateRequest, request: Request) -> Any:
         """Guarded generation: PNG images (base64) when allowed, HTTP 403 with the reason when blocked."""
         loop = asyncio.get_running_loop()
+        target, context = caller(request, "/v1/generate")
         try:
-            output = await loop.run_in_executor(executor, _generate, guard, body)
+            output = await loop.run_in_executor(executor, _generate, target, body, context)
         except MemorizationBlocked as blocked:
             return _blocked_response(str(blocked), blocked.report.request_id, blocked.decisions)
         except (ValueError, TypeError) as error:
@@ -135,10 +179,10 @@ def create_app(
     return app
 
 
-def _check_fail_closed(guard: Any, batch: list[list[str]]) -> list[GuardReport]:
+def _check_fail_closed(guard: Any, batch: list[tuple[list[str], dict[str, Any]]]) -> list[GuardReport]:
     """One judging pass over every request of a micro-batch; a failure anywhere is the policy's ``on_error``
     verdict for that batch's prompts, never an exception."""
-    requests = [Submission(prompts, context={"endpoint": "/v1/check"}) for prompts in batch]
+    requests = [Submission(prompts, context=context) for prompts, context in batch]
     try:
         reports, _ = guard.core.judge_many(requests, mode="check")
         return reports
@@ -148,11 +192,39 @@ def _check_fail_closed(guard: Any, batch: list[list[str]]) -> list[GuardReport]:
             GuardReport(request_id="unaudited", decisions=[decide_on_error(guard.policy, i, message)
                                                            for i in range(len(prompts))], mode="check",
                         audit_error=message)
-            for prompts in batch
+            for prompts, _ in batch
         ]
 
 
-def _generate(guard: Any, body: GenerateRequest) -> Any:
+def _record_start(guards: Sequence[Any], access: ServiceAccess | None, bind: str | None,
+                  insecure_no_auth: bool) -> None:
+    """One ``service_started`` record per audit log in use: the address, the auth mode, each key's policy."""
+    written: set[str] = set()
+    for each in guards:
+        try:
+            logger = each.audit
+            path = str(logger.sink.path.resolve())
+            if path in written:
+                continue
+            written.add(path)
+            logger.log(
+                "service_started", source="service", actor=current_actor(), bind=bind,
+                auth="api_keys" if access is not None else "none", insecure_no_auth=insecure_no_auth,
+                api_keys_path=str(access.config.path) if access is not None else None,
+                api_keys_sha256=access.config.sha256 if access is not None else None,
+                keys=access.grants() if access is not None else [],
+            )
+        except (AuditWriteError, OSError) as error:  # requests will follow on_error, as for any unwritable log
+            log_event("audit_unwritable", level="error", event_kind="service_started", error=str(error))
+
+
+def _close_guards(guards: Sequence[Any]) -> None:
+    """At shutdown: close each guard's audit log (a signing log gets its final checkpoint)."""
+    for each in guards:
+        each.close()
+
+
+def _generate(guard: Any, body: GenerateRequest, context: dict[str, Any] | None = None) -> Any:
     import torch
 
     kwargs: dict[str, Any] = {
@@ -167,7 +239,8 @@ def _generate(guard: Any, body: GenerateRequest) -> Any:
             kwargs[name] = getattr(body, name)
     if body.seed is not None:
         kwargs["generator"] = torch.Generator("cpu").manual_seed(body.seed)
-    return guard(**kwargs)
+    with audit_context(**(context or {})):
+        return guard(**kwargs)
 
 
 def _blocked_response(detail: str, request_id: str | None, decisions: Sequence[Decision]) -> Any:
