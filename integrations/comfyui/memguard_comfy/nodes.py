@@ -227,10 +227,7 @@ def _report(report: GuardReport, policy: Policy, blocked: bool, texts_known: boo
         lines.append(f"[{decision.prompt_index}] {decision.action}: score {shown}; {decision.reason}")
         mitigation = report.mitigations.get(decision.prompt_index)
         if mitigation is not None:
-            lines.append(
-                f"    rewritten in {mitigation.steps} steps: "
-                f"{mitigation.score_before:.4f} -> {mitigation.score_after:.4f}"
-            )
+            lines.append(f"    {mitigation.describe()}")
     if not texts_known:
         lines.append("prompt text not found in the workflow: the audit record holds no prompt hash")
     if report.audit_error:
@@ -280,7 +277,12 @@ def run_guard(
         adapter = core.scorer.adapter if core.scorer is not None else None
         weights = adapter.base_model.diffusion_model if isinstance(adapter, ComfyUIModelAdapter) else None
         with autograd_weights(weights if weights is not None else torch.nn.Module()):
-            cond, _ = core.rewrite(report, cond)
+            kept = list(report.plan(policy).generate)
+            state = core.rewrite(report, cond.select(kept))  # no sampler here: only unverified rules rewrite
+            rewritten = cond.clone()
+            for position, row in enumerate(kept):
+                rewritten.embeds[row] = state.cond.embeds[position]
+            cond = rewritten
     plan = report.plan(policy)
     keep = set(plan.generate)
     outcomes: dict[int, Outcome] = {}
