@@ -310,6 +310,9 @@ def _prepare(
     if latents is None and rung in ("initial_noise", "combined"):
         return RungResult(rung=rung, ran=False, note="needs the generation's initial noise, which this front end "
                                                      "does not have")
+    if rung == "guidance_schedule" and settings.verify is None:
+        return RungResult(rung=rung, ran=False, note="without verification nothing can tell whether a guidance "
+                                                     "schedule worked (it has no score target)")
     uses_guidance = rung in ("guidance_schedule", "combined")
     if uses_guidance and guidance_available is not None:
         if rung == "guidance_schedule":

@@ -148,7 +148,7 @@ class VerifySettings(_Model):
     signal: Literal["probe_similarity"] = "probe_similarity"
     against: Literal["nearest", "same"] = "nearest"
     above_fpr: Fpr | None = None
-    max_similarity: float | None = Field(default=None, gt=-1.0, le=1.0, allow_inf_nan=False)
+    max_similarity: float | None = Field(default=None, ge=-1.0, le=1.0, allow_inf_nan=False)
     probes: int = Field(default=2, ge=1, le=8)
     probe_steps: int = Field(default=25, ge=2, le=1000)
 
