@@ -1,19 +1,22 @@
-"""Evidence for the ``rewrite`` action: memorized prompts of the memorizing model stop reproducing their latent.
+"""Does ``rewrite`` stop the copy? Measured on a memorizing model against its own training latents.
 
-Why: a mitigation is only worth shipping if, on a model that really memorizes, it turns copies into new images
-while leaving ordinary prompts alone. This runs real 50-step DDIM generations (CFG 7.5, latent output) and reports
+Why: a rewrite is only worth shipping if the image it releases is not the training image, and "the score
+target was met" is not that. For every memorized caption and seed this benchmark runs (50-step generations,
+guidance 7.5, latents compared with the caption's own training latent; a **copy** is above the
+unseen-caption level, the mean + 2.5 std of unseen captions' cosine to their nearest training latent):
 
-* memorized prompts: cosine similarity of the generated latent to the prompt's own training latent without
-  mitigation and through ``Guard`` with a rewrite rule for each method, with the score before/after and the share
-  of prompts whose target was met;
-* unseen prompts: how many the shipped policies would rewrite or block (with the model's calibration), and, when
-  mitigation is forced for the full step budget, how much their output changes;
-* the time each mitigation costs relative to one generation of one image.
+* no guard;
+* each rung of the ladder alone, its image always released (``verify: max_similarity 1.0``), with the
+  run-time signals memguard could verify with: ``probe_similarity`` (the image's cosine to probe generations
+  of the original prompt), ``score_at_input`` (the score at the rung's own input) and ``guidance_norm`` (the
+  guidance norm over the first 30% of the actual trajectory): their AUROC for copy vs escaped;
+* the shipped policy (``--policy strict``) with the model's calibration (score and verification): which
+  prompts were released (rewritten and verified) or blocked, and the released images' cosine;
+* costs, as multiples of one plain generation of one image;
+* unseen captions rewritten anyway through the same ladder: how many are released and how much their image
+  changes (cosine to the unrewritten image from the same seed).
 
-    python benchmarks/mitigation.py --model guard/assets/memorizer \
-        --mem benchmarks/memorizer/prompts/mem.txt --nmem benchmarks/memorizer/prompts/nmem.txt
-
-``--model tiny`` runs the same code on a random-weight fixture pipeline (numbers meaningless; a smoke test).
+    python benchmarks/mitigation.py --model benchmarks/memorizer/models/eps-strong
 """
 
 from __future__ import annotations
@@ -22,300 +25,231 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
-import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks" / "memorizer"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from data import build  # noqa: E402
-from guard.calibrator import auto_calibration, calibrate  # noqa: E402
+from common import load, setup, table  # noqa: E402
+from memorizers import Sampler, cosine_rows, data_for, unseen_level  # noqa: E402
 
-from guard import Guard  # noqa: E402
-from guard.actions.mitigation import initial_latents, mitigate_initial_noise, mitigate_prompt_embedding  # noqa: E402
-from guard.assets import shipped_calibration_path  # noqa: E402
-from guard.policy import CalibrationProfile, decide, load_policy  # noqa: E402
+from guard import Guard, MemorizationBlocked  # noqa: E402
+from guard.calibration import CalibrationProfile  # noqa: E402
+from guard.metrics import roc_auc  # noqa: E402
+from guard.policy import load_policy  # noqa: E402
 from guard.scoring import Scorer  # noqa: E402
 
-METHODS = ("prompt_embedding", "initial_noise")
+RUNGS = ("guidance_schedule", "prompt_embedding", "initial_noise", "combined")
+SIGNALS = ("probe_similarity", "score_at_input", "guidance_norm")
 
 
-def load_pipe(model: str):
-    """The pipeline under test; ``tiny`` is a random-weight fixture at the memorizer's latent size."""
-    if model == "tiny":
-        from guard.testing import tiny_sd_pipeline
+class GuidanceNorm:
+    """Mean ||e_c - e_u|| over the first ``share`` of the steps of single-image guided generations."""
 
-        return tiny_sd_pipeline(sample_size=16)
-    from diffusers import StableDiffusionPipeline
+    def __init__(self, denoiser: torch.nn.Module, share: float = 0.3) -> None:
+        self.values: list[float] = []
+        self.share = share
+        self.handle = denoiser.register_forward_hook(self._hook)
 
-    pipe = StableDiffusionPipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    def _hook(self, module, args, output) -> None:
+        tensor = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+        if isinstance(tensor, torch.Tensor) and tensor.shape[0] == 2:
+            self.values.append(float((tensor[1] - tensor[0]).detach().float().flatten().norm()))
 
-
-def read_prompts(path: Path, limit: int | None) -> list[str]:
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    return prompts[:limit] if limit else prompts
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise cosine similarity of flattened latents."""
-    return F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1)
+    def take(self, steps: int) -> float:
+        early = self.values[: max(1, int(self.share * steps))]
+        self.values = []
+        return sum(early) / len(early) if early else float("nan")
 
 
-def generate(pipe, prompt_or_embeds, seed: int, args: argparse.Namespace, **kwargs) -> torch.Tensor:
-    """One image's latent, with the caller-style generator ``seed``."""
-    if isinstance(prompt_or_embeds, str):
-        kwargs["prompt"] = prompt_or_embeds
-    else:
-        kwargs["prompt_embeds"] = prompt_or_embeds
-    out = pipe(
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        output_type="latent",
-        **kwargs,
-    )
-    return out.images.float().cpu()
+def model_calibration(model: Path, scorer: Scorer, data, work: Path, verification: int) -> CalibrationProfile:
+    """The model's own calibration (with verification values), else one made here from its calib captions."""
+    shipped = model / "calibration.json"
+    if shipped.exists():
+        profile = CalibrationProfile.load(shipped)
+        if profile.verification is not None:
+            return profile
+    from click.testing import CliRunner
+
+    from guard.cli import main
+
+    prompts = work / "calib.txt"
+    prompts.write_text("\n".join(data.calib_captions) + "\n")
+    out = work / "calibration.json"
+    result = CliRunner().invoke(main, ["calibrate", "--model", str(model), "--nmem", str(prompts), "--out", str(out),
+                                       "--verification", str(verification), "--no-progress", "--device", "cpu"])
+    if result.exit_code != 0:
+        raise SystemExit(result.output)
+    return CalibrationProfile.load(out)
 
 
-def rewrite_guard(pipe, method: str, target: float, args: argparse.Namespace) -> Guard:
-    """A guard that rewrites every prompt toward ``target`` (the strict policy's rewrite target, by default)."""
-    policy = {
-        "name": f"bench-{method}",
-        "calibration": "off",
-        "rules": [
-            {
-                "name": "rewrite-all",
-                "when": {"score": {"gte": -1e9}},
-                "action": "rewrite",
-                "rewrite": {
-                    "method": method,
-                    "target": {"score": target},
-                    "max_steps": args.max_steps,
-                    "lr": args.lr,
-                    "fallback": "warn",
-                },
-            }
-        ],
-        "default": "allow",
-        "on_error": "block",
-        "audit": {"path": str(args.audit_dir / f"{method}.jsonl"), "prompt": "hash"},
-    }
-    return Guard(pipe, policy, audit_path=args.audit_dir / f"{method}.jsonl")
+def only(rung: str, target: float, args: argparse.Namespace) -> dict:
+    return {"name": f"only-{rung}", "calibration": "off", "rules": [{
+        "when": {"score": {"gte": -1e9}}, "action": "rewrite",
+        "rewrite": {"ladder": [rung], "target": {"score": target}, "max_steps": args.max_steps, "lr": args.lr,
+                    "verify": {"max_similarity": 1.0}, "fallback": "allow"}}]}
 
 
-def summary(values: list[float]) -> dict[str, float]:
-    x = torch.tensor(values, dtype=torch.float64)
-    return {
-        "n": len(values),
-        "mean": x.mean().item(),
-        "median": x.median().item(),
-        "min": x.min().item(),
-        "max": x.max().item(),
-        "share_ge_0.9": (x >= 0.9).double().mean().item(),
-    }
+def forced(policy_name: str) -> dict:
+    """The shipped policy with its rewrite rule applied to every prompt (for unseen captions)."""
+    policy = load_policy(policy_name).model_dump(mode="json")
+    rewrite = next(rule for rule in policy["rules"] if rule["action"] == "rewrite")
+    rewrite["when"] = {"score": {"gte": -1e9}}
+    policy["rules"] = [rewrite]
+    policy["name"] = f"{policy_name}-forced"
+    return policy
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(ROOT / "guard" / "assets" / "memorizer"), help="model dir, or 'tiny'")
-    p.add_argument("--mem", type=Path, default=ROOT / "benchmarks" / "memorizer" / "prompts" / "mem.txt")
-    p.add_argument("--nmem", type=Path, default=ROOT / "benchmarks" / "memorizer" / "prompts" / "nmem.txt")
-    p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--mem-limit", type=int, default=None, help="first N memorized prompts (default all)")
-    p.add_argument("--nmem-limit", type=int, default=40, help="first N unseen prompts for forced mitigation")
-    p.add_argument("--seeds", type=int, default=2, help="generator seeds per memorized prompt")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--policy", default="strict")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--mem-limit", type=int, default=None)
+    p.add_argument("--unseen", type=int, default=200, help="unseen captions for the unseen-caption level")
+    p.add_argument("--unseen-rewrite", type=int, default=20, help="unseen captions rewritten anyway")
+    p.add_argument("--verification", type=int, default=64, help="prompts of a verification calibration made here")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--max-steps", type=int, default=10)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--target-fpr", type=float, default=0.05, help="rewrite target: score at this calibration FPR")
-    p.add_argument("--target", type=float, default=None, help="absolute rewrite target (overrides --target-fpr)")
-    p.add_argument("--calibration", type=Path, default=None, help="default: the model's own, else auto")
-    p.add_argument(
-        "--calibrate-on-train",
-        type=int,
-        default=0,
-        help="calibrate on the first N ordinary (non-duplicated) training captions instead (the model's own prompts)",
-    )
+    p.add_argument("--max-steps", type=int, default=30)
+    p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--audit-dir", type=Path, default=Path("/tmp/memguard-bench-mitigation"))
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    args.audit_dir.mkdir(parents=True, exist_ok=True)
-    warnings.filterwarnings("ignore")
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    setup(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="memguard-mitigation-"))
 
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
-
-    data = build(args.data_seed)
-    own_latent = {c: data.train_latents[i] for c, i in zip(data.mem_captions, data.mem_latent_index)}
-    mem = read_prompts(args.mem, args.mem_limit)
-    nmem_all = read_prompts(args.nmem, None)
-    nmem = nmem_all[: args.nmem_limit]
-    pipe = load_pipe(args.model)
+    data = data_for(args.model)
+    pipe = load(args.model)
+    pipe.set_progress_bar_config(disable=True)
     scorer = Scorer(pipe)
+    sample = Sampler(pipe, scorer, args.steps, args.guidance)
+    call = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "output_type": "latent"}
+    level = unseen_level(sample, data, args.unseen)
+    print(level.describe(), flush=True)
+    calibration = model_calibration(args.model, scorer, data, work, args.verification)
+    target = calibration.threshold_at_fpr(0.5)
+    print(f"calibration {calibration.id}: {calibration.n_prompts} prompts; verification on "
+          f"{len(calibration.verification.nearest)} prompts, threshold at FPR 0.01 "
+          f"{calibration.verification.threshold_at_fpr(0.01):.4f} (nearest), "
+          f"{calibration.verification.threshold_at_fpr(0.01, 'same'):.4f} (same)", flush=True)
 
-    calibration_file = args.calibration or (
-        None if args.model == "tiny" else shipped_calibration_path(Path(args.model))
-    )
-    if args.calibrate_on_train:
-        ordinary = [c for c in dict.fromkeys(data.train_captions) if c not in own_latent][: args.calibrate_on_train]
-        calibration = calibrate(scorer, ordinary, source=f"memorizer-train-{len(ordinary)}")
-    elif calibration_file:
-        calibration = CalibrationProfile.load(calibration_file)
-    else:
-        calibration = auto_calibration(scorer)
-    target = args.target if args.target is not None else calibration.threshold_at_fpr(args.target_fpr)
-    print(
-        f"model {args.model}; calibration {calibration.id} ({len(calibration.scores)} prompts); "
-        f"target = score at FPR {args.target_fpr} = {target:.4f}"
-    )
-
-    # ---- timing: one generation of one image, batch 1
-    gen_times = []
-    for seed in range(3):
-        started = time.perf_counter()
-        generate(pipe, mem[0], seed, args)
-        gen_times.append(time.perf_counter() - started)
-    gen_seconds = statistics.median(gen_times)
-
-    # ---- memorized prompts
-    mem_scores_full = scorer.score(mem)
-    mem_scores = [s.score for s in mem_scores_full]
-    guards = {m: rewrite_guard(pipe, m, target, args) for m in METHODS}
-    rows: dict[str, dict] = {}
-    sims: dict[str, list[float]] = {"none": [], **{m: [] for m in METHODS}}
-    results: dict[str, list] = {m: [] for m in METHODS}
-    for prompt in mem:
-        reference = own_latent[prompt].unsqueeze(0)
+    mem = list(zip(data.mem_captions, data.mem_levels, data.mem_latent_index))[: args.mem_limit]
+    meter = GuidanceNorm(scorer.adapter.denoiser)
+    rows: list[dict] = []
+    guards = {rung: Guard(pipe, only(rung, target, args), audit_path=work / f"{rung}.jsonl") for rung in RUNGS}
+    shipped = Guard(pipe, args.policy, calibration=calibration, audit_path=work / f"{args.policy}.jsonl")
+    plain_seconds: list[float] = []
+    for caption, copies, latent_index in mem:
+        truth = data.train_latents[latent_index][None]
         for seed in range(args.seeds):
-            sims["none"].append(cosine(generate(pipe, prompt, seed, args), reference).item())
-            for method, guard in guards.items():
-                out = guard(
-                    prompt=prompt,
-                    num_inference_steps=args.steps,
-                    guidance_scale=args.guidance,
-                    generator=torch.Generator("cpu").manual_seed(seed),
-                    output_type="latent",
-                )
-                sims[method].append(cosine(out.images.float().cpu(), reference).item())
-                result = out.memguard.mitigations.get(0)
-                results[method].append(result)
-    rows["mem_similarity"] = {k: summary(v) for k, v in sims.items()}
-    rows["mem_mitigation"] = {}
-    for method in METHODS:
-        done = [r for r in results[method] if r is not None]
-        rows["mem_mitigation"][method] = {
-            "met_share": len(done) / len(results[method]),
-            "score_before_mean": statistics.mean(r.score_before for r in done) if done else None,
-            "score_after_mean": statistics.mean(r.score_after for r in done) if done else None,
-            "steps_mean": statistics.mean(r.steps for r in done) if done else None,
-            "seconds_median": statistics.median(r.seconds for r in done) if done else None,
-        }
-    rows["mem_detection_score_mean"] = statistics.mean(mem_scores)
+            started = time.perf_counter()
+            plain = pipe(caption, generator=torch.Generator().manual_seed(seed), **call).images
+            plain_seconds.append(time.perf_counter() - started)
+            meter.take(args.steps)
+            rows.append({"variant": "none", "copies": copies, "seed": seed, "caption": caption,
+                         "cos": float(cosine_rows(plain, truth)[0]), "released": True, "seconds": plain_seconds[-1]})
+            for rung, guard in guards.items():
+                started = time.perf_counter()
+                out = guard(prompt=caption, generator=torch.Generator().manual_seed(seed), **call)
+                seconds = time.perf_counter() - started
+                ladder = out.memguard.mitigations[0]
+                last = ladder.rungs[-1]
+                scores = [m.score_after for m in last.mitigations]
+                rows.append({
+                    "variant": rung, "copies": copies, "seed": seed, "caption": caption, "released": True,
+                    "cos": float(cosine_rows(out.images, truth)[0]), "seconds": seconds,
+                    "probe_similarity": max(last.similarity) if last.similarity else None,
+                    "score_at_input": scores[-1] if scores else out.memguard.decisions[0].score.score,
+                    "guidance_norm": meter.take(args.steps),
+                })
+            started = time.perf_counter()
+            try:
+                out = shipped(prompt=caption, generator=torch.Generator().manual_seed(seed), **call)
+                report, released = out.memguard, True
+                cos = float(cosine_rows(out.images, truth)[0])
+            except MemorizationBlocked as blocked:
+                report, released, cos = blocked.report, False, None
+            meter.take(args.steps)
+            ladder = report.mitigations.get(0)
+            rows.append({"variant": args.policy, "copies": copies, "seed": seed, "caption": caption, "cos": cos,
+                         "released": released, "seconds": time.perf_counter() - started,
+                         "action": report.decisions[0].action, "rule": report.decisions[0].rule,
+                         "rung": None if ladder is None else ladder.released,
+                         "rungs": [] if ladder is None else [r.rung for r in ladder.rungs if r.ran]})
+        print(f"  {caption[:40]!r} ({copies} copies) done", flush=True)
+    meter.handle.remove()
+    plain_cost = statistics.median(plain_seconds)
 
-    # ---- unseen prompts: decisions under the shipped policies, then forced mitigation
-    nmem_scores = scorer.score(nmem_all)
-    triggered: dict[str, dict[str, int]] = {}
-    for name in ("strict", "balanced"):
-        policy = load_policy(name)
-        counts: dict[str, int] = {}
-        for prompt, score in zip(nmem_all, nmem_scores):
-            action = decide(policy, score, prompt, calibration).action
-            counts[action] = counts.get(action, 0) + 1
-        mem_counts: dict[str, int] = {}
-        for prompt, score in zip(mem, mem_scores_full):
-            action = decide(policy, score, prompt, calibration).action
-            mem_counts[action] = mem_counts.get(action, 0) + 1
-        triggered[name] = {"unseen": counts, "memorized": mem_counts}
-    rows["shipped_policies"] = triggered
+    lines = {"level": level.level}
+    copy_level = level.level
+    by_variant = defaultdict(list)
+    for row in rows:
+        by_variant[row["variant"]].append(row)
+    headers = ["variant", "duplicates", "n", "cos to training latent, mean", "max", "copies (> level)",
+               "released", "cost (x one generation)"]
+    body = []
+    for variant in ("none", *RUNGS, args.policy):
+        for copies in sorted({r["copies"] for r in by_variant[variant]}) + ["all"]:
+            group = [r for r in by_variant[variant] if copies == "all" or r["copies"] == copies]
+            released = [r for r in group if r["released"]]
+            coses = [r["cos"] for r in released]
+            body.append([variant, copies, len(group), round(statistics.mean(coses), 3) if coses else "-",
+                         round(max(coses), 3) if coses else "-",
+                         f"{sum(c > copy_level for c in coses)}/{len(released)}",
+                         f"{len(released)}/{len(group)}",
+                         round(statistics.median(r["seconds"] for r in group) / plain_cost, 2)])
+    print(f"\nunseen-caption level {copy_level:.3f}; plain generation {plain_cost:.3f} s")
+    print(table(headers, body))
+    rungs_used = defaultdict(int)
+    for row in by_variant[args.policy]:
+        rungs_used[row["rung"] or f"fell back ({row['action']})"] += 1
+    print("\n" + table([f"{args.policy}: released by", "prompts"], [[k, v] for k, v in rungs_used.items()]))
 
-    forced: dict[str, dict[str, list[float]]] = {
-        m: {"vs_unmitigated": [], "comp_before": [], "comp_after": [], "seconds": []} for m in METHODS
-    }
-    for prompt in nmem:
-        comp = data.compositional_latent(prompt).unsqueeze(0)
-        plain = generate(pipe, prompt, 0, args)
-        cond = scorer.encode([prompt])
-        with torch.no_grad():
-            result = mitigate_prompt_embedding(scorer, cond, target=-float("inf"), max_steps=args.max_steps, lr=args.lr)
-        mitigated_pe = generate(pipe, result.cond.embeds.to(cond.embeds.dtype), 0, args)
-        forced["prompt_embedding"]["seconds"].append(result.seconds)
-        noise = initial_latents(pipe, scorer, 1, {"generator": torch.Generator("cpu").manual_seed(0)})
-        result = mitigate_initial_noise(scorer, cond, noise, target=-float("inf"), max_steps=args.max_steps, lr=args.lr)
-        mitigated_in = generate(pipe, prompt, 0, args, latents=result.latents.to(noise.dtype))
-        forced["initial_noise"]["seconds"].append(result.seconds)
-        for method, latent in (("prompt_embedding", mitigated_pe), ("initial_noise", mitigated_in)):
-            forced[method]["vs_unmitigated"].append(cosine(latent, plain).item())
-            forced[method]["comp_before"].append(cosine(plain, comp).item())
-            forced[method]["comp_after"].append(cosine(latent, comp).item())
-    rows["nmem_forced"] = {m: {k: summary(v) for k, v in d.items()} for m, d in forced.items()}
-    rows["generation_seconds"] = gen_seconds
+    rewritten = [r for v in RUNGS for r in by_variant[v]]
+    signal_rows = []
+    for name in SIGNALS:
+        pos = [r[name] for r in rewritten if r["cos"] > copy_level and r[name] is not None]
+        neg = [r[name] for r in rewritten if r["cos"] <= copy_level and r[name] is not None]
+        signal_rows.append([name, len(pos), len(neg), round(roc_auc(pos, neg), 3) if pos and neg else "n/a"])
+    print("\n" + table(["signal", "copies", "escaped", "AUROC copy vs escaped"], signal_rows))
+    verification = calibration.verification
+    verdicts = []
+    for against in ("nearest", "same"):
+        threshold = verification.threshold_at_fpr(0.01, against)
+        passed = [r for r in rewritten if r["probe_similarity"] is not None and r["probe_similarity"] <= threshold]
+        escaped = sum(r["cos"] <= copy_level for r in rewritten)
+        verdicts.append([against, round(threshold, 4), sum(r["cos"] > copy_level for r in passed),
+                         f"{sum(r['cos'] <= copy_level for r in passed)}/{escaped}"])
+    print("\n" + table(["verification null", "threshold (FPR 1%)", "copies that would pass (must be 0)",
+                        "escaped that pass"], verdicts))
 
-    # ---- report
-    print(
-        f"\n{len(mem)} memorized prompts x {args.seeds} seeds, {args.steps} DDIM steps, CFG {args.guidance}, "
-        f"max {args.max_steps} mitigation steps, lr {args.lr}\n"
-    )
-    print(
-        "| memorized prompts | cos to training latent (mean) | median | share >= 0.9 | target met | "
-        "score before -> after | steps | s per prompt (x generation) |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    none = rows["mem_similarity"]["none"]
-    print(
-        f"| no mitigation | {none['mean']:.3f} | {none['median']:.3f} | {none['share_ge_0.9']:.2f} | - | "
-        f"{rows['mem_detection_score_mean']:.3f} (detection) | - | - |"
-    )
-    for method in METHODS:
-        s, m = rows["mem_similarity"][method], rows["mem_mitigation"][method]
-        before = f"{m['score_before_mean']:.3f} -> {m['score_after_mean']:.3f}" if m["score_before_mean"] else "-"
-        secs = m["seconds_median"]
-        cost = f"{secs:.2f} ({secs / gen_seconds:.2f}x)" if secs is not None else "-"
-        steps = f"{m['steps_mean']:.1f}" if m["steps_mean"] is not None else "-"
-        print(
-            f"| {method} | {s['mean']:.3f} | {s['median']:.3f} | {s['share_ge_0.9']:.2f} | "
-            f"{m['met_share']:.2f} | {before} | {steps} | {cost} |"
-        )
-    print(f"\none generation (1 image, batch 1): {gen_seconds:.2f} s\n")
-    print("| policy | unseen prompts: actions | memorized prompts: actions |")
-    print("|---|---|---|")
-    for name, t in triggered.items():
-        print(f"| {name} | {json.dumps(t['unseen'])} | {json.dumps(t['memorized'])} |")
-    print(
-        f"\n| unseen prompts, forced ({len(nmem)}, {args.max_steps} steps, no target) | cos to unmitigated output | "
-        "cos to own compositional target: before -> after | s per prompt |"
-    )
-    print("|---|---|---|---|")
-    for method in METHODS:
-        f = rows["nmem_forced"][method]
-        print(
-            f"| {method} | {f['vs_unmitigated']['mean']:.3f} (min {f['vs_unmitigated']['min']:.3f}) | "
-            f"{f['comp_before']['mean']:.3f} -> {f['comp_after']['mean']:.3f} | {f['seconds']['median']:.2f} |"
-        )
+    if args.unseen_rewrite:
+        policy = forced(args.policy)
+        guard = Guard(pipe, policy, calibration=calibration, audit_path=work / "unseen.jsonl")
+        changes, released, by = [], 0, defaultdict(int)
+        for i, caption in enumerate(data.nmem_captions[: args.unseen_rewrite]):
+            plain = pipe(caption, generator=torch.Generator().manual_seed(i), **call).images
+            try:
+                out = guard(prompt=caption, generator=torch.Generator().manual_seed(i), **call)
+            except MemorizationBlocked as blocked:
+                by[f"fell back ({blocked.decisions[0].action})"] += 1
+                continue
+            released += 1
+            by[out.memguard.mitigations[0].released] += 1
+            changes.append(float(cosine_rows(out.images, plain)[0]))
+        print(f"\nunseen captions rewritten anyway ({args.policy}'s ladder forced): released {released}/"
+              f"{args.unseen_rewrite}; cos of the released image to the unrewritten one: mean "
+              f"{statistics.mean(changes) if changes else float('nan'):.3f}; released by {dict(by)}")
+        lines["unseen_rewrite"] = {"released": released, "changes": changes, "by": dict(by)}
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "args": {k: str(v) for k, v in vars(args).items()},
-                    "target": target,
-                    "calibration": calibration.id,
-                    "rows": rows,
-                },
-                indent=1,
-            )
-            + "\n"
-        )
+        args.json.write_text(json.dumps({**lines, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -18,19 +18,27 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
 from .actions import BatchPlan, plan_batch
-from .actions.mitigation import MitigationResult, apply_rewrites
+from .actions.ladder import LadderResult, LadderState, run_ladder
+from .actions.verification import Generate, auto_verification
 from .audit import AuditLogger, AuditWriteError, new_request_id
 from .audit.record import Outcome
-from .calibration import CalibrationError, CalibrationMissing, CalibrationProfile, auto_calibration
+from .calibration import (
+    CalibrationError,
+    CalibrationMismatch,
+    CalibrationMissing,
+    CalibrationProfile,
+    VerificationCalibration,
+    auto_calibration,
+)
 from .events import log_event
-from .policy import Decision, Policy, decide, decide_on_error, load_policy, match_lists
+from .policy import Decision, Policy, VerifySettings, decide, decide_on_error, load_policy, match_lists
 from .redaction import redacted_library_logs
 from .scoring import MemorizationScore, Scorer, TextConditioning
 from .scoring.profiles import ProfileLike
@@ -59,7 +67,7 @@ class GuardReport:
     withheld: bool = False
     latency_scoring_ms: float | None = None
     latency_generation_ms: float | None = None
-    mitigations: dict[int, MitigationResult] = field(default_factory=dict)
+    mitigations: dict[int, LadderResult] = field(default_factory=dict)
     outcomes: dict[int, Outcome] = field(default_factory=dict)
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
     audit_error: str | None = None
@@ -158,6 +166,7 @@ class GuardCore:
         self._calibration: CalibrationProfile | None = None
         self._calibration_error: CalibrationError | None = None
         self._calibration_label: str | None = None
+        self._verification: dict[tuple[int, int], VerificationCalibration] = {}
         try:
             self.audit  # noqa: B018 - open the log now so a bad path shows up at once, as a warning
         except AuditWriteError as error:
@@ -426,26 +435,68 @@ class GuardCore:
         self,
         report: GuardReport,
         cond: TextConditioning,
+        latents: torch.Tensor | None = None,
         *,
-        initial_noise: Callable[[], torch.Tensor] | None = None,
+        generate: Generate | None = None,
         images_per_prompt: int = 1,
-    ) -> tuple[TextConditioning, torch.Tensor | None]:
-        """Mitigate the prompts whose decision is ``rewrite`` (``docs/mitigation.md``).
+        guidance_available: str | None = None,
+    ) -> LadderState:
+        """Rewrite the prompts whose decision is ``rewrite`` by their ladders (``docs/mitigation.md``).
 
-        Updates ``report.decisions`` (fallbacks) and ``report.mitigations``; returns the conditioning to
-        generate from and, when an ``initial_noise`` rewrite changed it, the call's new initial noise.
-        ``initial_noise`` draws the call's own noise (None where the front end has none: such rules take
-        ``on_error``).
+        ``cond`` and ``latents`` (the call's own unpacked initial noise, ``images_per_prompt`` per prompt)
+        hold the prompts the call generates, ``report.plan(policy).generate``, in that order. ``generate``
+        runs one pipeline call for a ``GenerationRequest`` (None where the front end cannot generate: then
+        nothing can be verified). Updates ``report.decisions`` (fallbacks) and ``report.mitigations``;
+        returns the inputs to release from, with the last generation if it was made from exactly them.
         """
-        if self.scorer is None or not any(d.action == "rewrite" for d in report.decisions):
-            return cond, None
+        kept = list(report.plan(self.policy).generate)
+        by_index = {d.prompt_index: d for d in report.decisions}
+        if self.scorer is None:
+            return LadderState(cond, latents, {}, None)
         with self.lock:
-            decisions, cond, noise = apply_rewrites(
-                self.scorer, self.policy, report.decisions, cond, initial_noise=initial_noise,
-                images_per_prompt=images_per_prompt, mitigations=report.mitigations,
+            decided, state = run_ladder(
+                self.scorer, self.policy, [by_index[i] for i in kept], cond, latents,
+                images_per_prompt=images_per_prompt, generate=generate,
+                threshold=lambda verify: self._verification_threshold(verify, generate),
+                seed=self.policy.scoring.noise_seed, guidance_available=guidance_available,
+                results=report.mitigations,
             )
-        report.decisions = decisions
-        return cond, noise
+        for decision in decided:
+            ladder = report.mitigations.get(decision.prompt_index)
+            if ladder is not None:
+                decision = decision.model_copy(update={"mitigation": ladder.to_dict()})
+            by_index[decision.prompt_index] = decision
+        report.decisions = [by_index[d.prompt_index] for d in report.decisions]
+        return state
+
+    def _verification_threshold(self, verify: VerifySettings, generate: Generate | None) -> float:
+        """The probe-similarity threshold ``verify`` asks for: absolute, or read off the verification
+        calibration (the calibration profile's own, else the cached automatic one, else measured now)."""
+        if verify.max_similarity is not None:
+            return verify.max_similarity
+        verification = self._verification_calibration(verify, generate)
+        if (verification.probes, verification.probe_steps) != (verify.probes, verify.probe_steps):
+            raise CalibrationMismatch(
+                f"the verification calibration was measured with {verification.probes} probes of "
+                f"{verification.probe_steps} steps; the policy asks for {verify.probes} of {verify.probe_steps}"
+            )
+        return verification.threshold_at_fpr(verify.above_fpr, verify.against)
+
+    def _verification_calibration(self, verify: VerifySettings, generate: Generate | None) -> VerificationCalibration:
+        calibration = self.calibration
+        if calibration is not None and calibration.verification is not None:
+            return calibration.verification
+        key = (verify.probes, verify.probe_steps)
+        if key in self._verification:
+            return self._verification[key]
+        if self.policy.calibration != "auto" or self.scorer is None or generate is None:
+            where = f"calibration {calibration.id}" if calibration is not None else "this policy's calibration"
+            raise CalibrationMissing(
+                f"{where} has no verification values for rewrites: run `memguard calibrate --model DIR "
+                "--verification 64 ...` and name the profile in the policy, or use `calibration: auto`"
+            )
+        self._verification[key] = auto_verification(self.scorer, generate, verify)
+        return self._verification[key]
 
     def conclude(
         self,

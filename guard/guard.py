@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .actions import BatchPlan, MemorizationBlocked, warn_for
+from .actions.guidance import scheduled_guidance
+from .actions.verification import GenerationRequest, GenerationResult
 from .audit import AuditLogger
 from .audit.record import Outcome
 from .calibration import CalibrationProfile
 from .core import GuardCore, GuardReport, ms_since
-from .policy import Decision, Policy
+from .policy import Decision, Policy, decide_on_error
 from .redaction import redacted_library_logs
 from .scoring import PipelineAdapter, Scorer, TextConditioning, validate_prompts
 from .telemetry import generate_span
@@ -150,33 +153,69 @@ class Guard:
         adapter = self._pipeline_adapter
         encode_options = adapter.encode_options(arguments) if adapter is not None else {}
         report, cond = self.core.judge(prompts, cond=cond, encode_options=encode_options, mode="generate")
-        noise: torch.Tensor | None = None
-        if cond is not None and adapter is not None and not report.plan(self.policy).blocked_whole:
-            per_prompt = arguments.get("num_images_per_prompt") or 1
-            cond, noise = self.core.rewrite(
-                report, cond, images_per_prompt=per_prompt,
-                initial_noise=lambda: adapter.prepare_latents(arguments, len(prompts)),
-            )
         plan = report.plan(self.policy)
         if plan.blocked_whole:
             return self._refuse(report)
-        report.generated, report.dropped = list(plan.generate), list(plan.dropped)
-        generation = self._generation_arguments(arguments, plan, cond, noise)
         started = time.perf_counter()
+        rewriting = any(d.action == "rewrite" and d.prompt_index in plan.generate for d in report.decisions)
         try:
-            with self.core.lock, redacted_library_logs(self.pipe, self.core.hashes_prompts), \
-                    generate_span(self.core, report, len(plan.generate)):
-                output = self.pipe(**generation)
+            with generate_span(self.core, report, len(plan.generate)):
+                if rewriting and cond is not None and adapter is not None:
+                    output = self._generate_with_ladder(report, arguments, cond, len(prompts))
+                    plan = report.plan(self.policy)
+                else:
+                    with self.core.lock, redacted_library_logs(self.pipe, self.core.hashes_prompts):
+                        output = self.pipe(**self._generation_arguments(arguments, plan, cond))
         except BaseException as error:
-            self.core.conclude(report, dict.fromkeys(report.generated, "failed") | dict.fromkeys(plan.dropped,
-                               "dropped"), latency_generation_ms=ms_since(started), error=error)
+            self.core.conclude(report, dict.fromkeys(plan.generate, "failed") | dict.fromkeys(plan.dropped, "dropped"),
+                               latency_generation_ms=ms_since(started), error=error)
             raise
+        if output is None:  # the rewrites' fallbacks block the call
+            return self._refuse(report)
+        report.generated, report.dropped = list(plan.generate), list(plan.dropped)
         self.core.conclude(report, {d.prompt_index: _outcome(d, plan, report) for d in report.decisions},
                            latency_generation_ms=ms_since(started))
         warn_for([d for d in report.decisions if d.prompt_index in plan.generate])
         if isinstance(output, tuple):
             return (*output, report)
         return GuardedOutput(images=getattr(output, "images", None), memguard=report, output=output)
+
+    def _generate_with_ladder(
+        self, report: GuardReport, arguments: dict[str, Any], cond: TextConditioning, batch: int
+    ) -> Any:
+        """Generate a call with rewrites: the ladder's generations, then the release. Returns the pipeline
+        output to release, or None when the rewrites' fallbacks block the call."""
+        adapter = self._pipeline_adapter
+        per = arguments.get("num_images_per_prompt") or 1
+        kept = list(report.plan(self.policy).generate)
+        with self.core.lock:
+            noise = adapter.prepare_latents(arguments, batch)
+        generation = PipelineGeneration(self.pipe, adapter, arguments, kept, noise.shape[1:], lock=self.core.lock,
+                                        redact=self.core.hashes_prompts)
+        images = [i * per + k for i in kept for k in range(per)]
+        state = self.core.rewrite(
+            report, cond.select(kept), noise[images], generate=generation, images_per_prompt=per,
+            guidance_available=generation.guidance_unavailable(),
+        )
+        plan = report.plan(self.policy)
+        if plan.blocked_whole:
+            return None
+        if state.last is not None and list(plan.generate) == kept:
+            return state.last.output
+        rows = [kept.index(i) for i in plan.generate]
+        remap = {position * per + k: state.guidance[row * per + k] for position, row in enumerate(rows)
+                 for k in range(per) if row * per + k in state.guidance}
+        result = generation(GenerationRequest(
+            cond=state.cond.select(rows), latents=state.latents[[r * per + k for r in rows for k in range(per)]],
+            images_per_prompt=per, rows=rows, guidance=remap,
+        ))
+        failed = {kept[k] for k in state.still_verified(result, rows, per)}
+        if failed:  # never seen; but a release is only made of images that were checked
+            message = "a verified rewrite did not pass verification again when generated for release"
+            report.decisions = [decide_on_error(self.policy, d.prompt_index, message, score=d.score)
+                                if d.prompt_index in failed else d for d in report.decisions]
+            return None
+        return result.output
 
     def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments by name, checked against the pipeline's own contract."""
@@ -204,7 +243,7 @@ class Guard:
         return [None] * embeds.shape[0], cond
 
     def _generation_arguments(
-        self, arguments: dict[str, Any], plan: BatchPlan, cond: TextConditioning | None, noise: torch.Tensor | None
+        self, arguments: dict[str, Any], plan: BatchPlan, cond: TextConditioning | None
     ) -> dict[str, Any]:
         generation = dict(arguments)
         keep = list(plan.generate)
@@ -220,14 +259,9 @@ class Guard:
             if isinstance(value, torch.Tensor) and value.shape[0] == batch:
                 generation[name] = value[keep]
         per_prompt = generation.get("num_images_per_prompt") or 1
-        if noise is not None:  # the call's own noise, unpacked, with rewritten rows replaced
-            if plan.dropped:
-                noise = noise[[i * per_prompt + k for i in keep for k in range(per_prompt)]]
-            generation["latents"] = adapter.latents_argument(noise)
-        elif isinstance(generation.get("latents"), torch.Tensor):
-            latents = generation["latents"]
-            if latents.shape[0] == batch * per_prompt and plan.dropped:
-                generation["latents"] = latents[[i * per_prompt + k for i in keep for k in range(per_prompt)]]
+        latents = generation.get("latents")
+        if isinstance(latents, torch.Tensor) and latents.shape[0] == batch * per_prompt and plan.dropped:
+            generation["latents"] = latents[[i * per_prompt + k for i in keep for k in range(per_prompt)]]
         return generation
 
     def _refuse(self, report: GuardReport) -> GuardedOutput:
@@ -257,10 +291,120 @@ class Guard:
         return f"Guard({self.model_class}, policy={self.policy.name!r} v{self.policy.version})"
 
 
+class PipelineGeneration:
+    """The rewrite ladder's generations for one guarded call (``guard.actions.verification.Generate``).
+
+    Each request runs the pipeline with the caller's arguments, the request's embeddings, initial noise and
+    per-row guidance schedule, and returns the output with the final latents (read as the scheduler steps
+    them, so the caller's own callbacks are untouched). Before each generation the caller's generator is
+    put back into the state it had after the call's noise was drawn, so stochastic samplers see the same
+    draws as an unguarded call; probes get a private generator and leave the caller's alone.
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        adapter: PipelineAdapter,
+        arguments: dict[str, Any],
+        kept: list[int],
+        latent_shape: Any,
+        *,
+        lock: Any = None,
+        redact: bool = True,
+    ) -> None:
+        self.pipe = pipe
+        self.adapter = adapter
+        self.arguments = arguments
+        self.kept = kept
+        self.latent_shape = tuple(int(v) for v in latent_shape)
+        self.lock = lock if lock is not None else contextlib.nullcontext()
+        self.redact = redact
+        defaults = inspect.signature(pipe.__call__).parameters
+        self.steps = int(arguments.get("num_inference_steps") or defaults["num_inference_steps"].default)
+        scale = arguments.get("guidance_scale")
+        self.guidance_scale = float(scale if scale is not None else defaults["guidance_scale"].default)
+        self._generator_states = _generator_states(arguments.get("generator"))
+
+    def guidance_unavailable(self) -> str | None:
+        """Why this call's guidance cannot be scheduled (None when it can)."""
+        if not self.adapter.classifier_free_guidance:
+            return f"{self.adapter.model_class} is guidance-distilled: its calls have no classifier-free guidance"
+        if self.guidance_scale <= 1.0:
+            return "the call's guidance_scale is <= 1: there is no classifier-free guidance to schedule"
+        return None
+
+    def __call__(self, request: GenerationRequest) -> GenerationResult:
+        adapter, pipe = self.adapter, self.pipe
+        rows = list(request.rows) if request.rows is not None else list(range(len(request.cond)))
+        indices = [self.kept[r] for r in rows]
+        arguments = dict(self.arguments)
+        arguments.update(adapter.generation_arguments(request.cond))
+        batch = len(self.kept)
+        for name in ("negative_prompt", "negative_prompt_2", "negative_prompt_3"):
+            value = self.arguments.get(name)
+            if isinstance(value, list) and len(value) != len(indices):
+                arguments[name] = [value[i] for i in indices] if len(value) >= max(indices) + 1 else value
+        for name in ("negative_prompt_embeds", "negative_pooled_prompt_embeds", "negative_prompt_attention_mask"):
+            value = self.arguments.get(name)
+            if isinstance(value, torch.Tensor) and value.shape[0] >= batch and value.shape[0] != len(indices):
+                arguments[name] = value[indices]
+        arguments["num_images_per_prompt"] = request.images_per_prompt
+        arguments["latents"] = adapter.latents_argument(request.latents.to(adapter.device, adapter.embeds_dtype()))
+        if request.steps is not None:
+            arguments["num_inference_steps"] = request.steps
+        if request.probe:
+            arguments.update(output_type="latent", return_dict=True)
+            for name in ("callback_on_step_end", "callback", "callback_steps"):
+                arguments.pop(name, None)
+            arguments["generator"] = torch.Generator(adapter.device).manual_seed(0)
+        else:
+            _restore_generators(arguments.get("generator"), self._generator_states)
+        scheduler = pipe.scheduler
+        with self.lock, redacted_library_logs(pipe, self.redact), \
+                _final_latents(scheduler) as captured, scheduled_guidance(
+                    adapter.denoiser, rows=request.guidance, images=request.latents.shape[0],
+                    guidance_scale=self.guidance_scale, schedule=lambda: getattr(scheduler, "timesteps", None)):
+            output = pipe(**arguments)
+        latents = adapter.unpack_latents(captured["latents"], arguments).float()
+        return GenerationResult(output=None if request.probe else output, latents=latents)
+
+
+@contextlib.contextmanager
+def _final_latents(scheduler: Any) -> Iterator[dict[str, torch.Tensor]]:
+    """Records what the scheduler's ``step`` returns; the last record is the call's final latents."""
+    captured: dict[str, torch.Tensor] = {}
+    original = scheduler.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        captured["latents"] = out[0] if isinstance(out, tuple) else out.prev_sample
+        return out
+
+    scheduler.step = step
+    try:
+        yield captured
+    finally:
+        del scheduler.step
+
+
+def _generator_states(generator: Any) -> list[torch.Tensor] | None:
+    generators = generator if isinstance(generator, list) else [generator]
+    if not all(isinstance(g, torch.Generator) for g in generators):
+        return None
+    return [g.get_state() for g in generators]
+
+
+def _restore_generators(generator: Any, states: list[torch.Tensor] | None) -> None:
+    if states is None:
+        return
+    for g, state in zip(generator if isinstance(generator, list) else [generator], states):
+        g.set_state(state)
+
+
 def _outcome(decision: Decision, plan: BatchPlan, report: GuardReport) -> Outcome:
     if decision.prompt_index in plan.dropped:
         return "dropped"
     mitigation = report.mitigations.get(decision.prompt_index)
-    if mitigation is not None and mitigation.met:
+    if mitigation is not None and mitigation.verified and decision.action == "rewrite":
         return "rewritten"
     return "generated"

@@ -15,12 +15,15 @@ def unet_grads(pipe):
     return sum(p.grad is not None for p in pipe.unet.parameters())
 
 
-def rewrite_policy(target, *, method="prompt_embedding", max_steps=10, fallback="block", gte=-1e9, **overrides):
+def rewrite_policy(target, *, method="prompt_embedding", max_steps=10, fallback="block", gte=-1e9,
+                   verify=None, **overrides):
+    """Rewrite every prompt with one method; ``verify=None``: released when the score target is met (unverified)."""
     rule = {
         "name": "rewrite-all",
         "when": {"score": {"gte": gte}},
         "action": "rewrite",
-        "rewrite": {"method": method, "target": {"score": target}, "max_steps": max_steps, "fallback": fallback},
+        "rewrite": {"method": method, "target": {"score": target}, "max_steps": max_steps, "fallback": fallback,
+                    "verify": verify},
     }
     base = {"name": "test", "version": 1, "calibration": "off", "rules": [rule], "default": "allow"}
     base.update(overrides)
@@ -121,20 +124,24 @@ def test_initial_noise_lowers_the_score_and_keeps_met_noise(sd_pipe):
 def test_guard_rewrites_with_prompt_embedding_and_audits_it(sd_pipe, tmp_path):
     log = tmp_path / "audit.jsonl"
     score = score_prompts(sd_pipe, [CAT])[0].score
-    guard = Guard(sd_pipe, rewrite_policy(score - 0.02), audit_path=log)
+    guard = Guard(sd_pipe, rewrite_policy(score - 0.02, verify={"max_similarity": 1.0}), audit_path=log)
     with torch.no_grad():
         out = generate(guard, CAT)
     plain = generate(sd_pipe, CAT)
     report = out.memguard
     assert report.actions == ["rewrite"] and report.generated == [0]
-    mitigation = report.mitigations[0]
+    ladder = report.mitigations[0]
+    assert ladder.verified and ladder.released == "prompt_embedding"
+    (mitigation,) = ladder.rungs[0].mitigations
     assert isinstance(mitigation, MitigationResult) and mitigation.met
     assert mitigation.score_before == pytest.approx(score, abs=1e-5) and mitigation.score_after <= score - 0.02
     assert not (out.images == plain.images).all()
     (record,) = records(log)
     assert record["outcome"] == "rewritten"
     audited = record["extras"]["mitigation"]
-    assert audited == mitigation.to_dict() and audited["method"] == "prompt_embedding" and audited["met"] is True
+    assert audited == ladder.to_dict() and audited["released"] == "prompt_embedding" and audited["verified"] is True
+    assert audited["rungs"][0]["mitigations"][0]["met"] is True
+    assert report.decisions[0].mitigation == audited  # the decision carries what the rewrite did
     assert verify_log(log).ok
 
 
@@ -144,12 +151,12 @@ def test_guard_initial_noise_leaves_other_prompts_bit_identical(sd_pipe, tmp_pat
     cut = (cat.score + dog.score) / 2
     high, low = (0, 1) if cat.score > dog.score else (1, 0)
     target = max(cat.score, dog.score) - 0.05
-    policy = rewrite_policy(target, method="initial_noise", max_steps=20, gte=cut)
+    policy = rewrite_policy(target, method="initial_noise", max_steps=20, gte=cut, verify={"max_similarity": 1.0})
     guard = Guard(sd_pipe, policy, audit_path=log)
     out = generate(guard, [CAT, DOG], num_images_per_prompt=2, output_type="latent")
     plain = generate(sd_pipe, [CAT, DOG], num_images_per_prompt=2, output_type="latent")
     assert out.memguard.actions[high] == "rewrite" and out.memguard.actions[low] == "allow"
-    assert out.memguard.mitigations[high].method == "initial_noise" and out.memguard.mitigations[high].met
+    assert out.memguard.mitigations[high].released == "initial_noise" and out.memguard.mitigations[high].verified
     rows = {i: slice(2 * i, 2 * i + 2) for i in (0, 1)}
     assert torch.equal(out.images[rows[low]], plain.images[rows[low]])
     assert not torch.equal(out.images[rows[high]], plain.images[rows[high]])
@@ -165,10 +172,11 @@ def test_fallback_block_when_the_budget_runs_out(sd_pipe, tmp_path):
         generate(guard, CAT)
     (decision,) = caught.value.decisions
     assert decision.action == "block"
-    assert "not reached in 1 steps" in decision.reason and "fallback: block" in decision.reason
+    assert "no rung passed" in decision.reason and "fallback: block" in decision.reason
     (record,) = records(log)
     assert record["outcome"] == "blocked" and verify_log(log).ok
-    assert record["extras"]["mitigation"]["met"] is False
+    assert record["extras"]["mitigation"]["verified"] is False
+    assert record["extras"]["mitigation"]["rungs"][0]["mitigations"][0]["met"] is False
 
 
 def test_fallback_drops_only_the_unmitigated_prompt(sd_pipe, tmp_path):
@@ -180,6 +188,7 @@ def test_fallback_drops_only_the_unmitigated_prompt(sd_pipe, tmp_path):
     assert out.memguard.dropped == [high] and out.memguard.generated == [1 - high]
     assert out.images.shape[0] == 1 and list(out.memguard.mitigations) == [high]
     assert not out.memguard.mitigations[high].met
+    assert (out.images == generate(sd_pipe, [CAT, DOG][1 - high]).images).all()
 
 
 def test_fallback_warn_generates_unchanged_and_warns(sd_pipe, tmp_path):
@@ -190,5 +199,6 @@ def test_fallback_warn_generates_unchanged_and_warns(sd_pipe, tmp_path):
     assert out.memguard.actions == ["warn"] and not out.memguard.mitigations[0].met
     assert (out.images == generate(sd_pipe, CAT).images).all()
     (record,) = records(log)
-    assert record["outcome"] == "generated"
-    assert record["extras"]["mitigation"]["met"] is False and record["extras"]["mitigation"]["steps"] == 1
+    assert record["outcome"] == "generated" and record["action"] == "warn"
+    rung = record["extras"]["mitigation"]["rungs"][0]
+    assert rung["mitigations"][0]["met"] is False and rung["mitigations"][0]["steps"] == 1

@@ -18,21 +18,19 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..policy import Decision, Policy, RewriteSettings, decide_on_error
 from ..scoring import Scorer, TextConditioning, guidance_statistics
 
 __all__ = [
     "MitigationResult",
-    "apply_rewrites",
     "mitigate_initial_noise",
     "mitigate_prompt_embedding",
+    "noise_seed",
 ]
 
 
@@ -251,93 +249,7 @@ def mitigate_initial_noise(
 # ---------------------------------------------------------------------------------------------- the Guard's hook
 
 
-def _noise_seed(latents: torch.Tensor) -> int:
+def noise_seed(latents: torch.Tensor) -> int:
     """A seed for extra SAIL candidates that follows the caller's noise: same call, same result."""
     digest = hashlib.sha256(latents.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def _fallback(decision: Decision, settings: RewriteSettings, result: MitigationResult) -> Decision:
-    reason = (
-        f"{decision.reason}; rewrite target {result.target:.6g} not reached in {result.steps} steps "
-        f"({result.method}: score {result.score_before:.6g} -> {result.score_after:.6g}); "
-        f"fallback: {settings.fallback}"
-    )
-    return decision.model_copy(update={"action": settings.fallback, "reason": reason})
-
-
-def apply_rewrites(
-    scorer: Scorer,
-    policy: Policy,
-    decisions: list[Decision],
-    cond: TextConditioning,
-    *,
-    initial_noise: Callable[[], torch.Tensor] | None,
-    images_per_prompt: int,
-    mitigations: dict[int, MitigationResult],
-) -> tuple[list[Decision], TextConditioning, torch.Tensor | None]:
-    """Mitigate each ``rewrite`` decision's prompt in place of generating it as asked.
-
-    Returns the decisions (a rewrite whose target is not met takes its rule's ``fallback``; one whose
-    mitigation raises, or that needs initial noise where ``initial_noise`` is None, takes the policy's
-    ``on_error``), the conditioning with rewritten rows replaced (a copy; the caller's tensors are never
-    written), and the whole call's initial noise when an ``initial_noise`` rewrite changed it (else None).
-    ``mitigations[i]`` records every result, met or not, for the audit.
-    """
-    by_index = {decision.prompt_index: decision for decision in decisions}
-    noise: torch.Tensor | None = None
-    noise_changed = False
-    cond_copy: TextConditioning | None = None
-    for decision in decisions:
-        if decision.action != "rewrite":
-            continue
-        index = decision.prompt_index
-        settings = decision.rewrite or RewriteSettings()
-        target = decision.rewrite_target
-        if target is None or not math.isfinite(target):
-            by_index[index] = decide_on_error(policy, index, f"rewrite has no usable target ({target})",
-                                              score=decision.score)
-            continue
-        if settings.method == "initial_noise" and initial_noise is None:
-            message = "rewrite method initial_noise needs the generation's initial noise, which this front end lacks"
-            by_index[index] = decide_on_error(policy, index, message, score=decision.score)
-            continue
-        try:
-            if settings.method == "prompt_embedding":
-                result = mitigate_prompt_embedding(
-                    scorer, cond.select([index]), target=target, max_steps=settings.max_steps, lr=settings.lr,
-                    proximity=settings.proximity,
-                )
-            else:
-                if noise is None:
-                    noise = initial_noise()
-                rows = noise[index * images_per_prompt : (index + 1) * images_per_prompt]
-                result = mitigate_initial_noise(
-                    scorer, cond.select([index]), rows, target=target, max_steps=settings.max_steps, lr=settings.lr,
-                    seed=_noise_seed(rows),
-                )
-        except Exception as error:  # a mitigation that crashes must not generate the memorized prompt as is
-            message = f"rewrite ({settings.method}) failed: {type(error).__name__}: {error}"
-            by_index[index] = decide_on_error(policy, index, message, score=decision.score)
-            continue
-        mitigations[index] = result
-        if not result.met:
-            by_index[index] = _fallback(decision, settings, result)
-            continue
-        if result.cond is not None:
-            if cond_copy is None:
-                cond_copy = cond.clone()
-            _replace_row(cond_copy, index, result.cond)
-        if result.latents is not None:
-            if not noise_changed:
-                noise, noise_changed = noise.clone(), True
-            noise[index * images_per_prompt : (index + 1) * images_per_prompt] = result.latents.to(noise.device,
-                                                                                                noise.dtype)
-    updated = [by_index[decision.prompt_index] for decision in decisions]
-    return updated, cond_copy if cond_copy is not None else cond, noise if noise_changed else None
-
-
-def _replace_row(cond: TextConditioning, index: int, row: TextConditioning) -> None:
-    cond.embeds[index] = row.embeds[0].to(device=cond.embeds.device, dtype=cond.embeds.dtype)
-    if cond.pooled is not None and row.pooled is not None:
-        cond.pooled[index] = row.pooled[0].to(device=cond.pooled.device, dtype=cond.pooled.dtype)

@@ -191,7 +191,11 @@ def render_html(summary: AuditSummary, verify: VerifyReport | None, *, bucket: s
 ({_e(data["filter"])}) · {_e(data["first"])} to {_e(data["last"])}</div>
 <section id="chain"><h2>Chain verification</h2>{chain}{warning}</section>
 <section id="decisions"><h2>Decisions</h2><div class="cards">{cards}</div>
-<h2>Rules</h2>{_table("rules", ["rule", "action", "count"], rules, "No records.")}</section>
+<h2>Rules</h2>{_table("rules", ["rule", "action", "count"], rules, "No records.")}
+<h2>Rewrites</h2><p class="meta">A rewrite is released only when its generation passed verification; otherwise
+its rule's fallback applied.</p>
+{_table("rewrites", ["result", "count"], [[_td(k), _td(v, True)] for k, v in data["rewrites"].items()],
+        "No rewrites.")}</section>
 <section id="scores"><h2>Score distribution</h2>{_histogram_svg(summary, thresholds)}
 <p class="meta">{scores["count"]} scored records; quantiles {how}. Dashed lines: the score thresholds the
 policies applied (from the records' decisions).</p>{quant_table}

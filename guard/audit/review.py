@@ -165,6 +165,7 @@ class AuditSummary:
     hours: dict[str, Counter] = field(default_factory=dict)
     awaiting: dict[tuple[Any, Any], dict[str, Any]] = field(default_factory=dict)
     outcome_records: int = 0
+    rewrites: Counter = field(default_factory=Counter)
     scores: ScoreSample = field(default_factory=ScoreSample)
     flagged: deque = field(default_factory=lambda: deque(maxlen=200))
     recent_errors: deque = field(default_factory=lambda: deque(maxlen=50))
@@ -229,6 +230,9 @@ class AuditSummary:
     def _add_outcome(self, record: dict[str, Any]) -> None:
         self.outcome_records += 1
         self.outcomes[record.get("outcome")] += 1
+        mitigation = (record.get("extras") or {}).get("mitigation")
+        if isinstance(mitigation, dict) and "verified" in mitigation:
+            self.rewrites["verified" if mitigation.get("verified") else f"fell back: {record.get('action')}"] += 1
         decided = self.awaiting.pop((record.get("request_id"), record.get("prompt_index")), None)
         if decided is not None:  # the flagged list shows the same entry: complete it with what was done
             decided.update(outcome=record.get("outcome"), final_action=record.get("action"),
@@ -275,6 +279,7 @@ class AuditSummary:
                 str(k): v for k, v in self.actions.items() if k not in ACTIONS},
             "outcomes": dict(self.outcomes.most_common()),
             "without_outcome": {"count": len(self.awaiting), "recent": self.without_outcome[-20:]},
+            "rewrites": dict(self.rewrites.most_common()),
             "rules": [{"rule": r, "action": a, "count": n} for (r, a), n in self.rules.most_common()],
             "policies": [{"name": p, "version": v, "count": n} for (p, v), n in self.policies.most_common()],
             "prompt_modes": dict(self.prompt_modes),
@@ -380,6 +385,9 @@ def render_text(summary: AuditSummary, bucket: str = "auto") -> str:
     out += ["", "actions"] + _table(["action", "count", "share"], [
         [a, n, f"{100 * n / total:.1f}%"] for a, n in data["actions"].items()])
     out += ["", "outcomes"] + _table(["outcome", "count"], [[k, v] for k, v in data["outcomes"].items()])
+    if data["rewrites"]:
+        out += ["", "rewrites (verified before release, or fell back)"] + _table(
+            ["result", "count"], [[k, v] for k, v in data["rewrites"].items()])
     missing = data["without_outcome"]
     if missing["count"]:
         out.append(f"  {missing['count']} decision(s) without an outcome record (acted on, then interrupted?)")

@@ -8,7 +8,15 @@ from .auto import auto_calibration
 from .errors import CalibrationError, CalibrationMismatch, CalibrationMissing
 from .fitting import WeightReport, fit_weights
 from .making import Features, calibrate, prompt_set_id, score_sets
-from .profile import MEASUREMENT_FIELDS, CalibrationProfile, Metric, cached_calibration_path, calibration_cache_dir
+from .profile import (
+    MEASUREMENT_FIELDS,
+    CalibrationProfile,
+    Metric,
+    VerificationCalibration,
+    cached_calibration_path,
+    calibration_cache_dir,
+    threshold_at_fpr,
+)
 
 __all__ = [
     "MEASUREMENT_FIELDS",
@@ -18,6 +26,7 @@ __all__ = [
     "CalibrationProfile",
     "Features",
     "Metric",
+    "VerificationCalibration",
     "WeightReport",
     "auto_calibration",
     "cached_calibration_path",
@@ -26,4 +35,5 @@ __all__ = [
     "fit_weights",
     "prompt_set_id",
     "score_sets",
+    "threshold_at_fpr",
 ]

@@ -24,7 +24,14 @@ from guard.scoring import Measurement
 
 from .errors import CalibrationError, CalibrationMismatch
 
-__all__ = ["CalibrationProfile", "Metric", "cached_calibration_path", "calibration_cache_dir"]
+__all__ = [
+    "CalibrationProfile",
+    "Metric",
+    "VerificationCalibration",
+    "cached_calibration_path",
+    "calibration_cache_dir",
+    "threshold_at_fpr",
+]
 
 Metric = Literal["score", "norm", "cos"]
 #: The measurement fields a profile must share with the scores it judges, in the order mismatches are named.
@@ -36,6 +43,50 @@ _FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 def _canonical(data: Any) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def threshold_at_fpr(values: Sequence[float], fpr: float) -> float:
+    """The (1 - fpr) empirical quantile of ascending ``values``: the smallest observed value t such that the
+    fraction of values > t is <= ``fpr``, i.e. ``values[n - 1 - floor(fpr * n)]``.
+
+    No extrapolation beyond the data: below ``1/n`` this is the maximum observed value, whose true rate is
+    only known to be below about 1/n.
+    """
+    if not (0.0 < fpr < 1.0) or math.isnan(fpr):
+        raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+    n = len(values)
+    k = math.floor(fpr * n + 1e-9)
+    return values[n - 1 - min(k, n - 1)]
+
+
+class VerificationCalibration(BaseModel):
+    """How close ordinary prompts' generations come to probes (``probe_similarity``), two ways.
+
+    Per ordinary prompt, its generation from one seed against: ``nearest``, the *other* prompts' probes (the
+    closest of them: how near an ordinary image comes to an unrelated image the model draws, the run-time
+    stand-in for "the nearest training image"); ``same``, its own ``probes`` (how near two samples of one
+    ordinary prompt are). A rewritten image above a high quantile of the chosen null is too close to what the
+    model draws for the original prompt to be released.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    signal: Literal["probe_similarity"] = "probe_similarity"
+    nearest: tuple[_FiniteFloat, ...] = Field(min_length=1)
+    same: tuple[_FiniteFloat, ...] = Field(min_length=1)
+    probes: int = Field(ge=1)
+    probe_steps: int = Field(ge=1)
+    steps: int = Field(ge=1)
+    guidance_scale: _FiniteFloat
+    source: str
+
+    @field_validator("nearest", "same")
+    @classmethod
+    def _sorted(cls, values: tuple[float, ...]) -> tuple[float, ...]:
+        return tuple(sorted(values))
+
+    def threshold_at_fpr(self, fpr: float, against: Literal["nearest", "same"] = "nearest") -> float:
+        return threshold_at_fpr(getattr(self, against), fpr)
 
 
 class CalibrationProfile(BaseModel):
@@ -65,6 +116,7 @@ class CalibrationProfile(BaseModel):
     coses: tuple[_FiniteFloat, ...] | None = None
     n_prompts: int = Field(ge=1)
     source: str
+    verification: VerificationCalibration | None = None
     created: str
     memguard_version: str = __version__
 
@@ -96,6 +148,8 @@ class CalibrationProfile(BaseModel):
 
     def _content_id(self) -> str:
         data = self.model_dump(mode="json", exclude={"id", "created", "memguard_version"})
+        if data.get("verification") is None:  # profiles made before verification existed keep their ids
+            data.pop("verification", None)
         return f"cal-{self.profile}-{hashlib.sha256(_canonical(data)).hexdigest()[:16]}"
 
     @classmethod
@@ -201,20 +255,15 @@ class CalibrationProfile(BaseModel):
         return data
 
     def threshold_at_fpr(self, fpr: float, metric: Metric = "score") -> float:
-        """The (1 - fpr) empirical quantile of the non-memorized distribution.
+        """The (1 - fpr) empirical quantile of the non-memorized distribution (module ``threshold_at_fpr``);
+        below ``resolution`` the maximum observed value: calibrate on more prompts to resolve smaller rates."""
+        return threshold_at_fpr(self.values(metric), fpr)
 
-        Rule: the smallest observed value t such that the fraction of calibration values > t is
-        <= ``fpr``, i.e. ``sorted[n - 1 - floor(fpr * n)]``. No extrapolation beyond the data: if
-        ``fpr < 1/n`` this is the maximum observed value, whose true false-positive rate is only
-        known to be below about 1/n, not below ``fpr``; calibrate on more prompts to resolve
-        smaller rates (see ``resolution``).
-        """
-        if not (0.0 < fpr < 1.0) or math.isnan(fpr):
-            raise ValueError(f"fpr must be in (0, 1), got {fpr}")
-        data = self.values(metric)
-        n = len(data)
-        k = math.floor(fpr * n + 1e-9)
-        return data[n - 1 - min(k, n - 1)]
+    def with_verification(self, verification: VerificationCalibration) -> CalibrationProfile:
+        """This profile with ``verification`` values added (a new content id)."""
+        data = self.model_dump(mode="json")
+        data.update(id="", verification=verification.model_dump(mode="json"))
+        return type(self).model_validate(data)
 
     def fpr_of(self, value: float, metric: Metric = "score") -> float:
         """Fraction of the non-memorized calibration values strictly above ``value``."""

@@ -53,9 +53,21 @@ def _parse_fprs(text: str) -> list[float]:
 @click.option("--fprs", default=DEFAULT_FPRS, show_default=True,
               help="False-positive rates of --policy-out's rules: block at the lowest, warn at the highest, "
                    "rewrite between.")
+@click.option("--verification", "verification_prompts", default=0, show_default=True, type=click.IntRange(0),
+              help="Also measure the rewrite verification calibration on this many of the non-memorized prompts "
+                   "(each costs about two generations).")
+@click.option("--verify-probes", default=2, show_default=True, type=click.IntRange(1, 8),
+              help="Probe generations per prompt (the policy's rewrite.verify.probes).")
+@click.option("--verify-probe-steps", default=25, show_default=True, type=click.IntRange(2),
+              help="Steps of each probe generation (the policy's rewrite.verify.probe_steps).")
+@click.option("--generation-steps", default=None, type=click.IntRange(1),
+              help="Steps of the ordinary generations for --verification (default: the pipeline's default).")
+@click.option("--guidance-scale", default=None, type=float,
+              help="Guidance scale of the generations for --verification (default: the pipeline's default).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def calibrate(model_path, nmem_path, mem_path, out_path, device, dtype, weights, folds, plot_path, policy_path,
-              fprs, progress, **scoring) -> None:
+              fprs, verification_prompts, verify_probes, verify_probe_steps, generation_steps, guidance_scale,
+              progress, **scoring) -> None:
     """Measure MODEL's scores on non-memorized prompts and write its calibration profile.
 
     Relative policy thresholds (above_fpr) are read off this profile; a guard only uses a profile measured
@@ -96,6 +108,15 @@ def calibrate(model_path, nmem_path, mem_path, out_path, device, dtype, weights,
     profile = CalibrationProfile.from_measurement(
         measurement, nmem.scores(weights_used), norms=nmem.norms, coses=nmem.coses, source=source
     )
+    if verification_prompts:
+        profile = profile.with_verification(_verification(
+            scorer, nmem_prompts[:verification_prompts], source, probes=verify_probes,
+            probe_steps=verify_probe_steps, steps=generation_steps, guidance_scale=guidance_scale,
+        ))
+        values = profile.verification
+        click.echo(f"verification on {len(values.nearest)} prompts ({values.steps} steps, guidance "
+                   f"{values.guidance_scale:g}): probe similarity at FPR 0.01 {values.threshold_at_fpr(0.01):.4f} "
+                   f"(nearest other prompt), {values.threshold_at_fpr(0.01, 'same'):.4f} (same prompt)")
     profile.save(out_path)
     click.echo(f"calibration {profile.id}: {profile.n_prompts} prompts, weights g_norm={g_norm:g} g_cos={g_cos:g} "
                f"({chosen}) -> {out_path}")
@@ -124,3 +145,22 @@ def calibrate(model_path, nmem_path, mem_path, out_path, device, dtype, weights,
         load_policy(policy_path)
         click.echo(f"policy -> {policy_path}")
     partial.unlink(missing_ok=True)
+
+
+def _verification(scorer, prompts: list[str], source: str, *, probes: int, probe_steps: int, steps: int | None,
+                  guidance_scale: float | None):
+    """The rewrite verification calibration on ``prompts`` (``docs/mitigation.md``)."""
+    from ..actions.verification import measure_verification
+    from ..guard import PipelineGeneration
+    from ..policy import VerifySettings
+
+    adapter = scorer.adapter
+    arguments = {}
+    if steps is not None:
+        arguments["num_inference_steps"] = steps
+    if guidance_scale is not None:
+        arguments["guidance_scale"] = guidance_scale
+    generation = PipelineGeneration(adapter.pipe, adapter, arguments, list(range(len(prompts))), adapter.latent_shape,
+                                    redact=False)
+    settings = VerifySettings(probes=probes, probe_steps=probe_steps)
+    return measure_verification(generation, scorer.encode(prompts), settings, seed=scorer.seed, source=source)

@@ -48,8 +48,9 @@ class Decision(BaseModel):
 
     ``rule`` is the matched rule's name (or ``rules[i]``), ``lists.always_block``/``lists.always_allow``,
     ``default`` or ``on_error``. ``thresholds`` are the matched rule's bounds as applied.
-    For ``rewrite``, ``rewrite`` holds the settings and ``rewrite_target`` the absolute target score.
-    Audit records, API responses and reports are all derived from it (``to_dict``).
+    For ``rewrite``, ``rewrite`` holds the settings and ``rewrite_target`` the absolute target score; once the
+    rewrite ran, ``mitigation`` says which rungs ran, the verification signal, threshold and verdict (also on
+    a fallback decision). Audit records, API responses and reports are all derived from it (``to_dict``).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -65,6 +66,7 @@ class Decision(BaseModel):
     message: str | None = None
     rewrite: RewriteSettings | None = None
     rewrite_target: float | None = None
+    mitigation: dict[str, Any] | None = None
     warnings: tuple[str, ...] = ()
 
     @property

@@ -35,8 +35,11 @@ __all__ = [
     "Metric",
     "Policy",
     "PromptLists",
+    "GuidanceStage",
     "RewriteSettings",
     "RewriteTarget",
+    "Rung",
+    "VerifySettings",
     "Rule",
     "ScoringSettings",
     "When",
@@ -121,19 +124,80 @@ class RewriteTarget(_Model):
         return self
 
 
+Rung = Literal["guidance_schedule", "prompt_embedding", "initial_noise", "combined"]
+
+
+class GuidanceStage(_Model):
+    """Guidance scale ``scale`` for the steps before fraction ``until`` of sampling (after Jain et al. 2025:
+    opposite (negative) or no guidance early keeps the trajectory out of a memorized basin)."""
+
+    until: float = Field(gt=0.0, le=1.0, allow_inf_nan=False)
+    scale: FiniteFloat
+
+
+class VerifySettings(_Model):
+    """How a rewritten generation is checked before it is released (docs/mitigation.md).
+
+    ``probe_similarity``: the released latent's cosine to ``probes`` short generations of the *original*
+    prompt from fixed seeds (what the model draws for it, a copy if it is memorized). It must not exceed what
+    a fraction ``above_fpr`` (default 0.01) of ordinary generations reach in the verification calibration
+    (``against``: ``nearest``, the closest of other prompts' probes, as close as an ordinary image comes to an
+    unrelated one; ``same``, its own prompt's probes, looser), or an absolute ``max_similarity``.
+    """
+
+    signal: Literal["probe_similarity"] = "probe_similarity"
+    against: Literal["nearest", "same"] = "nearest"
+    above_fpr: Fpr | None = None
+    max_similarity: float | None = Field(default=None, ge=-1.0, le=1.0, allow_inf_nan=False)
+    probes: int = Field(default=2, ge=1, le=8)
+    probe_steps: int = Field(default=25, ge=2, le=1000)
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> VerifySettings:
+        if self.above_fpr is not None and self.max_similarity is not None:
+            raise ValueError("give either above_fpr (relative to the verification calibration) or max_similarity")
+        if self.above_fpr is None and self.max_similarity is None:
+            object.__setattr__(self, "above_fpr", 0.01)
+        return self
+
+
 class RewriteSettings(_Model):
     """How the ``rewrite`` action mitigates a prompt (docs/mitigation.md).
 
-    Without a ``target`` the score must fall below the score threshold of the rule that matched.
-    ``fallback`` is the action taken when the target is not reached within ``max_steps``.
+    ``ladder`` lists mitigation methods cheapest first; each rung's generation is verified (``verify``) and
+    released as soon as one passes; if none does, ``fallback`` applies. ``method`` is a one-rung ladder
+    (give one of the two). Optimising rungs stop at ``target`` (default: below the score threshold of the
+    rule that matched) or after ``max_steps``. With ``verify: null`` nothing is verified: the first rung that
+    meets the score target is released as an unverified rewrite.
     """
 
-    method: Literal["prompt_embedding", "initial_noise"] = "prompt_embedding"
+    method: Rung | None = None
+    ladder: tuple[Rung, ...] | None = Field(default=None, min_length=1)
     target: RewriteTarget | None = None
     max_steps: int = Field(default=10, ge=1, le=1000)
     lr: float = Field(default=0.05, gt=0.0, le=10.0, allow_inf_nan=False)
     proximity: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
+    guidance: tuple[GuidanceStage, ...] = (GuidanceStage(until=0.4, scale=-1.0),)
+    verify: VerifySettings | None = VerifySettings()
     fallback: ErrorAction = "block"
+
+    @model_validator(mode="after")
+    def _one_ladder(self) -> RewriteSettings:
+        if self.method is not None and self.ladder is not None:
+            raise ValueError("give either method (one rung) or ladder (several), not both")
+        if len(set(self.rungs)) != len(self.rungs):
+            raise ValueError(f"a ladder lists each method once, got {list(self.rungs)}")
+        stages = [stage.until for stage in self.guidance]
+        if stages != sorted(stages) or len(set(stages)) != len(stages):
+            raise ValueError("guidance stages must have strictly increasing `until` fractions")
+        return self
+
+    @property
+    def rungs(self) -> tuple[Rung, ...]:
+        """The methods tried, in order."""
+        if self.ladder is not None:
+            return self.ladder
+        return (self.method or "prompt_embedding",)
 
 
 class Rule(_Model):

@@ -125,6 +125,8 @@ class PipelineAdapter(ModelAdapter):
     text_encoders: tuple[str, ...] = ("text_encoder",)
     #: ``__call__`` arguments that carry prompt text (replaced by embeddings when the guard generates).
     prompt_arguments: tuple[str, ...] = ("prompt",)
+    #: Whether a call with ``guidance_scale > 1`` runs the denoiser on an [unconditional; conditional] batch.
+    classifier_free_guidance: bool = True
 
     def __init__(self, pipe: Any, denoiser: torch.nn.Module) -> None:
         self.pipe = pipe
@@ -244,6 +246,10 @@ class PipelineAdapter(ModelAdapter):
 
     def latents_argument(self, latents: torch.Tensor) -> torch.Tensor:
         """Unpacked initial latents ``[rows, C, h, w]`` as ``__call__``'s ``latents=`` takes them (FLUX packs)."""
+        return latents
+
+    def unpack_latents(self, latents: torch.Tensor, arguments: Mapping[str, Any]) -> torch.Tensor:
+        """The sampler's latents (as the scheduler steps them) as ``[rows, C, h, w]`` for the call's size."""
         return latents
 
     def check_call(self, arguments: Mapping[str, Any]) -> None:

@@ -231,6 +231,7 @@ class FluxAdapter(FlowMatchingAdapter):
 
     family = "flux"
     default_profile = "flux"
+    classifier_free_guidance = False
     text_encoders = ("text_encoder", "text_encoder_2")
     prompt_arguments = ("prompt", "prompt_2")
     _pipeline_module = "diffusers.pipelines.flux.pipeline_flux"
@@ -327,9 +328,7 @@ class FluxAdapter(FlowMatchingAdapter):
     def prepare_latents(self, arguments: Mapping[str, Any], batch: int) -> torch.Tensor:
         given = arguments.get("latents")
         if isinstance(given, torch.Tensor) and given.ndim == 3:
-            height, width = (int(value) for value in self.call_size(arguments))
-            scale = self.vae_scale_factor
-            return self.unpack(given, 2 * (height // (scale * 2)), 2 * (width // (scale * 2)))
+            return self.unpack_latents(given, arguments)
         return super().prepare_latents(arguments, batch)
 
     def _draw_latents(self, rows: int, height: int, width: int, generator: Any) -> torch.Tensor:
@@ -341,3 +340,10 @@ class FluxAdapter(FlowMatchingAdapter):
 
     def latents_argument(self, latents: torch.Tensor) -> torch.Tensor:
         return self.pack(latents)
+
+    def unpack_latents(self, latents: torch.Tensor, arguments: Mapping[str, Any]) -> torch.Tensor:
+        if latents.ndim != 3:
+            return latents
+        height, width = self.call_size(arguments)
+        scale = self.vae_scale_factor
+        return self.unpack(latents, 2 * (int(height) // (scale * 2)), 2 * (int(width) // (scale * 2)))

@@ -286,10 +286,7 @@ def _report(report: GuardReport, policy: Policy, blocked: bool, texts_known: boo
         lines.append(f"[{decision.prompt_index}] {decision.action}: score {shown}; {decision.reason}")
         mitigation = report.mitigations.get(decision.prompt_index)
         if mitigation is not None:
-            lines.append(
-                f"    rewritten in {mitigation.steps} steps: "
-                f"{mitigation.score_before:.4f} -> {mitigation.score_after:.4f}"
-            )
+            lines.append(f"    {mitigation.describe()}")
     if not texts_known:
         lines.append("prompt text not found in the workflow: the audit record holds no prompt hash")
     if report.audit_error:
@@ -374,7 +371,14 @@ def run_guard(
         if not report.plan(policy).blocked_whole and any(d.action == "rewrite" for d in report.decisions):
             weights = adapter.base_model.diffusion_model if adapter is not None else None
             with autograd_weights(weights if weights is not None else torch.nn.Module()):
-                cond, _ = core.rewrite(report, cond)
+                kept = list(report.plan(policy).generate)
+                state = core.rewrite(report, cond.select(kept))  # no sampler here: only unverified rules rewrite
+                rewritten = cond.clone()
+                for position, row in enumerate(kept):
+                    rewritten.embeds[row] = state.cond.embeds[position]
+                    if rewritten.pooled is not None and state.cond.pooled is not None:
+                        rewritten.pooled[row] = state.cond.pooled[position]
+                cond = rewritten
         plan = report.plan(policy)
         keep = set(plan.generate)
         outcomes: dict[int, Outcome] = {}
@@ -382,7 +386,7 @@ def run_guard(
             index = decision.prompt_index
             mitigation = report.mitigations.get(index)
             outcomes[index] = ("blocked" if plan.blocked_whole else "dropped" if index in plan.dropped
-                               else "rewritten" if mitigation is not None and mitigation.met else "generated")
+                               else "rewritten" if mitigation is not None and mitigation.verified else "generated")
         report.blocked = plan.blocked_whole
         report.generated, report.dropped = list(plan.generate), list(plan.dropped)
         core.conclude(report, outcomes)
