@@ -273,17 +273,29 @@ def test_rewrite_returns_mitigated_conditioning(comfy, objects, pipe, tmp_path):
         tmp_path,
         "rewrite",
         expected,
-        rewrite={"target": {"score": target}, "max_steps": 30, "lr": 0.05, "fallback": "block"},
+        rewrite={"target": {"score": target}, "max_steps": 30, "lr": 0.05, "fallback": "block", "verify": None},
     )
     out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"], **inputs(objects, tmp_path, policy))
     assert out.block_execution is None, out.args[2]
     positive, _, report = out.args
-    assert not torch.equal(positive[0][0], objects["positive"][0][0]) and "rewritten in" in report
+    assert not torch.equal(positive[0][0], objects["positive"][0][0])
+    assert "rewritten by prompt_embedding, unverified" in report
     rescored = Scorer(pipe).score_conditioning(TextConditioning(positive[0][0]))[0].score
     assert rescored <= target + 1e-5
     record = decision_record(tmp_path)
-    assert (record["action"], record["outcome"]) == ("rewrite", "rewritten")
-    assert record["extras"]["mitigation"]["met"] is True
+    assert (record["action"], record["outcome"]) == ("rewrite", "generated")  # "rewritten" means verified
+    mitigation = record["extras"]["mitigation"]
+    assert mitigation["released"] == "prompt_embedding" and mitigation["verified"] is False
+    assert mitigation["rungs"][0]["mitigations"][0]["met"] is True
+
+
+def test_a_verified_rewrite_falls_back_in_a_conditioning_node(comfy, objects, pipe, tmp_path):
+    """The node does not run the sampler, so it cannot verify: a rule that asks for verification takes its fallback."""
+    expected = reference_score(pipe).score
+    policy = _action_policy(tmp_path, "rewrite", expected, rewrite={"target": {"score": expected - 1e-3}})
+    out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"], **inputs(objects, tmp_path, policy))
+    assert out.block_execution is not None and "cannot generate" in out.block_execution
+    assert decision_record(tmp_path)["outcome"] == "blocked"
 
 
 def test_rewrite_missing_target_takes_fallback(comfy, objects, pipe, tmp_path):
@@ -292,10 +304,10 @@ def test_rewrite_missing_target_takes_fallback(comfy, objects, pipe, tmp_path):
         tmp_path,
         "rewrite",
         expected,
-        rewrite={"target": {"score": expected - 1e6}, "max_steps": 1, "fallback": "block"},
+        rewrite={"target": {"score": expected - 1e6}, "max_steps": 1, "fallback": "block", "verify": None},
     )
     out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"], **inputs(objects, tmp_path, policy))
-    assert out.block_execution is not None and "not reached" in out.block_execution
+    assert out.block_execution is not None and "no rung passed" in out.block_execution
 
 
 def test_unscorable_model_fails_closed(comfy, objects, tmp_path):
@@ -553,7 +565,7 @@ def test_family_rewrite_returns_mitigated_conditioning(comfy, family, tmp_path):
 
     expected = family["reference"][0].score
     target = expected - 1e-3
-    rewrite = {"target": {"score": target}, "max_steps": 20, "lr": 0.05, "fallback": "block"}
+    rewrite = {"target": {"score": target}, "max_steps": 20, "lr": 0.05, "fallback": "block", "verify": None}
     policy = _action_policy(tmp_path, "rewrite", expected, rewrite=rewrite)
     original = entry(family, PROMPT)
     out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"],
@@ -565,7 +577,7 @@ def test_family_rewrite_returns_mitigated_conditioning(comfy, family, tmp_path):
     assert pooled.shape == original[1]["pooled_output"].shape
     rescored = Scorer(family["pipe"]).score_conditioning(TextConditioning(rewritten[0], pooled))[0].score
     assert rescored <= target + 1e-5
-    assert decision_record(tmp_path)["outcome"] == "rewritten"
+    assert decision_record(tmp_path)["extras"]["mitigation"]["released"] == "prompt_embedding"
 
 
 def test_sdxl_size_conditioning_from_the_entries(comfy, tmp_path):
@@ -718,7 +730,8 @@ def test_flow_rewrite_of_padded_rows_keeps_each_entry_length(comfy, tmp_path):
     scores = [scorer.score_conditioning(TextConditioning(e[0], e[1]["pooled_output"]))[0].score for e in (full, short)]
     target = min(scores) - 1e-3
     rule = {"when": {"score": {"gte": min(scores) - 1.0}}, "action": "rewrite",
-            "rewrite": {"target": {"score": target}, "max_steps": 20, "lr": 0.05, "fallback": "block"}}
+            "rewrite": {"target": {"score": target}, "max_steps": 20, "lr": 0.05, "fallback": "block",
+                        "verify": None}}
     policy = write_policy(tmp_path, "rw", [rule])
     out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"],
                    **family_inputs(sd3, tmp_path, policy, latent_size=LATENT, positive=[full, short]))

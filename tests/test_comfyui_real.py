@@ -214,11 +214,12 @@ def test_rewrite_through_inference_mode_weights(comfy, objects, pipe, tmp_path):
     rule = {
         "when": {"score": {"gte": score - 1.0}},
         "action": "rewrite",
-        "rewrite": {"target": {"score": score - 1e-3}, "max_steps": 30, "fallback": "block"},
+        "rewrite": {"target": {"score": score - 1e-3}, "max_steps": 30, "fallback": "block", "verify": None},
     }
     output = execute(comfy, "MemguardMemorizationGuard", node_inputs(objects, tmp_path, policy_file(tmp_path, rule)))
     record = last_record(tmp_path)
-    assert record["event"] == "outcome" and record["outcome"] == "rewritten", record["reason"]
+    assert record["event"] == "outcome" and record["outcome"] == "generated", record["reason"]  # unverified
+    assert record["extras"]["mitigation"]["released"] == "prompt_embedding", record["reason"]
     assert not torch.equal(output[0][0][0][0], objects["positive"][0][0])
     assert all(p.is_inference() for p in objects["model"].model.diffusion_model.parameters())  # restored
 
@@ -363,11 +364,12 @@ def test_family_rewrite_through_inference_mode_weights(comfy, family, tmp_path):
     positive, _ = encode_node(comfy, family, PROMPT)
     score = family["reference"][0].score
     rule = {"when": {"score": {"gte": score - 1.0}}, "action": "rewrite",
-            "rewrite": {"target": {"score": score - 1e-3}, "max_steps": 20, "fallback": "block"}}
+            "rewrite": {"target": {"score": score - 1e-3}, "max_steps": 20, "fallback": "block", "verify": None}}
     output = execute(comfy, "MemguardMemorizationGuard",
                      family_node_inputs(family, tmp_path, policy_file(tmp_path, rule), positive))
     record = last_record(tmp_path)
-    assert record["event"] == "outcome" and record["outcome"] == "rewritten", record["reason"]
+    assert record["event"] == "outcome" and record["outcome"] == "generated", record["reason"]  # unverified
+    assert record["extras"]["mitigation"]["released"] == "prompt_embedding", record["reason"]
     (rewritten,) = output[0][0]
     assert rewritten[0].shape == positive[0][0].shape and not torch.equal(rewritten[0], positive[0][0])
     cond = TextConditioning(rewritten[0], rewritten[1]["pooled_output"])
