@@ -208,19 +208,19 @@ def test_lists_decide_before_scores():
 
 
 def test_relative_thresholds_use_calibration():
-    policy = load_policy("strict")
+    balanced, strict = load_policy("balanced"), load_policy("strict")
     cal = make_calibration()
-    assert cal.threshold_at_fpr(0.002) == 9.97
-    assert cal.threshold_at_fpr(0.02) == 9.79
-    block = decide(policy, make_score(9.98), "p", cal)
+    assert cal.threshold_at_fpr(0.001) == 9.98 and cal.threshold_at_fpr(0.005) == 9.94
+    block = decide(balanced, make_score(9.985), "p", cal)
     assert (block.action, block.calibration_id) == ("block", cal.id)
-    assert block.thresholds[0].value == 9.97 and block.thresholds[0].above_fpr == 0.002
-    assert decide(policy, make_score(9.97), "p", cal).action == "rewrite"
-    rewrite = decide(policy, make_score(9.8), "p", cal)
+    assert block.thresholds[0].value == 9.98 and block.thresholds[0].above_fpr == 0.001
+    assert decide(balanced, make_score(9.98), "p", cal).action == "rewrite"
+    assert cal.threshold_at_fpr(0.02) == 9.79
+    rewrite = decide(strict, make_score(9.99), "p", cal)  # strict rewrites (verified) instead of blocking
     assert rewrite.action == "rewrite" and rewrite.rewrite_target == cal.threshold_at_fpr(0.5)
-    assert rewrite.rewrite.method == "initial_noise"
-    assert decide(policy, make_score(9.6), "p", cal).action == "warn"
-    assert decide(policy, make_score(1.0), "p", cal).action == "allow"
+    assert rewrite.rewrite.rungs == ("guidance_schedule", "prompt_embedding", "initial_noise", "combined")
+    assert decide(strict, make_score(9.79), "p", cal).action == "warn"
+    assert decide(strict, make_score(1.0), "p", cal).action == "allow"
 
 
 def test_calibration_quantile_rule():
