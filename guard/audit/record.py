@@ -25,8 +25,10 @@ from guard.policy import Action, Decision, Policy
 
 __all__ = [
     "DecisionOutcome",
+    "CalibrationEventRecord",
     "DecisionRecord",
     "ErrorInfo",
+    "MeasurementRef",
     "ModelRef",
     "Outcome",
     "OutcomeRecord",
@@ -96,6 +98,20 @@ class _Record(_Model):
         return self.model_dump(mode="json", by_alias=True)
 
 
+class MeasurementRef(_Model):
+    """How a decision's score was measured (``Scorer.measurement()``): what a calibration made from these
+    records (``memguard calibrate --from-audit``) must carry so a guard accepts it, and what keeps records
+    of different models or settings apart."""
+
+    fingerprint: str
+    steps: int
+    seed: int
+    samples: int
+    prediction_space: str
+    g_norm: _Finite
+    g_cos: _Finite
+
+
 class DecisionRecord(_Record):
     """The verdict on one prompt (the sink adds ``seq``, ``prev_hash`` and ``hash``).
 
@@ -116,6 +132,7 @@ class DecisionRecord(_Record):
     reason: str | None = None
     thresholds: tuple[dict[str, Any], ...] = ()
     latency_scoring_ms: _Finite | None = Field(default=None, ge=0)
+    measurement: MeasurementRef | None = None
 
 
 class OutcomeRecord(_Record):
@@ -139,6 +156,23 @@ RECORD_MODELS: dict[str, type[_Record]] = {
     "error": DecisionRecord,
     "outcome": OutcomeRecord,
 }
+
+
+# -- calibration checks and drift alarms (guard/monitor.py) --------------------------------------------------
+
+
+class CalibrationEventRecord(_Record):
+    """A calibration finding: ``calibration`` (a profile taken into use, with its relative thresholds),
+    ``calibration_mismatch`` (a fit check failed) or ``drift`` (a rule's observed rate left its promise)."""
+
+    event: Literal["calibration", "calibration_mismatch", "drift"]
+    calibration: str | None = None
+    check: str
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+RECORD_MODELS.update({kind: CalibrationEventRecord for kind in ("calibration", "calibration_mismatch", "drift")})
 
 
 def utc_timestamp() -> str:

@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .drift import DriftCounters, drift_text
+
 __all__ = ["AuditFilter", "AuditSummary", "ScoreSample", "parse_time", "render_text", "summarize"]
 
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0)
@@ -161,6 +163,9 @@ class AuditSummary:
     scores: ScoreSample = field(default_factory=ScoreSample)
     flagged: deque = field(default_factory=lambda: deque(maxlen=200))
     recent_errors: deque = field(default_factory=lambda: deque(maxlen=50))
+    drift: DriftCounters = field(default_factory=DriftCounters)
+    events: Counter = field(default_factory=Counter)
+    findings: deque = field(default_factory=lambda: deque(maxlen=20))
 
     @property
     def decisions(self) -> int:
@@ -176,6 +181,11 @@ class AuditSummary:
         if record.get("event") == "outcome":
             self._add_outcome(record)
             return
+        if record.get("event") not in ("decision", "error"):
+            self.add_event(record)
+            return
+        if not self.filter.actions:  # drift needs every decision of a calibration, not a chosen action's
+            self.drift.add_decision(record)
         stamp = record.get("timestamp") or ""
         if self.first is None or stamp < self.first:
             self.first = stamp
@@ -212,6 +222,15 @@ class AuditSummary:
             self.recent_errors.append(brief)
         if action in _FLAGGED:
             self.flagged.append(brief)
+
+    def add_event(self, record: dict[str, Any]) -> None:
+        """A record that is no decision: calibration findings (guard/monitor.py) and other events, counted."""
+        self.events[record.get("event")] += 1
+        self.drift.add_event(record)
+        if record.get("event") in ("calibration_mismatch", "drift"):
+            self.findings.append({"timestamp": record.get("timestamp"), "event": record.get("event"),
+                                  "check": record.get("check"), "calibration": record.get("calibration"),
+                                  "message": record.get("message")})
 
     def _add_outcome(self, record: dict[str, Any]) -> None:
         self.outcome_records += 1
@@ -273,6 +292,10 @@ class AuditSummary:
             "errors": {"count": self.error_count, "by_type": dict(self.errors.most_common()),
                        "recent": list(self.recent_errors)},
             "flagged_recent": list(self.flagged),
+            "events": {str(k): v for k, v in self.events.items()},
+            "calibration_findings": list(self.findings),
+            "drift": {"computed": not self.filter.actions, "confidence": self.drift.confidence,
+                      "rows": self.drift.rows() if not self.filter.actions else []},
         }
 
 
@@ -318,6 +341,8 @@ def summarize(path: str | os.PathLike[str], filters: AuditFilter | None = None, 
                 continue
             summary.records += 1
             if active and not matches(record):
+                if record.get("event") == "calibration":  # thresholds of the calibrations, whatever the window
+                    summary.drift.add_event(record)
                 continue
             summary.matched += 1
             summary.add(record)
@@ -382,6 +407,12 @@ def render_text(summary: AuditSummary, bucket: str = "auto") -> str:
         [[t["bucket"], t["total"], t["block"], t["rewrite"], t["warn"], t["error"]] for t in timeline[-48:]])
     if len(timeline) > 48:
         out.append(f"  ({len(timeline) - 48} earlier buckets not shown; use --json)")
+    drift = data["drift"]
+    out += ["", f"relative thresholds: observed vs promised rate ({100 * drift['confidence']:g}% intervals)"]
+    out += drift_text(drift["rows"], drift["confidence"]) if drift["computed"] else [
+        "  not computed with --action (it needs every decision judged with a calibration)"]
+    for finding in data["calibration_findings"]:
+        out.append(f"  {finding['timestamp']} {finding['event']} ({finding['check']}): {finding['message']}")
     errors = data["errors"]
     out += ["", f"errors: {errors['count']}"]
     if errors["count"]:
