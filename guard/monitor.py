@@ -219,8 +219,9 @@ class CalibrationMonitor:
                 continue
             counter.alarmed = verdict
             data = counter.to_dict()
-            message = (f"rule {counter.rule}: {counter.crossed} of {counter.n} decisions ({100 * data['observed']:.2f}%) "
-                       f"crossed its threshold {counter.metric} > {counter.value:.6g} (above_fpr {counter.above_fpr:g}); "
+            message = (f"rule {counter.rule}: {counter.crossed} of {counter.n} decisions "
+                       f"({100 * data['observed']:.2f}%) crossed its threshold {counter.metric} > "
+                       f"{counter.value:.6g} (above_fpr {counter.above_fpr:g}); "
                        f"calibration {counter.calibration} promised {100 * data['promised']:.2f}% "
                        f"({100 * self.confidence:g}% interval {100 * data['promised_low']:.2f}-"
                        f"{100 * data['promised_high']:.2f}%): {verdict}; recalibrate from this traffic with "

@@ -79,6 +79,9 @@ def create_app(
     app.state.guard = guard
     app.state.batcher = batcher
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    from .metrics import add_metrics_route
+
+    add_metrics_route(app, guard)  # GET /metrics for Prometheus, when prometheus_client is installed
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
