@@ -83,16 +83,19 @@ def from_audit(args: argparse.Namespace, pipe: object, heldout: list[str]) -> No
     rng.shuffle(mixed)
     work = Path(args.work or tempfile.mkdtemp(prefix="memguard-from-audit-"))
     log = work / "audit.jsonl"
-    log.unlink(missing_ok=True)
-    guard = Guard(pipe, MONITOR, audit_path=log)
-    for start in range(0, len(mixed), 32):
-        guard.check_many(mixed[start:start + 32])
+    guard = Guard(pipe, MONITOR, audit_path=work / "scratch.jsonl")
+    if not (args.reuse_log and log.exists()):
+        log.unlink(missing_ok=True)
+        guard = Guard(pipe, MONITOR, audit_path=log)
+        for start in range(0, len(mixed), 32):
+            guard.check_many(mixed[start:start + 32])
     guard.close()
     scores = [r.score for r in guard.core.scorer.score(heldout)]
     print(f"audit log {log}: {len(traffic)} ordinary prompts of calib.txt with {len(memorized)} memorized of "
           f"mem.txt mixed in ({100 * len(memorized) / len(mixed):.1f}%), prompts hashed; held-out: "
           f"{len(heldout)} prompts of {args.heldout}\n")
-    variants = [("default fence (Q3 + 3 IQR)", []), ("--exclude-rule flag-outlier", ["--exclude-rule", "flag-outlier"]),
+    variants = [("default fence (median + 3.5 (P90 - median))", []),
+                ("--exclude-rule flag-outlier", ["--exclude-rule", "flag-outlier"]),
                 ("no exclusion (--fence 0)", ["--fence", "0"])]
     for label, options in variants:
         out = work / f"profile-{len(options)}-{options[-1] if options else 'fence'}.json"
@@ -115,6 +118,8 @@ def main() -> None:
                         help="check profiles made by `memguard calibrate --from-audit` from a log of traffic")
     parser.add_argument("--memorized", type=int, default=12, help="memorized prompts mixed into the traffic")
     parser.add_argument("--work", default=None, help="folder for the audit log and profiles (default: a temp dir)")
+    parser.add_argument("--reuse-log", action="store_true",
+                        help="with --work: use the audit log a previous run left there instead of writing it again")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     setup(args.threads)

@@ -58,7 +58,7 @@ def test_memorized_prompts_mixed_in_are_excluded_and_counted(tmp_path):
     profile = made.profile
     assert made.used == 2000 and sum(made.excluded.values()) == 30 and len(made.excluded) == 1
     (reason,) = made.excluded
-    assert reason.startswith("above the fence Q3 + 3 IQR")
+    assert reason.startswith("above the fence median + 3.5 (P90 - median) = ")
     assert sorted(profile.scores) == pytest.approx(sorted(ordinary))
     reference = CalibrationProfile.from_scores(ordinary, fingerprint="x", model_class="x", profile="sd1", g_norm=1.0,
                                                g_cos=2.0, seed=51, samples=1, steps=50, prediction_space="eps",

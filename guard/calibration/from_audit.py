@@ -10,11 +10,14 @@ different models or settings in one log apart (``AuditCalibrationError`` names t
 which one is meant).
 
 Traffic holds a few memorized prompts, whose high scores would raise the thresholds. They are excluded by
-(any of): a far-out fence ``Q3 + fence * IQR`` on the log's own scores (default 3: for a normal bulk it
-excludes about one ordinary prompt in a million); an absolute ``exclude_above``; the records' decision
-``action`` or ``rule`` (e.g. the rule of a loose monitoring threshold). The report says how many were excluded
-and why: the profile's rates describe the remaining traffic, and over all traffic the share above a threshold
-is at most ``above_fpr`` plus the excluded share.
+(any of): a far-out fence ``median + fence * (P90 - median)`` on the log's own scores (default 3.5: about 4.5
+standard deviations, so for a normal bulk it excludes about 4 ordinary prompts in a million; it measures the
+spread on the upper side, where memorized prompts are, so a long lower tail does not widen it as it widens
+Tukey's ``Q3 + 3 IQR``); an absolute ``exclude_above``; the records' decision ``action`` or ``rule`` (e.g. the
+rule of a loose monitoring threshold). No fence can tell a memorized prompt that scores like an ordinary one:
+when the policy that wrote the log has a loose threshold you trust, exclude by its rule. The report says how
+many were excluded and why: the profile's rates describe the remaining traffic, and over all traffic the share
+above a threshold is at most ``above_fpr`` plus the excluded share.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from .profile import MEASUREMENT_FIELDS, CalibrationProfile
 
 __all__ = ["AuditCalibration", "AuditCalibrationError", "MeasurementGroup", "profile_from_audit", "stability"]
 
-DEFAULT_FENCE = 3.0
+DEFAULT_FENCE = 3.5
 MIN_RECORDS = 20
 _GROUP_FIELDS = ("model_class", "profile", *MEASUREMENT_FIELDS)
 
@@ -232,8 +235,8 @@ def profile_from_audit(
     """Build a calibration profile from the scored decisions of an audit log (one streaming pass).
 
     ``measurement`` (a ``Scorer.measurement()``) picks the records measured that way; without it the log must
-    hold a single model and setting. ``fence``: exclude scores above ``Q3 + fence * IQR`` of the remaining
-    scores (None: no fence). Raises ``AuditCalibrationError`` when fewer than ``min_records`` remain.
+    hold a single model and setting. ``fence``: exclude scores above ``median + fence * (P90 - median)`` of the
+    remaining scores (None: no fence). Raises ``AuditCalibrationError`` when fewer than ``min_records`` remain.
     """
     target = Path(path)
     skipped: Counter = Counter()
@@ -248,12 +251,12 @@ def profile_from_audit(
     cut = None
     if fence is not None and len(keep) >= 4:
         ordered = sorted(group.scores)
-        q1, q3 = _quantile(ordered, 0.25), _quantile(ordered, 0.75)
-        cut = q3 + fence * (q3 - q1)
+        median = _quantile(ordered, 0.5)
+        cut = median + fence * (_quantile(ordered, 0.9) - median)
         keep = [i for i in keep if group.scores[i] <= cut]
         above = len(group.scores) - len(keep)
         if above:
-            excluded[f"above the fence Q3 + {fence:g} IQR = {cut:.6g}"] += above
+            excluded[f"above the fence median + {fence:g} (P90 - median) = {cut:.6g}"] += above
     if len(keep) < min_records:
         raise AuditCalibrationError(
             f"{target}: only {len(keep)} usable scored decisions (at least {min_records} needed)"

@@ -18,9 +18,9 @@ def from_audit_options(command: Callable) -> Callable:
                      help="Build the profile from the scored decisions of this audit log (instead of prompts)."),
         click.option("--since", default=None, help="With --from-audit: only records at or after this ISO 8601 time."),
         click.option("--until", default=None, help="With --from-audit: only records before this ISO 8601 time."),
-        click.option("--fence", default=3.0, show_default=True, type=click.FloatRange(min=0),
-                     help="With --from-audit: exclude scores above Q3 + FENCE * IQR as likely memorized "
-                          "(0: no fence)."),
+        click.option("--fence", default=3.5, show_default=True, type=click.FloatRange(min=0),
+                     help="With --from-audit: exclude scores above median + FENCE * (P90 - median) as likely "
+                          "memorized (0: no fence)."),
         click.option("--exclude-above", default=None, type=float,
                      help="With --from-audit: also exclude scores above this absolute value."),
         click.option("--exclude-action", "exclude_actions", multiple=True,
