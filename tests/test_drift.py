@@ -361,3 +361,19 @@ def test_service_exposes_the_monitor_counters_to_prometheus(tmp_path):
     assert f"memguard_threshold_drift{{{labels}}} 0.0" in text
     assert 'memguard_decisions_total{action="' in text
     assert 'memguard_calibration_mismatch{check="caption_fit"} 0.0' in text
+
+
+def test_drift_chart_renders_in_headless_chromium(tmp_path):
+    from test_audit_review import _chromium, _dump_dom
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (CI installs it via .ci/system-deps; locally: apt-get install chromium)")
+    from guard.audit.report import write_report
+
+    _write_log(tmp_path / "wrong.jsonl", 2.25)
+    page = write_report(summarize(tmp_path / "wrong.jsonl"), None, tmp_path / "wrong.html")
+    dom = _dump_dom(browser, page, tmp_path / "chromium-profile")
+    chart = dom.split('<svg id="drift-chart"', 1)[1].split("</svg>", 1)[0]
+    assert chart.count('class="flagged"') == 2 and chart.count('class="promised"') == 2
+    assert "block-top (above_fpr 0.01)" in chart and 'id="drift-status" class="status bad"' in dom

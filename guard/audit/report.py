@@ -226,7 +226,8 @@ def _drift_section(data: dict[str, Any]) -> str:
     status = (f'<div id="drift-status" class="status bad">{len(flagged)} rule(s) cross their threshold at a rate '
               "the calibration did not promise: recalibrate from this traffic (memguard calibrate --from-audit)."
               "</div>" if flagged else
-              '<div id="drift-status" class="status ok">Every relative threshold holds its promised rate.</div>')
+              '<div id="drift-status" class="status ok">Every relative threshold holds its promised rate.</div>'
+              if rows else '<p id="drift-status">No relative thresholds (above_fpr) in these records.</p>')
     table = _table("drift-table", ["rule", "metric", "above_fpr", "calibration", "decisions", "crossed", "observed",
                                    "observed interval", "promised", "promised interval", "verdict"],
                    [[_td(r["rule"]), _td(r["metric"]), _td(r["above_fpr"], True), _td(r["calibration"]),
