@@ -53,4 +53,6 @@ def test_demo_runs_and_audits(tmp_path):
     assert "trained 200x" in result.output and "unseen" in result.output
     assert "intact" in result.output
     prompts = demo_prompts()
-    assert len(log.read_text().splitlines()) == len(prompts["memorized"]) + len(prompts["unseen"])
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
+    assert events.count("decision") == len(prompts["memorized"]) + len(prompts["unseen"])
+    assert events[0] == "calibration" and len(events) == events.count("decision") + 1  # the calibration taken into use
