@@ -377,3 +377,17 @@ def test_drift_chart_renders_in_headless_chromium(tmp_path):
     chart = dom.split('<svg id="drift-chart"', 1)[1].split("</svg>", 1)[0]
     assert chart.count('class="flagged"') == 2 and chart.count('class="promised"') == 2
     assert "block-top (above_fpr 0.01)" in chart and 'id="drift-status" class="status bad"' in dom
+
+
+def test_service_runs_without_prometheus_client(monkeypatch):
+    pytest.importorskip("fastapi")
+    import sys
+
+    from fastapi import FastAPI
+
+    from guard.service.metrics import add_metrics_route
+
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if not installed: importing it fails
+    app = FastAPI()
+    assert add_metrics_route(app, guard=None) is False
+    assert "/metrics" not in {route.path for route in app.routes}
