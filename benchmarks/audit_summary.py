@@ -19,7 +19,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from guard.audit import GENESIS_HASH, DecisionRecord, ModelRef, OutcomeRecord, PolicyRef, canonical_json
-from guard.audit.record import decision_fields, protect_prompt
+from guard.audit.record import CalibrationEventRecord, decision_fields, protect_prompt
 from guard.policy import AppliedThreshold, Decision, load_policy
 from guard.scoring import MemorizationScore
 
@@ -31,6 +31,18 @@ _KINDS = (  # action, rule, outcome, weight
     ("block", "on_error", "blocked", 0.005),
 )
 _THRESHOLDS = {"warn-elevated": (1.9, 0.02), "rewrite-suspicious": (2.4, 0.005), "block-memorized": (3.1, 0.001)}
+CALIBRATION = "cal-sd1-0123456789abcdef"
+MEASUREMENT = {"fingerprint": "0123456789abcdef", "steps": 50, "seed": 51, "samples": 1, "prediction_space": "eps",
+               "g_norm": 1.0, "g_cos": 2.0}
+
+
+def _calibration_record(common: dict) -> dict:
+    """The record a guard writes when it takes the calibration into use: the drift table's thresholds."""
+    relative = [{"rule": rule, "metric": "score", "above_fpr": fpr, "value": value, "exceeded": round(fpr * 1000),
+                 "n": 1000} for rule, (value, fpr) in _THRESHOLDS.items()]
+    return CalibrationEventRecord(**common, event="calibration", calibration=CALIBRATION, check="loaded",
+                                  message=f"judging with calibration {CALIBRATION}",
+                                  details={"relative": relative}).to_json_dict()
 
 
 def _templates(prompt_mode: str) -> list[tuple[dict, dict]]:
@@ -49,14 +61,17 @@ def _templates(prompt_mode: str) -> list[tuple[dict, dict]]:
             thresholds = (AppliedThreshold(metric="score", op=">", value=value, above_fpr=fpr),)
         error = "non-finite score" if rule == "on_error" else None
         decision = Decision(prompt_index=0, action=action, rule=rule, reason=f"rule {rule}", thresholds=thresholds,
-                            score=None if error else score, error=error)
+                            score=None if error else score, error=error, calibration_id=None if error else CALIBRATION)
         fields = decision_fields(decision, prompt="a prompt", outcome="pending")
+        if not error:
+            fields["measurement"] = MEASUREMENT
         fields["prompt"] = protect_prompt(fields["prompt"], prompt_mode)
         decided = DecisionRecord(**common, **fields, prompt_mode=prompt_mode, latency_scoring_ms=12.0)
         extras = {"mitigation": {"score_after": 1.2, "steps": 6, "met": True}} if action == "rewrite" else {}
         done = OutcomeRecord(**common, event="outcome", prompt_index=0, action=action, outcome=outcome,
                              latency_generation_ms=900.0, extras=extras)
         out.append((decided.to_json_dict(), done.to_json_dict()))
+    out.append((_calibration_record(common), {}))
     return out
 
 
@@ -66,12 +81,16 @@ def write_synthetic_log(path: str | Path, records: int, *, seed: int = 0, prompt
     ``span_hours`` from ``start``."""
     rng = random.Random(seed)
     templates = _templates(prompt_mode)
+    calibration = templates.pop()[0]
     weights = [k[3] for k in _KINDS]
     start = start or datetime(2024, 5, 1, tzinfo=timezone.utc)
     step = span_hours * 3600 / max(records, 1)
     prev, path = GENESIS_HASH, Path(path)
     with path.open("w", encoding="utf-8") as handle:
-        seq = 0
+        seq = 1
+        calibration.update(timestamp=start.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), seq=seq, prev_hash=prev)
+        calibration["hash"] = prev = hashlib.sha256(canonical_json(calibration).encode("utf-8")).hexdigest()
+        handle.write(canonical_json(calibration) + "\n")
         for number in range(1, records + 1):
             kind = rng.choices(range(len(templates)), weights)[0]
             decided, done = (dict(t) for t in templates[kind])
@@ -114,7 +133,10 @@ def main() -> None:
     summary = summarize(log)
     t2 = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(render_text(summary).splitlines()[0])
+    text = render_text(summary).splitlines()
+    print(text[0])
+    print("\n".join(line for line in text if "above_fpr" in line or line.startswith("  block-") or
+                    line.startswith("  rewrite-") or line.startswith("  warn-")))
     print(f"summary: {t2 - t1:.1f} s ({args.records / (t2 - t1):,.0f} records/s), peak RSS {peak / 1e3:.0f} MB "
           f"(was {before / 1e3:.0f} MB before it)")
     if args.report:

@@ -38,6 +38,7 @@ from .calibration import (
     auto_calibration,
 )
 from .events import log_event
+from .monitor import CalibrationMonitor
 from .policy import Decision, Policy, VerifySettings, decide, decide_on_error, load_policy, match_lists
 from .redaction import redacted_library_logs
 from .scoring import MemorizationScore, Scorer, TextConditioning
@@ -167,6 +168,7 @@ class GuardCore:
         self._calibration_error: CalibrationError | None = None
         self._calibration_label: str | None = None
         self._verification: dict[tuple[int, int], VerificationCalibration] = {}
+        self.monitor = CalibrationMonitor(self.policy, emit=self._record_event)
         try:
             self.audit  # noqa: B018 - open the log now so a bad path shows up at once, as a warning
         except AuditWriteError as error:
@@ -262,12 +264,17 @@ class GuardCore:
         elif self.policy.calibration_path is not None:
             label = str(self.policy.calibration_path)
             profile = CalibrationProfile.load(self.policy.calibration_path)
-        elif self.policy.calibration == "auto" and self.policy.uses_relative_thresholds and self.scorer is not None:
+        elif self.policy.calibration in ("auto", "auto-strict") and self.policy.uses_relative_thresholds \
+                and self.scorer is not None:
             profile = auto_calibration(self.scorer)
         else:
             profile = None
         if profile is not None and self.scorer is not None:
             profile.check_measurement(self.scorer.measurement(), source=label)
+            automatic = override is None and self.policy.calibration_path is None
+            problem = self.monitor.start(profile, pipe=getattr(self.scorer.adapter, "pipe", None), automatic=automatic)
+            if problem is not None:
+                raise CalibrationError(problem)
         self._calibration_label = label
         return profile
 
@@ -282,6 +289,8 @@ class GuardCore:
             return None, str(CalibrationMissing(f"calibration unavailable: {type(error).__name__}: {error}"))
         if calibration is None:
             return None, str(CalibrationMissing(f"policy {self.policy.name!r} has no calibration for this model"))
+        if self.monitor.blocking_problem is not None:
+            return None, self.monitor.blocking_problem
         return calibration, None
 
     # ------------------------------------------------------------------ judging
@@ -318,6 +327,7 @@ class GuardCore:
                 latency_scoring_ms=scoring_ms, context=dict(request.context),
             )
             self._write_decisions(report, request.prompts)
+            self.monitor.observe(report.decisions)
             reports.append(report)
         return reports, [cond for _, cond in decided]
 
@@ -408,6 +418,7 @@ class GuardCore:
         """Write-ahead: one decision record per prompt. If the log cannot be written, every prompt gets the
         ``on_error`` decision instead (so fail-closed policies generate nothing they could not record)."""
         outcome = "checked" if report.mode == "check" else "pending"
+        measured = self._measurement_record()
         try:
             for decision in report.decisions:
                 report.records[decision.prompt_index] = self.audit.log_decision(
@@ -418,6 +429,7 @@ class GuardCore:
                     latency_scoring_ms=report.latency_scoring_ms,
                     source=self.source,
                     context=report.context,
+                    measurement=measured if decision.score is not None else None,
                 )
         except (AuditWriteError, OSError) as error:
             message = f"audit log not writable: {error}"
@@ -427,6 +439,22 @@ class GuardCore:
             ]
             warnings.warn(f"memguard: request {report.request_id} not audited: {message}", stacklevel=4)
             log_event("audit_unwritable", level="error", request_id=report.request_id, error=str(error))
+
+    def _measurement_record(self) -> dict[str, Any] | None:
+        """How this guard measures, for decision records: what ``calibrate --from-audit`` rebuilds a profile with."""
+        if self.scorer is None:
+            return None
+        measured = self.scorer.measurement()
+        return {"fingerprint": measured.fingerprint, "steps": measured.steps, "seed": measured.seed,
+                "samples": measured.samples, "prediction_space": measured.prediction_space,
+                "g_norm": measured.g_norm, "g_cos": measured.g_cos}
+
+    def _record_event(self, event: str, fields: dict[str, Any]) -> None:
+        """The monitor's findings as audit records; an unwritable log is said, never raised, here."""
+        try:
+            self.audit.log(event, source=self.source, **fields)
+        except (AuditWriteError, OSError) as error:
+            log_event("audit_unwritable", level="error", event_kind=event, error=str(error))
 
     # ------------------------------------------------------------------ acting
 
@@ -489,7 +517,7 @@ class GuardCore:
         key = (verify.probes, verify.probe_steps)
         if key in self._verification:
             return self._verification[key]
-        if self.policy.calibration != "auto" or self.scorer is None or generate is None:
+        if self.policy.calibration not in ("auto", "auto-strict") or self.scorer is None or generate is None:
             where = f"calibration {calibration.id}" if calibration is not None else "this policy's calibration"
             raise CalibrationMissing(
                 f"{where} has no verification values for rewrites: run `memguard calibrate --model DIR "

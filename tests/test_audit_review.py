@@ -172,6 +172,7 @@ def test_report_is_self_contained_and_escaped(log, tmp_path):
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &quot;quoted&quot;" in page
     assert "Hash chain intact: 245 records" in page
     assert 'id="without-outcome-table"' in page and "r122" in page
+    assert '<p id="drift-status">No relative thresholds (above_fpr) in these records.</p>' in page
 
 
 def _chromium() -> str | None:
@@ -203,6 +204,7 @@ def test_report_renders_in_headless_chromium(log, tmp_path):
     assert table.count("<tr>") == 1 + expected["actions"]["block"] + expected["actions"]["rewrite"]
     assert "&lt;script&gt;alert('x')&lt;/script&gt;" in dom and "<script>alert" not in dom
     assert 'id="errors-table"' in dom and "DecisionError: RuntimeError: scorer crashed" in dom
+    assert "No relative thresholds (above_fpr) in these records." in dom  # absolute thresholds only: no drift
 
     tampered = tmp_path / "tampered.jsonl"
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)

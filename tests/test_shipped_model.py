@@ -53,5 +53,6 @@ def test_demo_runs_and_audits(tmp_path):
     assert "trained 200x" in result.output and "unseen" in result.output
     assert "intact" in result.output
     prompts = demo_prompts()
-    decisions = [r for r in map(json.loads, log.read_text().splitlines()) if r["event"] == "decision"]
-    assert len(decisions) == len(prompts["memorized"]) + len(prompts["unseen"])
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
+    assert events.count("decision") == len(prompts["memorized"]) + len(prompts["unseen"])
+    assert "calibration" in events  # the calibration taken into use is recorded

@@ -33,8 +33,10 @@ __all__ = [
     "CalibrationLoadedRecord",
     "CheckpointRecord",
     "DecisionOutcome",
+    "CalibrationEventRecord",
     "DecisionRecord",
     "ErrorInfo",
+    "MeasurementRef",
     "ModelRef",
     "Outcome",
     "OutcomeRecord",
@@ -107,6 +109,20 @@ class _Record(_Model):
         return value
 
 
+class MeasurementRef(_Model):
+    """How a decision's score was measured (``Scorer.measurement()``): what a calibration made from these
+    records (``memguard calibrate --from-audit``) must carry so a guard accepts it, and what keeps records
+    of different models or settings apart."""
+
+    fingerprint: str
+    steps: int
+    seed: int
+    samples: int
+    prediction_space: str
+    g_norm: _Finite
+    g_cos: _Finite
+
+
 class DecisionRecord(_Record):
     """The verdict on one prompt (the sink adds ``seq``, ``prev_hash`` and ``hash``).
 
@@ -127,6 +143,7 @@ class DecisionRecord(_Record):
     reason: str | None = None
     thresholds: tuple[dict[str, Any], ...] = ()
     latency_scoring_ms: _Finite | None = Field(default=None, ge=0)
+    measurement: MeasurementRef | None = None
 
 
 class OutcomeRecord(_Record):
@@ -243,6 +260,23 @@ def current_actor(key_id: str | None = None) -> dict[str, Any]:
         user = None
     uid = os.getuid() if hasattr(os, "getuid") else None
     return Actor(user=user, uid=uid, pid=os.getpid(), host=socket.gethostname(), key_id=key_id).model_dump()
+
+
+# -- calibration checks and drift alarms (guard/monitor.py) --------------------------------------------------
+
+
+class CalibrationEventRecord(_Record):
+    """A calibration finding: ``calibration`` (a profile taken into use, with its relative thresholds),
+    ``calibration_mismatch`` (a fit check failed) or ``drift`` (a rule's observed rate left its promise)."""
+
+    event: Literal["calibration", "calibration_mismatch", "drift"]
+    calibration: str | None = None
+    check: str
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+RECORD_MODELS.update({kind: CalibrationEventRecord for kind in ("calibration", "calibration_mismatch", "drift")})
 
 
 def utc_timestamp() -> str:

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .drift import drift_svg
 from .review import ACTIONS, AuditSummary
 from .verify import VerifyReport
 
@@ -201,6 +202,7 @@ its rule's fallback applied.</p>
 policies applied (from the records' decisions).</p>{quant_table}
 {_table("thresholds", ["rule", "op", "value", "above_fpr", "decisions"], threshold_rows, "No thresholds recorded.")}
 </section>
+{_drift_section(data)}
 <section id="timeline"><h2>Decisions over time</h2>
 {_timeline_svg(data["timeline"], ACTIONS, "decisions-over-time")}
 <h2>Blocked and rewritten over time</h2>
@@ -219,6 +221,37 @@ one (the process stopped in between, or the log could not be written).</p>
 {_table("errors-table", ["time", "policy", "action taken", "error"], errors, "No errors.")}</section>
 </main></body></html>
 """
+
+
+def _drift_section(data: dict[str, Any]) -> str:
+    """Observed vs promised rate per relative threshold: chart, table and the guard's calibration findings."""
+    drift = data["drift"]
+    if not drift["computed"]:
+        return ('<section id="drift"><h2>Do the thresholds hold?</h2><p>Not computed with an action filter: it '
+                "needs every decision judged with a calibration.</p></section>")
+    rows = drift["rows"]
+    flagged = [r for r in rows if r["verdict"] in ("too many", "too few")]
+    status = (f'<div id="drift-status" class="status bad">{len(flagged)} rule(s) cross their threshold at a rate '
+              "the calibration did not promise: recalibrate from this traffic (memguard calibrate --from-audit)."
+              "</div>" if flagged else
+              '<div id="drift-status" class="status ok">Every relative threshold holds its promised rate.</div>'
+              if rows else '<p id="drift-status">No relative thresholds (above_fpr) in these records.</p>')
+    table = _table("drift-table", ["rule", "metric", "above_fpr", "calibration", "decisions", "crossed", "observed",
+                                   "observed interval", "promised", "promised interval", "verdict"],
+                   [[_td(r["rule"]), _td(r["metric"]), _td(r["above_fpr"], True), _td(r["calibration"]),
+                     _td(r["decisions"], True), _td(r["crossed"], True), _td(r["observed"], True),
+                     _td(f'{_num(r["observed_low"])} to {_num(r["observed_high"])}'), _td(r["promised"], True),
+                     _td(f'{_num(r["promised_low"])} to {_num(r["promised_high"])}'), _td(r["verdict"])]
+                    for r in rows], "No relative thresholds in these records.")
+    findings = _table("calibration-findings", ["time", "event", "check", "calibration", "message"],
+                      [[_td(f["timestamp"]), _td(f["event"]), _td(f["check"]), _td(f["calibration"]),
+                        _td(f["message"])] for f in reversed(data["calibration_findings"])],
+                      "The guard recorded no calibration findings.")
+    how = ("Observed: decisions judged with the calibration whose value crossed the threshold, with a Wilson "
+           f"interval; promised: the rate the calibration's own scores imply, with its sampling error "
+           f"({100 * drift['confidence']:g}% intervals). Flagged when the intervals do not overlap.")
+    return (f'<section id="drift"><h2>Do the thresholds hold?</h2>{status}{drift_svg(rows) if rows else ""}'
+            f'<p class="meta">{_e(how)}</p>{table}<h2>Calibration findings</h2>{findings}</section>')
 
 
 def write_report(summary: AuditSummary, verify: VerifyReport | None, out: str | os.PathLike[str], *,

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .drift import DriftCounters, drift_text
 from .verify import SignatureTally, VerifyReport
 
 __all__ = ["AuditFilter", "AuditSummary", "ScoreSample", "parse_time", "render_text", "summarize"]
@@ -172,6 +173,8 @@ class AuditSummary:
     events: Counter = field(default_factory=Counter)
     signing: SignatureTally = field(default_factory=SignatureTally)
     verification: VerifyReport | None = None  # set when the log was also verified (with or without keys)
+    drift: DriftCounters = field(default_factory=DriftCounters)
+    findings: deque = field(default_factory=lambda: deque(maxlen=20))
 
     @property
     def decisions(self) -> int:
@@ -188,8 +191,10 @@ class AuditSummary:
             self._add_outcome(record)
             return
         if record.get("event") not in ("decision", "error"):
-            self.events[str(record.get("event"))] += 1
+            self.add_event(record)
             return
+        if not self.filter.actions:  # drift needs every decision of a calibration, not a chosen action's
+            self.drift.add_decision(record)
         stamp = record.get("timestamp") or ""
         if self.first is None or stamp < self.first:
             self.first = stamp
@@ -226,6 +231,15 @@ class AuditSummary:
             self.recent_errors.append(brief)
         if action in _FLAGGED:
             self.flagged.append(brief)
+
+    def add_event(self, record: dict[str, Any]) -> None:
+        """A record that is no decision: calibration findings (guard/monitor.py) and other events, counted."""
+        self.events[str(record.get("event"))] += 1
+        self.drift.add_event(record)
+        if record.get("event") in ("calibration_mismatch", "drift"):
+            self.findings.append({"timestamp": record.get("timestamp"), "event": record.get("event"),
+                                  "check": record.get("check"), "calibration": record.get("calibration"),
+                                  "message": record.get("message")})
 
     def _add_outcome(self, record: dict[str, Any]) -> None:
         self.outcome_records += 1
@@ -291,8 +305,11 @@ class AuditSummary:
             "errors": {"count": self.error_count, "by_type": dict(self.errors.most_common()),
                        "recent": list(self.recent_errors)},
             "flagged_recent": list(self.flagged),
-            "events": dict(self.events.most_common()),
+            "events": {str(k): v for k, v in self.events.most_common()},
             "signature": self.signing.to_dict(self.verification),
+            "calibration_findings": list(self.findings),
+            "drift": {"computed": not self.filter.actions, "confidence": self.drift.confidence,
+                      "rows": self.drift.rows() if not self.filter.actions else []},
         }
 
 
@@ -339,6 +356,8 @@ def summarize(path: str | os.PathLike[str], filters: AuditFilter | None = None, 
             summary.records += 1
             summary.signing.note(record)
             if active and not matches(record):
+                if record.get("event") == "calibration":  # thresholds of the calibrations, whatever the window
+                    summary.drift.add_event(record)
                 continue
             summary.matched += 1
             summary.add(record)
@@ -409,6 +428,12 @@ def render_text(summary: AuditSummary, bucket: str = "auto") -> str:
         [[t["bucket"], t["total"], t["block"], t["rewrite"], t["warn"], t["error"]] for t in timeline[-48:]])
     if len(timeline) > 48:
         out.append(f"  ({len(timeline) - 48} earlier buckets not shown; use --json)")
+    drift = data["drift"]
+    out += ["", f"relative thresholds: observed vs promised rate ({100 * drift['confidence']:g}% intervals)"]
+    out += drift_text(drift["rows"], drift["confidence"]) if drift["computed"] else [
+        "  not computed with --action (it needs every decision judged with a calibration)"]
+    for finding in data["calibration_findings"]:
+        out.append(f"  {finding['timestamp']} {finding['event']} ({finding['check']}): {finding['message']}")
     errors = data["errors"]
     out += ["", f"errors: {errors['count']}"]
     if errors["count"]:

@@ -14,6 +14,7 @@ import click
 
 from ..loading import load_pipeline
 from ..prompts_io import read_prompts
+from .from_audit import calibrate_from_audit, from_audit_options
 from .options import policy_scoring_option, scorer_from_options
 
 __all__ = ["calibrate"]
@@ -32,7 +33,8 @@ def _parse_fprs(text: str) -> list[float]:
 
 
 @click.command()
-@click.option("--model", "model_path", required=True, help="Diffusers pipeline directory (or hub id).")
+@click.option("--model", "model_path", default=None,
+              help="Diffusers pipeline directory (or hub id); with --from-audit it picks that model's records.")
 @click.option("--nmem", "nmem_path", type=click.Path(dir_okay=False), default=None,
               help="Non-memorized prompts, one per line (default: memguard's built-in generic captions).")
 @click.option("--mem", "mem_path", type=click.Path(dir_okay=False), default=None,
@@ -65,15 +67,33 @@ def _parse_fprs(text: str) -> list[float]:
 @click.option("--guidance-scale", default=None, type=float,
               help="Guidance scale of the generations for --verification (default: the pipeline's default).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@from_audit_options
 def calibrate(model_path, nmem_path, mem_path, out_path, device, dtype, weights, folds, plot_path, policy_path,
               fprs, verification_prompts, verify_probes, verify_probe_steps, generation_steps, guidance_scale,
-              progress, **scoring) -> None:
+              progress, audit_path, since, until, fence, exclude_above, exclude_actions, exclude_rules,
+              **scoring) -> None:
     """Measure MODEL's scores on non-memorized prompts and write its calibration profile.
 
     Relative policy thresholds (above_fpr) are read off this profile; a guard only uses a profile measured
     with its own scoring settings, so pass the policy you will use (--policy) or the same options.
     Interrupted runs resume from OUT.partial.jsonl when rerun with the same arguments.
+
+    With --from-audit the profile is made from the scores of real requests in an audit log instead (no
+    prompts needed, so `audit.prompt: hash` logs work); --model is then optional and picks that model's
+    records when the log holds several.
     """
+    if audit_path is not None:
+        if nmem_path is not None or mem_path is not None:
+            raise click.UsageError("--from-audit takes its scores from the log: drop --nmem/--mem")
+        if weights == "fitted":
+            raise click.UsageError("--weights fitted needs --mem, which --from-audit does not take")
+        calibrate_from_audit(
+            audit_path, out_path, model_path=model_path, device=device, dtype=dtype, since=since, until=until,
+            fence=fence, exclude_above=exclude_above, exclude_actions=exclude_actions, exclude_rules=exclude_rules,
+            fprs=_parse_fprs(fprs), plot_path=plot_path, policy_path=policy_path, scoring=scoring)
+        return
+    if model_path is None:
+        raise click.UsageError("give --model (or --from-audit AUDIT.jsonl)")
     from ..calibration import CalibrationProfile, fit_weights, prompt_set_id, score_sets
     from ..calibration.outputs import metrics_table, plot_calibration, write_policy
     from ..data import generic_captions, generic_captions_id

@@ -373,7 +373,7 @@ class Policy(_Model):
     @classmethod
     def _calibration(cls, value: str) -> str:
         if not value.strip():
-            raise ValueError("use auto, off, or the path of a calibration profile")
+            raise ValueError("use auto, auto-strict, off, or the path of a calibration profile")
         return value
 
     @model_validator(mode="after")
@@ -403,8 +403,8 @@ class Policy(_Model):
 
     @property
     def calibration_path(self) -> Path | None:
-        """The calibration profile file, resolved relative to the policy file; None for auto/off."""
-        if self.calibration in ("auto", "off"):
+        """The calibration profile file, resolved relative to the policy file; None for auto/auto-strict/off."""
+        if self.calibration in ("auto", "auto-strict", "off"):
             return None
         path = Path(self.calibration).expanduser()
         if not path.is_absolute() and self._source is not None:

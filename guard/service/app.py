@@ -122,6 +122,10 @@ def create_app(
             context["team"] = key.team
         return access.guard_for(key) if access is not None else guard, context
 
+    from .metrics import add_metrics_route
+
+    add_metrics_route(app, guard)  # GET /metrics for Prometheus, when prometheus_client is installed
+
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(status_code=422, content=_validation_content(exc.errors()))

@@ -1,0 +1,85 @@
+"""Does the guard notice when its calibration does not fit the traffic?
+
+    python benchmarks/drift_check.py      # shipped model (151-word vocabulary), balanced policy
+
+The shipped memorizer's word-level vocabulary misses most words of memguard's generic captions, so the default
+path (``Guard(pipe)``: balanced policy, automatic calibration on the generic captions) reads its thresholds off
+prompts unlike the model's. Two guards judge the same traffic (held-out ordinary prompts of nmem.txt with a few
+memorized prompts of mem.txt mixed in), one with the automatic calibration ("wrong"), one with the shipped
+calibration made from calib.txt, prompts like the traffic ("right"). Printed per guard: what the automatic
+calibration's fit checks said, the actions taken on the ordinary prompts, and the drift table of
+``memguard audit summary`` (observed vs promised crossing rate per rule, 99% intervals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import warnings
+from pathlib import Path
+
+from common import MEMORIZER_PROMPTS, SHIPPED_MODEL, load, prompts_from, setup, table
+
+from guard.assets import shipped_calibration_path
+
+
+def run(name: str, pipe: object, calibration: Path | None, traffic: list[str], ordinary: set[str], work: Path) -> None:
+    from guard import Guard
+    from guard.audit.review import summarize
+
+    log = work / f"{name}.jsonl"
+    log.unlink(missing_ok=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guard = Guard(pipe, "balanced", audit_path=log, calibration=calibration)
+        reports = []
+        for start in range(0, len(traffic), 32):
+            reports += guard.check_many(traffic[start:start + 32])
+    guard.close()
+    counts: dict[str, int] = {}
+    for prompt, report in zip(traffic, reports):
+        if prompt in ordinary:
+            counts[report.action] = counts.get(report.action, 0) + 1
+    n = sum(counts.values())
+    print(f"## {name}: calibration {guard.core.calibration.id} ({guard.core.calibration.source}, "
+          f"{guard.core.calibration.n_prompts} prompts)\n")
+    found = [str(w.message) for w in caught if "memguard" in str(w.message)]
+    print("warnings: " + ("; ".join(found) if found else "none") + "\n")
+    print(f"actions on the {n} ordinary prompts: " + ", ".join(
+        f"{a} {counts.get(a, 0)} ({100 * counts.get(a, 0) / n:.1f}%)" for a in ("block", "rewrite", "warn", "allow"))
+        + "\n")
+    summary = summarize(log).to_dict()
+    rows = [[r["rule"], r["above_fpr"], r["decisions"], r["crossed"], f"{100 * r['observed']:.2f}%",
+             f"[{100 * r['observed_low']:.2f}%, {100 * r['observed_high']:.2f}%]", f"{100 * r['promised']:.2f}%",
+             f"[{100 * r['promised_low']:.2f}%, {100 * r['promised_high']:.2f}%]", r["verdict"]]
+            for r in summary["drift"]["rows"]]
+    print(table(["rule", "above_fpr", "decisions", "crossed", "observed", "99% interval", "promised",
+                 "promised 99% interval", "verdict"], rows) + "\n")
+    findings = summary["calibration_findings"]
+    print("audit records of the live monitor: " + (", ".join(
+        f"{f['event']} ({f['check']})" for f in findings) or "none") + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(SHIPPED_MODEL))
+    parser.add_argument("--memorized", type=int, default=6, help="memorized prompts mixed into the traffic")
+    parser.add_argument("--work", default=None, help="folder for the audit logs (default: a temp dir)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    setup(args.threads)
+    pipe = load(args.model)
+    rng = random.Random(0)
+    ordinary = prompts_from(MEMORIZER_PROMPTS / "nmem.txt")
+    traffic = ordinary + rng.sample(prompts_from(MEMORIZER_PROMPTS / "mem.txt"), args.memorized)
+    rng.shuffle(traffic)
+    work = Path(args.work or tempfile.mkdtemp(prefix="memguard-drift-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"traffic: {len(ordinary)} ordinary prompts of nmem.txt + {args.memorized} memorized of mem.txt\n")
+    run("wrong", pipe, None, traffic, set(ordinary), work)
+    run("right", pipe, shipped_calibration_path(args.model), traffic, set(ordinary), work)
+
+
+if __name__ == "__main__":
+    main()

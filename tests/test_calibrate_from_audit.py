@@ -1,0 +1,191 @@
+"""``memguard calibrate --from-audit``: a profile from the scores of real requests in an audit log."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from click.testing import CliRunner
+
+from guard.audit import AuditLog, AuditLogger
+from guard.calibration import CalibrationProfile
+from guard.calibration.from_audit import AuditCalibrationError, profile_from_audit, stability
+from guard.cli import main
+from guard.policy import decide, load_policy
+from guard.scoring.result import MemorizationScore
+from guard.testing import DEFAULT_WORDS
+
+MEASURED = {"fingerprint": "0123456789abcdef", "steps": 50, "seed": 51, "samples": 1, "prediction_space": "eps",
+            "g_norm": 1.0, "g_cos": 2.0}
+MONITOR = load_policy({"name": "monitor-abs", "calibration": "off", "audit": {"prompt": "hash"}, "rules": [
+    {"name": "flag-outlier", "when": {"score": {"gte": 4.0}}, "action": "warn"}]})
+
+
+def _score(value: float, seed: int = 51) -> MemorizationScore:
+    return MemorizationScore(norm=value - 0.4, cos=0.2, score=value, g_norm=1.0, g_cos=2.0, profile="sd1", t_hi=981,
+                             t_lo=41, samples=1, seed=seed, prediction_space="eps")
+
+
+def _write(path, values, *, measured=MEASURED, seed=51, start=0, with_measurement=True):
+    """Decision records as a guard writes them (hashed prompts), one per value, a minute apart."""
+    with AuditLog(path) as sink:
+        logger = AuditLogger(sink, prompt_mode="hash", context={
+            "policy": {"name": MONITOR.name, "version": MONITOR.version, "hash": MONITOR.content_hash},
+            "model": {"id": "m", "class": "StableDiffusionPipeline"}})
+        for i, value in enumerate(values):
+            decision = decide(MONITOR, _score(value, seed), f"prompt {i}")
+            extra = {"measurement": {**measured, "seed": seed}} if with_measurement else {}
+            logger.log_decision(decision, prompt=f"prompt {i}", outcome="checked", request_id=f"r{start + i}",
+                                timestamp=f"2024-05-01T{(start + i) // 60 % 24:02d}:{(start + i) % 60:02d}:00.000000Z",
+                                **extra)
+
+
+def _traffic(n_ordinary: int, n_memorized: int, seed: int = 0) -> tuple[list[float], list[float]]:
+    rng = random.Random(seed)
+    ordinary = [rng.gauss(2.0, 0.3) for _ in range(n_ordinary)]
+    memorized = [rng.gauss(5.0, 0.4) for _ in range(n_memorized)]
+    mixed = ordinary + memorized
+    rng.shuffle(mixed)
+    return mixed, ordinary
+
+
+def test_memorized_prompts_mixed_in_are_excluded_and_counted(tmp_path):
+    log = tmp_path / "audit.jsonl"
+    mixed, ordinary = _traffic(2000, 30)
+    _write(log, mixed)
+    made = profile_from_audit(log)
+    profile = made.profile
+    assert made.used == 2000 and sum(made.excluded.values()) == 30 and len(made.excluded) == 1
+    (reason,) = made.excluded
+    assert reason.startswith("above the fence median + 3.5 (P90 - median) = ")
+    assert sorted(profile.scores) == pytest.approx(sorted(ordinary))
+    reference = CalibrationProfile.from_scores(ordinary, fingerprint="x", model_class="x", profile="sd1", g_norm=1.0,
+                                               g_cos=2.0, seed=51, samples=1, steps=50, prediction_space="eps",
+                                               source="x")
+    for fpr in (0.001, 0.01, 0.05):
+        assert profile.threshold_at_fpr(fpr) == reference.threshold_at_fpr(fpr)
+    assert (profile.model_fingerprint, profile.seed, profile.steps, profile.g_cos) == ("0123456789abcdef", 51, 50, 2.0)
+    assert profile.model_class == "StableDiffusionPipeline" and profile.profile == "sd1"
+    assert profile.norms is not None and profile.coses is not None
+    assert any("excluded 30 (1.48%) as likely memorized" in line for line in made.lines())
+
+    unfenced = profile_from_audit(log, fence=None).profile
+    assert unfenced.n_prompts == 2030 and unfenced.threshold_at_fpr(0.01) > 4.0  # memorized scores set the threshold
+    by_rule = profile_from_audit(log, fence=None, exclude_rules=["flag-outlier"])
+    assert by_rule.used == 2000 and by_rule.excluded == {"matched by rule flag-outlier": 30}
+    absolute = profile_from_audit(log, fence=None, exclude_above=3.9)
+    assert absolute.used == 2000 and absolute.excluded == {"above 3.9": 30}
+
+
+def test_records_of_two_settings_are_never_mixed(tmp_path):
+    log = tmp_path / "audit.jsonl"
+    _write(log, [2.0 + i / 100 for i in range(40)], seed=51)
+    _write(log, [9.0 + i / 100 for i in range(30)], seed=7, start=40)
+    with pytest.raises(AuditCalibrationError, match="2 models or scoring settings") as caught:
+        profile_from_audit(log)
+    assert "seed 51" in str(caught.value) and "seed 7" in str(caught.value) and "--model" in str(caught.value)
+    from guard.scoring import Measurement
+
+    chosen = Measurement(fingerprint=MEASURED["fingerprint"], model_class="StableDiffusionPipeline", profile="sd1",
+                         g_norm=1.0, g_cos=2.0, seed=7, samples=1, steps=50, prediction_space="eps")
+    made = profile_from_audit(log, measurement=chosen, fence=None)
+    assert made.profile.seed == 7 and made.used == 30 and min(made.profile.scores) >= 9.0
+    with pytest.raises(AuditCalibrationError, match="no scored decisions were measured like this model"):
+        profile_from_audit(log, measurement=chosen.__class__(**{**chosen.__dict__, "steps": 30}))
+
+
+def test_unusable_records_are_skipped_and_counted(tmp_path):
+    log = tmp_path / "audit.jsonl"
+    _write(log, [2.0] * 10, with_measurement=False)
+    _write(log, [2.0 + i / 50 for i in range(25)], start=10)
+    with log.open("a") as handle:
+        handle.write("not json\n")
+    made = profile_from_audit(log)
+    assert made.used == 25
+    assert made.skipped == {"without a measurement (written before memguard recorded it)": 10,
+                            "unreadable lines": 1}
+    with pytest.raises(AuditCalibrationError, match="only 25 usable scored decisions"):
+        profile_from_audit(log, min_records=26)
+    from guard.audit.review import parse_time
+
+    window = profile_from_audit(log, since=parse_time("2024-05-01T00:20Z"), min_records=5)
+    assert window.used == 15 and window.first.startswith("2024-05-01T00:20")
+
+
+def test_stability_check_notices_traffic_that_changed_over_the_log():
+    rng = random.Random(1)
+    steady = [rng.gauss(2.0, 0.3) for _ in range(4000)]
+    changed = steady[:2000] + [rng.gauss(2.4, 0.3) for _ in range(2000)]
+    assert all(row["consistent"] for row in stability(steady, [0.01, 0.05]))
+    assert not any(row["consistent"] for row in stability(changed, [0.01, 0.05]))
+
+
+# ---------------------------------------------------------------- end to end on a real pipeline
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny pipeline saved to disk and a log written by a real Guard with an absolute monitor policy."""
+    from guard import Guard
+    from guard.testing import tiny_sd_pipeline
+
+    root = tmp_path_factory.mktemp("from-audit")
+    pipe = tiny_sd_pipeline()
+    pipe.save_pretrained(root / "model")
+    rng = random.Random(3)
+    prompts = [" ".join(rng.choices(list(DEFAULT_WORDS), k=5)) for _ in range(80)]
+    guard = Guard(pipe, MONITOR, audit_path=root / "audit.jsonl")
+    for start in range(0, 60, 20):
+        guard.check_many(prompts[start:start + 20])
+    return root, pipe, prompts, guard
+
+
+def test_cli_builds_a_profile_a_policy_can_name_and_the_guard_accepts(served):
+    root, pipe, prompts, guard = served
+    records = [json.loads(line) for line in (root / "audit.jsonl").read_text().splitlines()]
+    assert all(r["measurement"]["fingerprint"] == guard.core.scorer.measurement().fingerprint for r in records)
+    assert all(len(r["prompt"]) == 64 for r in records)  # hashed: the profile needs scores, not prompts
+    out, policy_out = root / "traffic.json", root / "policies" / "traffic.yaml"
+    result = CliRunner().invoke(main, ["calibrate", "--from-audit", str(root / "audit.jsonl"), "--out", str(out),
+                                       "--fprs", "0.05,0.1", "--policy-out", str(policy_out)])
+    assert result.exit_code == 0, result.output
+    profile = CalibrationProfile.load(out)
+    assert profile.n_prompts == 60 and sorted(r["score"] for r in records) == pytest.approx(list(profile.scores))
+    assert profile.source.startswith("audit:audit.jsonl:")
+    assert f"calibration {profile.id}: 60 requests" in result.output
+    assert "threshold at FPR 0.05" in result.output and "stability: thresholds from the first half" in result.output
+    load_policy(policy_out)
+
+    (root / "relative.yaml").write_text(
+        "name: relative\ncalibration: traffic.json\naudit: {prompt: hash}\n"
+        "rules:\n  - {name: top, when: {score: {above_fpr: 0.1}}, action: block}\n")
+    from guard import Guard
+
+    relative = Guard(pipe, str(root / "relative.yaml"), audit_path=root / "relative.jsonl")
+    reports = relative.check_many(prompts[60:])
+    assert all(r.calibration_id == profile.id and r.rule != "on_error" for r in reports)
+
+    with_model = CliRunner().invoke(main, ["calibrate", "--from-audit", str(root / "audit.jsonl"), "--out",
+                                           str(root / "again.json"), "--model", str(root / "model"),
+                                           "--device", "cpu"])
+    assert with_model.exit_code == 0, with_model.output
+    assert CalibrationProfile.load(root / "again.json").scores == profile.scores
+    other_seed = CliRunner().invoke(main, ["calibrate", "--from-audit", str(root / "audit.jsonl"), "--out",
+                                           str(root / "none.json"), "--model", str(root / "model"), "--seed", "3",
+                                           "--device", "cpu"])
+    assert other_seed.exit_code == 1 and "no scored decisions were measured like this model" in other_seed.output
+    assert other_seed.output.strip().count("\n") == 0
+
+
+def test_cli_usage_errors(served, tmp_path):
+    root = served[0]
+    both = CliRunner().invoke(main, ["calibrate", "--from-audit", str(root / "audit.jsonl"), "--nmem",
+                                     str(root / "audit.jsonl"), "--out", str(tmp_path / "x.json")])
+    assert both.exit_code == 2 and "drop --nmem/--mem" in both.output
+    neither = CliRunner().invoke(main, ["calibrate", "--out", str(tmp_path / "x.json")])
+    assert neither.exit_code == 2 and "give --model (or --from-audit" in neither.output
+    help_text = CliRunner().invoke(main, ["calibrate", "--help"]).output
+    for option in ("--from-audit", "--since", "--until", "--fence", "--exclude-above", "--exclude-action",
+                   "--exclude-rule"):
+        assert option in help_text
