@@ -151,8 +151,9 @@ def rewrite_span(core: GuardCore, report: GuardReport, *_: Any, **__: Any) -> It
             if not current.is_recording() or not report.mitigations:
                 return
             done = [report.mitigations[i] for i in sorted(report.mitigations)]
-            current.set_attribute("memguard.rewrite.methods", [m.method for m in done])
+            current.set_attribute("memguard.rewrite.methods", [m.method or "none" for m in done])
             current.set_attribute("memguard.rewrite.met", [bool(m.met) for m in done])
+            current.set_attribute("memguard.rewrite.verified", [bool(m.verified) for m in done])
             current.set_attribute("memguard.rewrite.steps", [int(m.steps) for m in done])
             current.set_attribute("memguard.actions", [d.action for d in report.decisions])
 

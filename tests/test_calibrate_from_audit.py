@@ -143,7 +143,7 @@ def served(tmp_path_factory):
 
 def test_cli_builds_a_profile_a_policy_can_name_and_the_guard_accepts(served):
     root, pipe, prompts, guard = served
-    records = [json.loads(line) for line in (root / "audit.jsonl").read_text().splitlines()]
+    records = [r for r in map(json.loads, (root / "audit.jsonl").read_text().splitlines()) if r["event"] == "decision"]
     assert all(r["measurement"]["fingerprint"] == guard.core.scorer.measurement().fingerprint for r in records)
     assert all(len(r["prompt"]) == 64 for r in records)  # hashed: the profile needs scores, not prompts
     out, policy_out = root / "traffic.json", root / "policies" / "traffic.yaml"

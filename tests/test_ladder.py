@@ -67,8 +67,9 @@ def test_probe_noise_is_fixed_and_independent_of_the_caller():
     assert not torch.equal(probe_noise((4, 8, 8), 2, 51), probe_noise((4, 8, 8), 2, 52))
     assert torch.equal(torch.random.get_rng_state(), state)
     a = torch.randn(3, 4, 8, 8)
-    assert torch.allclose(probe_similarity(a, a[:1]), torch.stack([torch.tensor(1.0), *[
-        torch.nn.functional.cosine_similarity(a[i].flatten(), a[0].flatten(), dim=0) for i in (1, 2)]]), atol=1e-6)
+    expected = [torch.nn.functional.cosine_similarity(a[i].flatten(), a[0].flatten(), dim=0).abs() for i in (1, 2)]
+    assert torch.allclose(probe_similarity(a, a[:1]), torch.stack([torch.tensor(1.0), *expected]), atol=1e-6)
+    assert probe_similarity(-a[:1], a[:1])[0] == pytest.approx(1.0)  # an inverted copy is a copy
 
 
 # ---------------------------------------------------------------- rungs, order, verification

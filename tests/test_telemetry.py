@@ -116,7 +116,8 @@ def test_a_failure_is_recorded_by_type_never_by_message(sd_pipe, tmp_path, spans
 def test_rewrite_span(sd_pipe, tmp_path, spans):
     high = Scorer(sd_pipe).score([SECRET])[0].score
     rewrite = {"name": "rewrite-all", "when": {"score": {"gte": -1e9}}, "action": "rewrite",
-               "rewrite": {"method": "prompt_embedding", "target": {"score": high - 0.02}, "max_steps": 10}}
+               "rewrite": {"method": "prompt_embedding", "target": {"score": high - 0.02}, "max_steps": 10,
+                           "verify": {"max_similarity": 1.0}}}
     guarded = Guard(sd_pipe, policy(rules=[rewrite]), audit_path=tmp_path / "a.jsonl")
     out = guarded(prompt=SECRET, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
     by_name, every = spans()
@@ -124,6 +125,7 @@ def test_rewrite_span(sd_pipe, tmp_path, spans):
     assert span.attributes["memguard.rewrites"] == 1
     assert tuple(span.attributes["memguard.rewrite.methods"]) == ("prompt_embedding",)
     assert tuple(span.attributes["memguard.rewrite.met"]) == (out.memguard.mitigations[0].met,)
+    assert tuple(span.attributes["memguard.rewrite.verified"]) == (True,)
     assert "magenta" not in dump(every)
 
 

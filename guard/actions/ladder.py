@@ -79,6 +79,11 @@ class LadderResult:
     def method(self) -> str | None:
         return self.released
 
+    @property
+    def steps(self) -> int:
+        """Optimisation steps spent over every rung that ran (guidance rungs spend none)."""
+        return sum(m.steps for rung in self.rungs for m in rung.mitigations)
+
     def describe(self) -> str:
         tried = ", ".join(f"{r.rung}{'' if r.ran else ' (n/a)'}" for r in self.rungs) or "none"
         if self.verified:

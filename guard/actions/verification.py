@@ -6,7 +6,8 @@ after generation, with nothing but the model: ``probes`` short generations of th
 fixed probe seeds show what the model draws for it (for a memorized prompt, the copy, from any seed). The
 signal ``probe_similarity`` is the released latent's largest cosine to those probes. Ordinary prompts' own
 generations reach a known level against their probes (``VerificationCalibration``); a rewritten image above
-the calibrated quantile is still a copy and is not released.
+the calibrated quantile is still a copy and is not released. Similarity is absolute cosine: a latent pushed
+towards the negative of the copy is not counted as escaped.
 """
 
 from __future__ import annotations
@@ -90,10 +91,12 @@ def probe_noise(shape: Sequence[int], probes: int, seed: int) -> torch.Tensor:
 
 
 def probe_similarity(latents: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
-    """Per image of ``latents`` ``[n, C, h, w]``: the largest cosine to any of ``probes`` ``[p, C, h, w]``."""
+    """Per image of ``latents`` ``[n, C, h, w]``: the largest absolute cosine to any of ``probes``
+    ``[p, C, h, w]``. Absolute, because opposite guidance can push a latent towards the *negative* of the
+    memorized one, which is the memorized structure inverted, not a new image."""
     a = F.normalize(latents.detach().float().flatten(1), dim=1)
     b = F.normalize(probes.detach().float().to(a.device).flatten(1), dim=1)
-    return (a @ b.T).max(dim=1).values.cpu()
+    return (a @ b.T).abs().max(dim=1).values.cpu()
 
 
 def run_probes(

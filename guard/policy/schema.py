@@ -177,7 +177,7 @@ class RewriteSettings(_Model):
     max_steps: int = Field(default=10, ge=1, le=1000)
     lr: float = Field(default=0.05, gt=0.0, le=10.0, allow_inf_nan=False)
     proximity: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
-    guidance: tuple[GuidanceStage, ...] = (GuidanceStage(until=0.4, scale=-1.0),)
+    guidance: tuple[GuidanceStage, ...] = (GuidanceStage(until=0.5, scale=-2.0),)
     verify: VerifySettings | None = VerifySettings()
     fallback: ErrorAction = "block"
 
