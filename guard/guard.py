@@ -226,6 +226,9 @@ class Guard:
             latents = generation["latents"]
             if latents.shape[0] == batch * per_prompt and plan.dropped:
                 generation["latents"] = latents[[i * per_prompt + k for i in keep for k in range(per_prompt)]]
+        if adapter is not None and cond is not None and arguments.get("prompt") is not None:
+            with self.core.lock, redacted_library_logs(self.pipe, self.core.hashes_prompts):
+                generation = adapter.per_image_arguments(generation)  # SD3/FLUX: embeddings per image
         return generation
 
     def _refuse(self, report: GuardReport) -> GuardedOutput:
