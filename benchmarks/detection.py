@@ -92,9 +92,11 @@ def main() -> None:
         report = fit_weights(Features(norms[:split], coses[:split]), Features(norms[split:], coses[split:]),
                              (profile.g_norm, profile.g_cos), folds=args.folds, seed=scorer.seed)
         fitted = ModelProfile("fitted", *report.fitted)
-        fits.append(f"n={samples}: fitted g_norm={report.fitted[0]:g}, g_cos={report.fitted[1]:g}; {report.why}")
+        fits.append(f"n={samples}: memguard norm+cos = profile {profile.name} (g_norm={profile.g_norm:g}, "
+                    f"g_cos={profile.g_cos:g}); fitted g_norm={report.fitted[0]:g}, g_cos={report.fitted[1]:g}: "
+                    f"{report.why}")
         detectors = {
-            f"norm+cos, profile {profile.name} ({profile.g_norm:g}, {profile.g_cos:g})": [r.score for r in results],
+            "memguard norm+cos": [r.score for r in results],
             "norm alone": norms,
             "cos alone": coses,
             f"norm+cos, fitted ({report.fitted[0]:g}, {report.fitted[1]:g})": [
