@@ -7,7 +7,9 @@
   conditional-minus-unconditional prediction along that difference at t_hi (``torch.func.jvp``).
 
 All take the detection noise, timesteps and embeddings from the same conventions as memguard, so the
-numbers are directly comparable; only the way they are computed differs.
+numbers are directly comparable; only the way they are computed differs. The two detectors go through the
+model adapter (``predict``, ``to_score_space``), so they run on every family memguard scores: for rectified-flow
+models (SD3, FLUX) the first-step norm is the velocity-guidance norm at the first step, s = sigmas[0].
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from guard.scoring import Scorer
+from guard.scoring import Scorer, TextConditioning
 
 
 def _context(scorer: Scorer, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,12 +27,8 @@ def _context(scorer: Scorer, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _noise(scorer: Scorer) -> torch.Tensor:
-    from guard.scoring import detection_noise
-
-    adapter = scorer.adapter
-    return detection_noise(
-        adapter.latent_shape, samples=scorer.samples, seed=scorer.seed, device=adapter.device, dtype=adapter.dtype
-    )
+    """The scorer's detection noise (scaled by ``init_noise_sigma``) in the model's dtype."""
+    return scorer.detection_noise().to(scorer.adapter.dtype)
 
 
 def _uncond_and_cond(unet, x: torch.Tensor, timestep: int, context: torch.Tensor):
@@ -58,50 +56,59 @@ def reference_style_scores(scorer: Scorer, prompts: list[str]) -> list[tuple[flo
     return results
 
 
+def _branches(scorer: Scorer, prompt: str) -> TextConditioning:
+    """``[u, c]``: the adapter's unconditional branch and the prompt's conditioning, one batch of 2."""
+    adapter = scorer.adapter
+    return TextConditioning.cat([adapter.unconditional(), adapter.encode([prompt])]).to(adapter.device, adapter.dtype)
+
+
+def _guidance_at_t_hi(scorer: Scorer, x: torch.Tensor, text: TextConditioning) -> torch.Tensor:
+    """``f_c - f_u`` at t_hi in the scorer's space, from one batch-2 model call on one noise sample."""
+    adapter = scorer.adapter
+    timesteps = torch.tensor([scorer.t_hi, scorer.t_hi], device=x.device)
+    raw = adapter.predict(x.repeat(2, 1, 1, 1), timesteps, text).float()
+    x32 = x.float().repeat(2, 1, 1, 1)
+    uncond, cond = scorer.to_space(raw, x32, scorer.t_hi).chunk(2)
+    return cond - uncond
+
+
 @torch.no_grad()
 def first_step_norms(scorer: Scorer, prompts: list[str]) -> list[float]:
-    """Wen et al.'s first-step guidance norm, one batch-2 UNet call per prompt and sample."""
-    unet = scorer.adapter.unet
+    """Wen et al.'s first-step guidance norm, one batch-2 model call per prompt and sample (any family)."""
     noise = _noise(scorer)
     results = []
     for prompt in prompts:
-        cond, uncond = _context(scorer, prompt)
-        context = torch.cat([uncond, cond])
-        norms = []
-        for i in range(scorer.samples):
-            eps_u, eps_c = _uncond_and_cond(unet, noise[i : i + 1], scorer.t_hi, context)
-            norms.append((eps_c - eps_u).flatten().norm().item())
-        results.append(sum(norms) / len(norms))
+        text = _branches(scorer, prompt)
+        norms = [_guidance_at_t_hi(scorer, noise[i : i + 1], text).flatten().norm().item()
+                 for i in range(scorer.samples)]
+        results.append(sum(norms) / len(norms) * scorer.norm_scale())
     return results
 
 
 def sharpness_scores(scorer: Scorer, prompts: list[str]) -> list[float]:
-    """Jeon et al.'s sharpness: ``|| J_d(x_T) d(x_T) ||`` with ``d = eps_c - eps_u`` at t_hi.
+    """Jeon et al.'s sharpness: ``|| J_d(x_T) d(x_T) ||`` with ``d = f_c - f_u`` at t_hi (any family).
 
-    Forward-mode AD is not implemented for the CPU flash-attention kernel, so the UNet is switched
-    to classic attention for this baseline (same numbers, slower).
+    Forward-mode AD is not implemented for the CPU flash-attention kernel, so attention runs on PyTorch's
+    math backend for this baseline (same numbers, slower).
     """
-    from diffusers.models.attention_processor import AttnProcessor
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    unet = scorer.adapter.unet
-    unet.set_attn_processor(AttnProcessor())
     noise = _noise(scorer)
-    timestep = torch.tensor([scorer.t_hi, scorer.t_hi], device=noise.device)
     results = []
     for prompt in prompts:
-        cond, uncond = _context(scorer, prompt)
-        context = torch.cat([uncond, cond])
-
-        def difference(x: torch.Tensor, context: torch.Tensor = context) -> torch.Tensor:
-            eps_u, eps_c = unet(x.repeat(2, 1, 1, 1), timestep, encoder_hidden_states=context)[0].chunk(2)
-            return eps_c - eps_u
-
+        with torch.no_grad():
+            text = _branches(scorer, prompt)
         values = []
         for i in range(scorer.samples):
             x = noise[i : i + 1]
-            with torch.no_grad():
-                direction = difference(x)
-            _, jvp = torch.func.jvp(difference, (x,), (direction,))
+
+            def difference(x: torch.Tensor, text: TextConditioning = text) -> torch.Tensor:
+                return _guidance_at_t_hi(scorer, x, text)
+
+            with sdpa_kernel(SDPBackend.MATH):
+                with torch.no_grad():
+                    direction = difference(x).to(x.dtype)
+                _, jvp = torch.func.jvp(difference, (x,), (direction,))
             values.append(jvp.float().flatten().norm().item())
         results.append(sum(values) / len(values))
     return results

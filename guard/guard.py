@@ -262,6 +262,9 @@ class Guard:
         latents = generation.get("latents")
         if isinstance(latents, torch.Tensor) and latents.shape[0] == batch * per_prompt and plan.dropped:
             generation["latents"] = latents[[i * per_prompt + k for i in keep for k in range(per_prompt)]]
+        if adapter is not None and cond is not None and arguments.get("prompt") is not None:
+            with self.core.lock, redacted_library_logs(self.pipe, self.core.hashes_prompts):
+                generation = adapter.per_image_arguments(generation)  # SD3/FLUX: embeddings per image
         return generation
 
     def _refuse(self, report: GuardReport) -> GuardedOutput:
@@ -359,6 +362,8 @@ class PipelineGeneration:
             arguments["generator"] = torch.Generator(adapter.device).manual_seed(0)
         else:
             _restore_generators(arguments.get("generator"), self._generator_states)
+        with self.lock, redacted_library_logs(pipe, self.redact):
+            arguments = adapter.per_image_arguments(arguments)  # SD3/FLUX: embeddings per image
         scheduler = pipe.scheduler
         with self.lock, redacted_library_logs(pipe, self.redact), \
                 _final_latents(scheduler) as captured, scheduled_guidance(

@@ -88,7 +88,11 @@ def get_pipe(case):
 def plain_scores(case, samples):
     if (case, samples) not in _REFERENCE:
         pipe = get_pipe(case)
-        _REFERENCE[case, samples] = [reference_score_flow(pipe, prompt, samples=samples) for prompt in SCORED]
+        profile = get_profile(adapter_for(pipe).default_profile)
+        weights = (profile.g_norm, profile.g_cos)
+        _REFERENCE[case, samples] = [
+            reference_score_flow(pipe, prompt, samples=samples, weights=weights) for prompt in SCORED
+        ]
     return _REFERENCE[case, samples]
 
 

@@ -125,3 +125,17 @@ def test_ray_options_need_ray_engine(model_dir, prompts_file, tmp_path):
     result = CliRunner().invoke(main, ["scan", "--model", str(model_dir), "--prompts", str(prompts_file),
                                        "--out", str(tmp_path / "x.jsonl"), "--workers", "2"])
     assert result.exit_code != 0 and "--engine ray" in result.output
+
+
+def test_ray_engine_scores_a_flow_pipeline_like_the_local_one(ray_cluster, prompts_file, tmp_path):
+    """A saved SD3 pipeline (rectified flow, velocity space, three text encoders) through the actor pool."""
+    from guard.testing import tiny_sd3_pipeline
+
+    model = tmp_path / "tiny-sd3"
+    tiny_sd3_pipeline(seed=3).save_pretrained(model)
+    local, remote = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    scan_local(ScanJob(str(model), str(prompts_file), str(local), scoring={"batch_size": 3}))
+    assert scan_ray(ScanJob(str(model), str(prompts_file), str(remote), scoring={"batch_size": 3}), workers=1) == 8
+    rows = read_rows(local)
+    assert {(r["profile"], r["prediction_space"], r["t_hi"]) for r in rows} == {("sd3", "velocity", 1000.0)}
+    assert_same_scores(read_rows(remote), rows)

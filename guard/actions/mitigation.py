@@ -83,11 +83,12 @@ def mitigate_prompt_embedding(
 ) -> MitigationResult:
     """Adapt one prompt's text conditioning until ``scorer``'s score is ``<= target``, or ``max_steps`` run out.
 
-    The embedding is optimised in float32 (the UNet still runs in its own dtype), the BOS token is left
-    alone (it carries no prompt content and dominates CLIP's activations), and ``proximity`` penalises the
-    mean squared distance to the original embedding. For SDXL the pooled embedding is optimised with the
-    token embeddings of both encoders. The score is checked before each step, so ``steps`` counts the
-    updates actually needed and ``score_after`` is measured, not estimated.
+    The embedding is optimised in float32 (the UNet still runs in its own dtype), a CLIP BOS token is left
+    alone (it carries no prompt content and dominates CLIP's activations; ``adapter.leading_bos``), and
+    ``proximity`` penalises the mean squared distance to the original embedding. Where there is a pooled
+    embedding (SDXL, SD3, FLUX) it is optimised with the token embeddings; an attention mask (PixArt) is
+    kept. The score is checked before each step, so ``steps`` counts the updates actually needed and
+    ``score_after`` is measured, not estimated.
     """
     if len(cond_row) != 1:
         raise ValueError(f"mitigate one prompt at a time, got {len(cond_row)} rows")
@@ -116,7 +117,8 @@ def mitigate_prompt_embedding(
                 if pooled is not None:
                     loss = loss + proximity * F.mse_loss(pooled, original.pooled, reduction="mean")
             grads = torch.autograd.grad(loss, params)
-            grads[0][:, 0] = 0.0  # BOS token: position 0 in every encoder's hidden states
+            if scorer.adapter.leading_bos:
+                grads[0][:, 0] = 0.0  # CLIP's BOS token (T5-only embeddings, FLUX and PixArt, have none)
             for param, grad in zip(params, grads):
                 param.grad = grad
             optimizer.step()

@@ -245,7 +245,9 @@ class Scorer:
         at each of ``timesteps`` (default: t_hi and t_lo), in one uncached model call.
 
         ``cond`` is one row (broadcast) or one row per sample. Differentiable w.r.t. ``sample32`` and
-        ``cond``; the unconditional branch is the adapter's own.
+        ``cond``; the unconditional branch is the adapter's own. Where the two branches' token sequences
+        differ in length (a T5 family called with its own ``max_sequence_length``, while u keeps the
+        default's), each branch gets its own model call.
         """
         adapter = self.adapter
         device, dtype = adapter.device, adapter.dtype
@@ -256,16 +258,23 @@ class Scorer:
         if with_conditional:
             cond = cond.to(device=device, dtype=dtype)
             branches.append(cond.repeat_each(rows) if len(cond) == 1 else cond)
-        text = TextConditioning.cat(branches * len(timesteps))
-        per_call = rows * len(branches)
-        labels = torch.tensor([t for t in timesteps for _ in range(per_call)], device=device)
+        together = all(branch.embeds.shape[1:] == uncond.embeds.shape[1:] for branch in branches)
+        groups = [list(range(len(branches)))] if together else [[index] for index in range(len(branches))]
         sample = sample32.to(dtype)
-        raw = adapter.predict(torch.cat([sample] * (len(branches) * len(timesteps))), labels, text).float()
+        raw: list[list[torch.Tensor]] = [[] for _ in branches]  # per branch, per timestep
+        for group in groups:
+            text = TextConditioning.cat([branches[i] for i in group] * len(timesteps))
+            per_call = rows * len(group)
+            labels = torch.tensor([t for t in timesteps for _ in range(per_call)], device=device)
+            output = adapter.predict(torch.cat([sample] * (len(group) * len(timesteps))), labels, text).float()
+            for step in range(len(timesteps)):
+                chunk = output[step * per_call : (step + 1) * per_call]
+                for position, branch in enumerate(group):
+                    raw[branch].append(chunk[position * rows : (position + 1) * rows])
         out = []
-        for index, timestep in enumerate(timesteps):
-            chunk = raw[index * per_call : (index + 1) * per_call]
-            uncond_pred = self.to_space(chunk[:rows], sample32, timestep)
-            cond_pred = self.to_space(chunk[rows:], sample32, timestep) if with_conditional else None
+        for step, timestep in enumerate(timesteps):
+            uncond_pred = self.to_space(raw[0][step], sample32, timestep)
+            cond_pred = self.to_space(raw[1][step], sample32, timestep) if with_conditional else None
             out.append((uncond_pred, cond_pred))
         return out
 

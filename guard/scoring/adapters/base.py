@@ -40,6 +40,9 @@ class ModelAdapter(ABC):
     latent_shape: tuple[int, int, int]
     #: Scale of the initial noise (discrete schedulers' ``init_noise_sigma``; 1 for flow models).
     init_noise_sigma: float = 1.0
+    #: Whether token position 0 of ``embeds`` is a CLIP BOS token (SD, SDXL, SD3), which carries no prompt
+    #: content and which embedding mitigation leaves alone; T5-only embeddings (FLUX, PixArt) have none.
+    leading_bos: bool = True
 
     @property
     @abstractmethod
@@ -227,6 +230,14 @@ class PipelineAdapter(ModelAdapter):
         if cond.mask is not None:
             arguments["prompt_attention_mask"] = cond.mask
         return arguments
+
+    def per_image_arguments(self, generation: Mapping[str, Any]) -> dict[str, Any]:
+        """The final ``__call__`` arguments once the guard's embeddings (one row per prompt) replace prompt text.
+
+        Unchanged here: SD, SDXL and PixArt repeat given ``prompt_embeds`` ``num_images_per_prompt`` times
+        themselves. Families whose ``__call__`` takes given embeddings as one row per image override it.
+        """
+        return dict(generation)
 
     # ------------------------------------------------------------------ the pipeline's own call contract
 

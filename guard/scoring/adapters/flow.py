@@ -131,6 +131,40 @@ class FlowMatchingAdapter(PipelineAdapter):
             options["max_sequence_length"] = self.call_default("max_sequence_length")
         return options
 
+    def _call_value(self, generation: Mapping[str, Any], name: str) -> Any:
+        value = generation.get(name)
+        return self.call_default(name) if value is None else value
+
+    def per_image_arguments(self, generation: Mapping[str, Any]) -> dict[str, Any]:
+        """One embedding row per image, and one image per row, when the call asks for several per prompt.
+
+        SD3's and FLUX's ``__call__`` repeat the embeddings they compute ``num_images_per_prompt`` times, but
+        take given ``prompt_embeds``/``pooled_prompt_embeds`` as they are, one row per image (diffusers 0.42:
+        a shape error otherwise). So the guard's rows are repeated per image, the negative branch is computed
+        by the pipeline's own ``encode_prompt`` from the call's own arguments (as ``__call__`` would), and
+        ``num_images_per_prompt`` becomes 1: the transformer sees the same tensors, and the call draws the
+        same ``prompts x images`` initial latents from the caller's generator.
+        """
+        arguments = dict(generation)
+        per_prompt = arguments.get("num_images_per_prompt") or 1
+        if per_prompt == 1 or arguments.get("prompt_embeds") is None:
+            return arguments
+        with torch.no_grad():  # as in ``__call__``: grad mode changes T5's kernels at the 1e-6 level
+            arguments.update(self._negative_branch(arguments, per_prompt))
+        for name in ("prompt_embeds", "pooled_prompt_embeds"):
+            if arguments.get(name) is not None:
+                arguments[name] = arguments[name].repeat_interleave(per_prompt, dim=0)
+        arguments["num_images_per_prompt"] = 1
+        return arguments
+
+    @abstractmethod
+    def _negative_branch(self, arguments: Mapping[str, Any], per_prompt: int) -> dict[str, Any]:
+        """The negative-branch arguments of a call with ``per_prompt`` images per prompt, computed as its
+        ``__call__`` computes them (none when the call has no negative branch)."""
+
+    def _lora_scale(self, arguments: Mapping[str, Any]) -> Any:
+        return (arguments.get("joint_attention_kwargs") or {}).get("scale")
+
 
 class StableDiffusion3Adapter(FlowMatchingAdapter):
     """``StableDiffusion3Pipeline`` (SD3, SD3.5): two CLIP encoders and T5 (``text_encoder_3`` may be None,
@@ -212,6 +246,32 @@ class StableDiffusion3Adapter(FlowMatchingAdapter):
             options["lora_scale"] = scale
         return options
 
+    def _negative_branch(self, arguments: Mapping[str, Any], per_prompt: int) -> dict[str, Any]:
+        if not float(self._call_value(arguments, "guidance_scale")) > 1:
+            return {}
+        _, negative, _, negative_pooled = self.pipe.encode_prompt(
+            prompt=None,
+            prompt_2=None,
+            prompt_3=None,
+            negative_prompt=arguments.get("negative_prompt"),
+            negative_prompt_2=arguments.get("negative_prompt_2"),
+            negative_prompt_3=arguments.get("negative_prompt_3"),
+            do_classifier_free_guidance=True,
+            prompt_embeds=arguments["prompt_embeds"],
+            negative_prompt_embeds=arguments.get("negative_prompt_embeds"),
+            pooled_prompt_embeds=arguments.get("pooled_prompt_embeds"),
+            negative_pooled_prompt_embeds=arguments.get("negative_pooled_prompt_embeds"),
+            device=self.device,
+            clip_skip=arguments.get("clip_skip"),
+            num_images_per_prompt=per_prompt,
+            max_sequence_length=self._call_value(arguments, "max_sequence_length"),
+            lora_scale=self._lora_scale(arguments),
+        )
+        return {
+            "negative_prompt": None, "negative_prompt_2": None, "negative_prompt_3": None,
+            "negative_prompt_embeds": negative, "negative_pooled_prompt_embeds": negative_pooled,
+        }
+
     def embeds_dtype(self) -> torch.dtype:
         """``encode_prompt`` casts both CLIP parts to ``text_encoder``'s dtype and the T5 part (zeros without
         T5) to ``text_encoder_3``'s; the concatenation promotes."""
@@ -232,6 +292,7 @@ class FluxAdapter(FlowMatchingAdapter):
     family = "flux"
     default_profile = "flux"
     classifier_free_guidance = False
+    leading_bos = False  # prompt_embeds are T5's alone
     text_encoders = ("text_encoder", "text_encoder_2")
     prompt_arguments = ("prompt", "prompt_2")
     _pipeline_module = "diffusers.pipelines.flux.pipeline_flux"
@@ -324,6 +385,29 @@ class FluxAdapter(FlowMatchingAdapter):
         if scale is not None:
             options["lora_scale"] = scale
         return options
+
+    def _negative_branch(self, arguments: Mapping[str, Any], per_prompt: int) -> dict[str, Any]:
+        """FLUX has a negative branch only on its ``true_cfg_scale`` path."""
+        has_negative = arguments.get("negative_prompt") is not None or (
+            arguments.get("negative_prompt_embeds") is not None
+            and arguments.get("negative_pooled_prompt_embeds") is not None
+        )
+        if not (float(self._call_value(arguments, "true_cfg_scale")) > 1 and has_negative):
+            return {}
+        negative, negative_pooled, _ = self.pipe.encode_prompt(
+            prompt=arguments.get("negative_prompt"),
+            prompt_2=arguments.get("negative_prompt_2"),
+            prompt_embeds=arguments.get("negative_prompt_embeds"),
+            pooled_prompt_embeds=arguments.get("negative_pooled_prompt_embeds"),
+            device=self.device,
+            num_images_per_prompt=per_prompt,
+            max_sequence_length=self._call_value(arguments, "max_sequence_length"),
+            lora_scale=self._lora_scale(arguments),
+        )
+        return {
+            "negative_prompt": None, "negative_prompt_2": None,
+            "negative_prompt_embeds": negative, "negative_pooled_prompt_embeds": negative_pooled,
+        }
 
     def prepare_latents(self, arguments: Mapping[str, Any], batch: int) -> torch.Tensor:
         given = arguments.get("latents")

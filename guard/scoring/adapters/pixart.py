@@ -34,6 +34,7 @@ class PixArtAdapter(DiscreteDiffusionAdapter):
 
     family = "pixart"
     default_profile = "pixart"
+    leading_bos = False  # T5 embeddings
     text_encoders = ("text_encoder",)
     prompt_arguments = ("prompt",)
 
@@ -84,8 +85,9 @@ class PixArtAdapter(DiscreteDiffusionAdapter):
 
     def predict(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
         added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
-        if self.resolution_inputs:
-            height, width = self.default_size()
+        if self.resolution_inputs:  # the call passes its (binned) size: the native size when scoring
+            scale = int(getattr(self.pipe, "vae_scale_factor", 8))
+            height, width = sample.shape[-2] * scale, sample.shape[-1] * scale
             rows, options = sample.shape[0], {"dtype": cond.embeds.dtype, "device": sample.device}
             added = {
                 "resolution": torch.tensor([height, width]).repeat(rows, 1).to(**options),
