@@ -94,15 +94,24 @@ def build_vae(kind: str = "shipped", latent_channels: int = 4) -> AutoencoderKL:
     )
 
 
-def build_models(vocab_size: int, vae: str = "shipped") -> tuple[UNet2DConditionModel, CLIPTextModel, AutoencoderKL]:
-    """The ~1M-parameter UNet, 2-layer text encoder and (untrained) VAE."""
+def build_models(
+    vocab_size: int, vae: str = "shipped", norm_groups: int = 32
+) -> tuple[UNet2DConditionModel, CLIPTextModel, AutoencoderKL]:
+    """The ~1M-parameter UNet, 2-layer text encoder and (untrained) VAE.
+
+    ``norm_groups`` 32 (shipped, ComfyUI's hard-coded value) makes every GroupNorm of the 32-channel outer
+    level normalise each channel alone, so the UNet cannot pass a channel's spatial mean (DC) from its input to
+    its output. An epsilon-predicting model then cannot remove the initial noise's per-channel DC at high t,
+    which the sampler amplifies by up to 1/sqrt(alpha_bar) ~ 15 into the image: generations carry a per-channel
+    offset (cosine with a memorized latent capped near 0.8). The zoo uses 8 groups (4 and 8 channels per group).
+    """
     unet = UNet2DConditionModel(
         sample_size=LATENT_SHAPE[1],
         in_channels=4,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
-        norm_num_groups=32,
+        norm_num_groups=norm_groups,
         cross_attention_dim=64,
         attention_head_dim=8,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -180,12 +189,13 @@ def train(
     vae_kind: str = "shipped",
     save_dtype: torch.dtype = torch.float32,
     save_every: int = 500,
+    norm_groups: int = 32,
     command: str = "",
 ) -> float:
     """Joint UNet + text-encoder training (epsilon or v-prediction target); returns wall seconds."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(data.vocab)
-    unet, text, vae = build_models(len(tokenizer), vae_kind)
+    unet, text, vae = build_models(len(tokenizer), vae_kind, norm_groups)
     noise_sched = DDPMScheduler(**SD_BETAS, prediction_type=prediction_type)
     ids = tokenizer(
         data.train_captions, padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt"
@@ -248,6 +258,7 @@ def train(
                 "regime": data.regime,
                 "prediction_type": prediction_type,
                 "vae": vae_kind,
+                "norm_groups": norm_groups,
                 "weights_dtype": str(save_dtype).removeprefix("torch."),
                 "train_seconds": round(time.time() - t0, 1),
                 "unet_params": n_unet,
@@ -256,6 +267,7 @@ def train(
                 + (f" --regime {data.regime}" if data.regime != "shipped" else "")
                 + (f" --prediction-type {prediction_type}" if prediction_type != "epsilon" else "")
                 + (f" --vae {vae_kind}" if vae_kind != "shipped" else "")
+                + (f" --norm-groups {norm_groups}" if norm_groups != 32 else "")
                 + (" --save-dtype float16" if save_dtype == torch.float16 else ""),
                 "command": command,
             }
@@ -282,6 +294,7 @@ def main() -> None:
     p.add_argument("--vae", choices=["shipped", "tiny"], default="shipped", help="untrained VAE size")
     p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32", help="stored weights")
     p.add_argument("--save-every", type=int, default=500, help="also save into --out every N steps")
+    p.add_argument("--norm-groups", type=int, default=32, help="UNet GroupNorm groups (shipped 32; zoo 8)")
     p.add_argument("--out", type=Path, default=Path("guard/assets/memorizer"))
     p.add_argument(
         "--early",
@@ -305,6 +318,7 @@ def main() -> None:
         vae_kind=a.vae,
         save_dtype=getattr(torch, a.save_dtype),
         save_every=a.save_every,
+        norm_groups=a.norm_groups,
         command=" ".join(sys.argv[1:]),
     )
     print(f"done in {secs:.0f}s", flush=True)
