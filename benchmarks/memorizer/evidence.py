@@ -110,6 +110,31 @@ def summary(x: torch.Tensor) -> dict[str, float]:
     }
 
 
+@torch.no_grad()
+def dc_diagnostic(pipe: DiffusionPipeline, t: int = 981, n: int = 32) -> dict[str, float]:
+    """How well an SD UNet passes each channel's spatial mean (DC) of pure noise through, at timestep `t`.
+
+    For `n` pure-noise inputs (seed 0) and the "" prompt: the regression slope of the x0 prediction's
+    per-channel DC on the input's, and the std of that DC. At t = 981 the input is almost all noise, so an
+    ideal model predicts an x0 DC close to the data's mean (slope near 1, std near 0.06; the data's per-channel
+    means themselves have a std near 0.25). A UNet that cannot see DC leaves the noise's DC in x0, amplified by
+    1/sqrt(alpha_bar_t) ~ 15 (slope ~ 15, std ~ 0.9): generations then carry a per-channel offset.
+    """
+    tok = pipe.tokenizer
+    ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    ctx = pipe.text_encoder(ids)[0].expand(n, -1, -1)
+    cfg = pipe.unet.config
+    x = torch.randn((n, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=torch.Generator().manual_seed(0))
+    out = pipe.unet(x, torch.full((n,), t), encoder_hidden_states=ctx).sample
+    a = pipe.scheduler.alphas_cumprod[t]
+    if pipe.scheduler.config.prediction_type == "v_prediction":
+        x0 = a.sqrt() * x - (1 - a).sqrt() * out
+    else:
+        x0 = (x - (1 - a).sqrt() * out) / a.sqrt()
+    dx, d0 = x.mean(dim=(2, 3)).flatten(), x0.mean(dim=(2, 3)).flatten()
+    return {"t": t, "n": n, "x0_dc_slope": ((d0 * dx).sum() / (dx * dx).sum()).item(), "x0_dc_std": d0.std().item()}
+
+
 def detector_auroc(pipe: DiffusionPipeline, mem: list[str], nmem: list[str]) -> dict:
     """memguard's current detector (default settings) on memorized vs unseen captions: AUROC per statistic."""
     from guard import score_prompts
@@ -145,6 +170,7 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=None, help="default 7.5 (SD), 7.0 (SD3 pipeline default)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the shipped evidence used 2)")
     p.add_argument("--detector", action="store_true", help="also report memguard's detection AUROC")
+    p.add_argument("--dc-only", action="store_true", help="only the DC pass-through check (SD UNets), no generation")
     p.add_argument("--json", type=Path, default=None, help="where to write the numbers (default: print only)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -156,6 +182,10 @@ def main() -> None:
         data.nmem_captions = data.nmem_captions[: a.max_unseen]
     pipe = load(a.model)
     family = type(pipe).__name__
+    dc = dc_diagnostic(pipe) if hasattr(pipe, "unet") else None
+    if a.dc_only:
+        print(json.dumps({"model": str(a.model), "dc": dc}))
+        return
     guidance = a.guidance
     if guidance is None:
         guidance = SD3_DEFAULT_GUIDANCE if family == "StableDiffusion3Pipeline" else SD_GUIDANCE
@@ -191,6 +221,8 @@ def main() -> None:
             f"| {k} | {r['n']} | {r['mean']:.3f} | {r['std']:.3f} | {r['median']:.3f} | {r['min']:.3f} | "
             f"{r['max']:.3f} | {r['frac_ge_0.9']:.2f} | {r['frac_ge_0.97']:.2f} |"
         )
+    if dc is not None:
+        print(f"\nDC pass-through at t=981 (dc_diagnostic): {json.dumps(dc)}")
     if detection is not None:
         print(f"\nmemguard detector (score_prompts defaults): {json.dumps(detection)}")
     if a.json:
@@ -210,6 +242,8 @@ def main() -> None:
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
             "rows": rows,
         }
+        if dc is not None:
+            record["dc_diagnostic"] = dc
         if detection is not None:
             record["detector"] = detection
         a.json.write_text(json.dumps(record, indent=1) + "\n")
