@@ -162,7 +162,7 @@ def check_collapse(transformer, text1, text2, ids: torch.Tensor) -> float:
     full = transformer(x, encoder_hidden_states=full_ctx, pooled_projections=pooled, timestep=t).sample
     transformer.set_attn_processor(CollapsedZerosJointAttn())
     short = transformer(x, encoder_hidden_states=short_ctx, pooled_projections=pooled, timestep=t).sample
-    transformer.set_attn_processor(procs)
+    transformer.set_attn_processor(dict(procs))
     return (full - short).abs().max().item()
 
 
@@ -265,7 +265,7 @@ def train(
             }
             for m in modules:
                 m.eval()
-            transformer.set_attn_processor(default_procs)
+            transformer.set_attn_processor(dict(default_procs))  # set_attn_processor empties a dict it is given
             save(make_pipeline(transformer, text1, text2, vae, tokenizer), target_dir, info, save_dtype)
             transformer.set_attn_processor(CollapsedZerosJointAttn())
             for m in modules:
