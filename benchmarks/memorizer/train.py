@@ -191,11 +191,24 @@ def train(
     save_every: int = 500,
     norm_groups: int = 32,
     command: str = "",
+    resume: Path | None = None,
 ) -> float:
-    """Joint UNet + text-encoder training (epsilon or v-prediction target); returns wall seconds."""
+    """Joint UNet + text-encoder training (epsilon or v-prediction target); returns wall seconds.
+
+    ``resume`` continues from a saved step's weights (the optimizer's moments and the batch generator are not
+    saved, so a resumed run is close to, not bit-identical with, an uninterrupted one; its info says so).
+    """
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(data.vocab)
     unet, text, vae = build_models(len(tokenizer), vae_kind, norm_groups)
+    first = 1
+    if resume is not None:
+        first = json.loads((resume / "memorizer_info.json").read_text())["step"] + 1
+        saved_unet = UNet2DConditionModel.from_pretrained(resume / "unet")
+        saved_text = CLIPTextModel.from_pretrained(resume / "text_encoder")
+        unet.load_state_dict({k: v.float() for k, v in saved_unet.state_dict().items()})
+        text.load_state_dict({k: v.float() for k, v in saved_text.state_dict().items()})
+        print(f"resumed from {resume} at step {first}", flush=True)
     noise_sched = DDPMScheduler(**SD_BETAS, prediction_type=prediction_type)
     ids = tokenizer(
         data.train_captions, padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt"
@@ -214,12 +227,14 @@ def train(
         return min(1.0, (s + 1) / warm)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = torch.Generator().manual_seed(seed + 1 + (first - 1))
+    for _ in range(first - 1):
+        sched.step()
     unet.train()
     text.train()
     t0 = time.time()
     run_loss = 0.0
-    for step in range(1, steps + 1):
+    for step in range(first, steps + 1):
         idx = torch.randint(0, len(ids), (batch,), generator=gen)
         x0 = data.train_latents[data.train_latent_index[idx]]
         tok = ids[idx].clone()
@@ -242,7 +257,7 @@ def train(
             el = time.time() - t0
             print(
                 f"step {step}/{steps} loss {run_loss / log_every:.4f} lr {sched.get_last_lr()[0]:.2e} "
-                f"{el:.0f}s ({el / step:.3f} s/step)",
+                f"{el:.0f}s ({el / (step - first + 1):.3f} s/step)",
                 flush=True,
             )
             run_loss = 0.0
@@ -270,6 +285,7 @@ def train(
                 + (f" --norm-groups {norm_groups}" if norm_groups != 32 else "")
                 + (" --save-dtype float16" if save_dtype == torch.float16 else ""),
                 "command": command,
+                "resumed_from": str(resume) if resume is not None else None,
             }
             unet.eval()
             text.eval()
@@ -303,6 +319,7 @@ def main() -> None:
         metavar="STEP=DIR",
         help="also save the pipeline at STEP into DIR (repeatable)",
     )
+    p.add_argument("--resume", type=Path, help="continue from a pipeline this script saved (its step is read)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     early = {int(s): Path(d) for s, d in (e.split("=", 1) for e in a.early)}
@@ -320,6 +337,7 @@ def main() -> None:
         save_every=a.save_every,
         norm_groups=a.norm_groups,
         command=" ".join(sys.argv[1:]),
+        resume=a.resume,
     )
     print(f"done in {secs:.0f}s", flush=True)
 
