@@ -38,9 +38,19 @@ from .calibration import (
     auto_calibration,
 )
 from .events import log_event
-from .policy import Decision, Policy, VerifySettings, decide, decide_on_error, load_policy, match_lists
+from .policy import (
+    Decision,
+    Policy,
+    VerifySettings,
+    decide,
+    decide_on_error,
+    decision_limits,
+    load_policy,
+    match_lists,
+)
 from .redaction import redacted_library_logs
-from .scoring import MemorizationScore, Scorer, TextConditioning
+from .scoring import AdaptiveScorer, DecisionLimits, MemorizationScore, Scorer, TextConditioning, make_scorer
+from .scoring.explain import explain_prompt
 from .scoring.profiles import ProfileLike
 from .telemetry import check_span, decide_span, rewrite_span, score_span, traced
 
@@ -146,9 +156,10 @@ class GuardCore:
         try:
             if setup_error is not None:
                 raise setup_error
-            self.scorer = Scorer(
+            self.scorer = make_scorer(
                 model,
                 samples=settings.samples,
+                max_samples=settings.max_samples,
                 seed=settings.noise_seed,
                 inference_steps=settings.inference_steps,
                 profile=self._profile_spec(),
@@ -262,7 +273,7 @@ class GuardCore:
         elif self.policy.calibration_path is not None:
             label = str(self.policy.calibration_path)
             profile = CalibrationProfile.load(self.policy.calibration_path)
-        elif self.policy.calibration == "auto" and self.policy.uses_relative_thresholds and self.scorer is not None:
+        elif self.policy.calibration == "auto" and self._needs_calibration and self.scorer is not None:
             profile = auto_calibration(self.scorer)
         else:
             profile = None
@@ -270,6 +281,11 @@ class GuardCore:
             profile.check_measurement(self.scorer.measurement(), source=label)
         self._calibration_label = label
         return profile
+
+    @property
+    def _needs_calibration(self) -> bool:
+        """Relative thresholds read it; adaptive sampling reads its band from it."""
+        return self.policy.uses_relative_thresholds or self.policy.scoring.adaptive
 
     def _calibration_or_error(self) -> tuple[CalibrationProfile | None, str | None]:
         if not self.policy.uses_relative_thresholds:
@@ -361,11 +377,7 @@ class GuardCore:
                 if cond is None:
                     cond = self.scorer.encode(texts, **dict(requests[0].encode_options))
                 flat = [p for request in requests for p in request.prompts]
-                scores = (
-                    self.scorer.score_conditioning(cond.select(pending), [flat[i] for i in pending], strict=False)
-                    if pending
-                    else []
-                )
+                scores = self._score(cond.select(pending), [flat[i] for i in pending]) if pending else []
         except Exception as error:
             message = f"scoring failed: {type(error).__name__}: {error}"
             return {
@@ -380,9 +392,44 @@ class GuardCore:
             for i, prompt in enumerate(request.prompts):
                 if i not in decisions:
                     decisions[i] = self._decide_one(prompt, by_flat[starts[k] + i], i, calibration, calibration_error)
+                    decisions[i] = self._explained(decisions[i], prompt, request.encode_options)
             rows = cond.select(slice(starts[k], starts[k + 1]))
             out[position] = ([decisions[i] for i in range(len(request.prompts))], rows)
         return out
+
+    def _score(self, cond: TextConditioning, prompts: list[str | None]) -> list[MemorizationScore]:
+        """Scores of ``cond``'s rows; an adaptive scorer gets the policy's thresholds and the calibration's bands
+        (without them, e.g. while the calibration is unusable, it scores every prompt on all its draws)."""
+        if not isinstance(self.scorer, AdaptiveScorer):
+            return self.scorer.score_conditioning(cond, prompts, strict=False)
+        return self.scorer.score_conditioning(cond, prompts, strict=False, limits=self._decision_limits())
+
+    def _decision_limits(self) -> DecisionLimits | None:
+        try:
+            calibration = self.calibration
+            return decision_limits(self.policy, calibration) if calibration is not None else None
+        except Exception as error:  # the decisions report the calibration problem; scoring just takes every draw
+            log_event("adaptive_limits_unavailable", level="warning", error=f"{type(error).__name__}: {error}")
+            return None
+
+    def _explained(self, decision: Decision, prompt: str | None, encode_options: Mapping[str, Any]) -> Decision:
+        """``decision`` with the explanation the policy asks for (``explain``); an explanation that cannot be made
+        is a warning on the decision, never a different verdict."""
+        settings = self.policy.explain
+        score = decision.score
+        if not settings.applies(decision.action) or score is None or decision.error or self.scorer is None:
+            return decision
+        if not prompt or not prompt.strip():
+            problem = "no explanation: the prompt text is not known here"
+        else:
+            try:
+                with self.lock, redacted_library_logs(self.scorer.adapter, self.hashes_prompts):
+                    explanation = explain_prompt(self.scorer, prompt, method=settings.method, samples=score.samples,
+                                                 encode_options=encode_options)
+                return decision.model_copy(update={"explanation": explanation})
+            except Exception as error:
+                problem = f"no explanation: {type(error).__name__}: {error}"
+        return decision.model_copy(update={"warnings": (*decision.warnings, problem)})
 
     def _all_errors(self, prompts: Sequence[str | None], decided: dict[int, Decision], error: str) -> list[Decision]:
         """Every prompt not already decided by the lists gets the ``on_error`` decision."""

@@ -127,6 +127,11 @@ class DecisionRecord(_Record):
     reason: str | None = None
     thresholds: tuple[dict[str, Any], ...] = ()
     latency_scoring_ms: _Finite | None = Field(default=None, ge=0)
+    #: Noise draws the score averages (under adaptive sampling, as many as the decision needed).
+    samples: int | None = Field(default=None, ge=1)
+    #: Which words drive the score (``guard.scoring.explain``): word indices, character spans and weights; the
+    #: words themselves only when ``prompt_mode`` is ``plain``.
+    explanation: dict[str, Any] | None = None
 
 
 class OutcomeRecord(_Record):
@@ -283,7 +288,8 @@ def error_info(error: BaseException | Mapping[str, str] | str | None) -> dict[st
 def decision_fields(decision: Decision, *, prompt: str | None, outcome: DecisionOutcome) -> dict[str, Any]:
     """The record fields a decision contributes, prompt still in plain text (a processor protects it).
 
-    Non-finite measurements are stored as null; the error says what they were.
+    Non-finite measurements are stored as null; the error says what they were. The explanation's words are
+    plain text here too; the logger's prompt processor removes them unless prompts are logged plain.
     """
     score = decision.score
     err = error_info(decision.error)
@@ -302,4 +308,6 @@ def decision_fields(decision: Decision, *, prompt: str | None, outcome: Decision
         "reason": decision.reason,
         "thresholds": [t.to_dict() for t in decision.thresholds],
         "error": err,
+        "samples": score.samples if score else None,
+        "explanation": decision.explanation.to_dict(with_words=True) if decision.explanation is not None else None,
     }
