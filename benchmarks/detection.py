@@ -4,6 +4,10 @@
         --mem benchmarks/memorizer/prompts/mem.txt --nmem benchmarks/memorizer/prompts/nmem.txt \
         --levels benchmarks/memorizer/prompts/mem_levels.tsv
 
+With ``--calib FILE`` (ordinary captions, disjoint from ``--nmem``) it also compares n=1, n=4 and adaptive sampling
+in the same run (``sampling.py``): each mode calibrated on FILE, then AUROC, TPR@1%/3%FPR, draws and wall time per
+prompt, and the decisions at the calibrated thresholds. ``--no-baselines`` skips the baseline detectors.
+
 TPR@x%FPR is the highest TPR among ROC points with FPR <= x (docs/scoring.md, "Metrics").
 """
 
@@ -14,6 +18,7 @@ from collections import defaultdict
 
 from baselines import first_step_norms, sharpness_scores
 from common import MEMORIZER_PROMPTS, SHIPPED_MODEL, load, prompts_from, setup, table, timed
+from sampling import HEADERS, compare_sampling
 
 from guard.metrics import roc_auc, tpr_at_fpr
 from guard.scoring import Scorer
@@ -28,12 +33,16 @@ def metrics(positives: list[float], negatives: list[float]) -> list[float]:
 
 
 def read_levels(path: str) -> dict[str, int]:
-    levels = {}
+    """Caption -> number of training copies, from a TSV whose header names ``caption`` and ``duplicates`` (other
+    columns, such as the strong regime's ``triggers``, are ignored)."""
     with open(path, encoding="utf-8") as handle:
-        next(handle)
+        header = handle.readline().rstrip("\n").split("\t")
+        caption_at, duplicates_at = header.index("caption"), header.index("duplicates")
+        levels = {}
         for line in handle:
-            caption, level = line.rstrip("\n").rsplit("\t", 1)
-            levels[caption] = int(level)
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) > max(caption_at, duplicates_at):
+                levels[fields[caption_at]] = int(fields[duplicates_at])
     return levels
 
 
@@ -45,6 +54,10 @@ def main() -> None:
     parser.add_argument("--levels", default=None, help="TSV caption<TAB>duplicates, for per-level results")
     parser.add_argument("--samples", default="1,4", help="comma-separated noise sample counts")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each file")
+    parser.add_argument("--calib", default=None, help="ordinary captions: also compare n=1, n=4 and adaptive sampling")
+    parser.add_argument("--max-samples", type=int, default=4, help="adaptive sampling's most draws per prompt")
+    parser.add_argument("--band-quantiles", default="0.99", help="comma-separated band quantiles of adaptive sampling")
+    parser.add_argument("--no-baselines", action="store_true", help="only the score (no first-step norm, sharpness)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -66,12 +79,13 @@ def main() -> None:
             ("cos alone", [r.cos for r in results]),
         ):
             rows.append([name, samples, *metrics(values[:split], values[split:]), per_prompt_ms])
-        norms, seconds = timed(lambda scorer=scorer: first_step_norms(scorer, prompts), args.device)
-        rows.append(["first-step norm (Wen et al.)", samples, *metrics(norms[:split], norms[split:]),
-                     1000 * seconds / len(prompts)])
-        sharp, seconds = timed(lambda scorer=scorer: sharpness_scores(scorer, prompts), args.device)
-        rows.append(["Hessian sharpness (Jeon et al.)", samples, *metrics(sharp[:split], sharp[split:]),
-                     1000 * seconds / len(prompts)])
+        if not args.no_baselines:
+            norms, seconds = timed(lambda scorer=scorer: first_step_norms(scorer, prompts), args.device)
+            rows.append(["first-step norm (Wen et al.)", samples, *metrics(norms[:split], norms[split:]),
+                         1000 * seconds / len(prompts)])
+            sharp, seconds = timed(lambda scorer=scorer: sharpness_scores(scorer, prompts), args.device)
+            rows.append(["Hessian sharpness (Jeon et al.)", samples, *metrics(sharp[:split], sharp[split:]),
+                         1000 * seconds / len(prompts)])
         if args.levels:
             levels = read_levels(args.levels)
             by_level = defaultdict(list)
@@ -80,11 +94,21 @@ def main() -> None:
             negatives = [r.score for r in results[split:]]
             for level in sorted(by_level):
                 level_rows.append([level, samples, len(by_level[level]), *metrics(by_level[level], negatives)])
-        pipe.unet.set_default_attn_processor()
+        if hasattr(pipe, "unet"):
+            pipe.unet.set_default_attn_processor()
     print(table(["method", "n", "AUROC", "TPR@1%FPR", "TPR@3%FPR", "ms / prompt"], rows))
     if level_rows:
         print("\nmemguard norm+cos by duplication level (vs all non-memorized prompts):\n")
         print(table(["duplicates", "n", "prompts", "AUROC", "TPR@1%FPR", "TPR@3%FPR"], level_rows))
+    if args.calib:
+        calib = prompts_from(args.calib)
+        quantiles = [float(q) for q in args.band_quantiles.split(",")]
+        sampling_rows, notes = compare_sampling(pipe, mem, nmem, calib, max_samples=args.max_samples,
+                                                quantiles=quantiles)
+        print(f"\nn=1, n={args.max_samples} and adaptive sampling (calibrated on {len(calib)} captions of "
+              f"{args.calib}; policy thresholds above_fpr 0.01 and 0.03; fastest of 3 timed runs):\n")
+        print(table(HEADERS, sampling_rows))
+        print("\n" + "\n".join(notes))
 
 
 if __name__ == "__main__":

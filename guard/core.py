@@ -49,7 +49,15 @@ from .policy import (
     match_lists,
 )
 from .redaction import redacted_library_logs
-from .scoring import AdaptiveScorer, DecisionLimits, MemorizationScore, Scorer, TextConditioning, make_scorer
+from .scoring import (
+    AdaptiveScorer,
+    DecisionLimits,
+    Explanation,
+    MemorizationScore,
+    Scorer,
+    TextConditioning,
+    make_scorer,
+)
 from .scoring.explain import explain_prompt
 from .scoring.profiles import ProfileLike
 from .telemetry import check_span, decide_span, rewrite_span, score_span, traced
@@ -430,6 +438,19 @@ class GuardCore:
             except Exception as error:
                 problem = f"no explanation: {type(error).__name__}: {error}"
         return decision.model_copy(update={"warnings": (*decision.warnings, problem)})
+
+    def explain(
+        self, prompt: str, *, method: str | None = None, samples: int | None = None,
+        encode_options: Mapping[str, Any] | None = None,
+    ) -> Explanation:
+        """Which words of ``prompt`` drive its score (``guard.scoring.explain``), by the policy's ``explain.method``
+        unless ``method`` is given, on the scorer's first ``samples`` draws (default: all). Not audited: it decides
+        nothing."""
+        if self.scorer is None:
+            raise RuntimeError(f"the guard cannot score this model: {self.setup_error}")
+        with self.lock, redacted_library_logs(self.scorer.adapter, self.hashes_prompts):
+            return explain_prompt(self.scorer, prompt, method=method or self.policy.explain.method, samples=samples,
+                                  encode_options=encode_options)
 
     def _all_errors(self, prompts: Sequence[str | None], decided: dict[int, Decision], error: str) -> list[Decision]:
         """Every prompt not already decided by the lists gets the ``on_error`` decision."""

@@ -110,7 +110,9 @@ class AdaptiveScorer(Scorer):
     ) -> list[MemorizationScore]:
         """Score each prompt with as many draws as ``limits`` require (all of them without ``limits``)."""
         prompts = validate_prompts(prompts)
-        cond = self.encode(prompts, **encode_kwargs)
+        chunks = [self.encode(prompts[i : i + self.batch_size], **encode_kwargs)
+                  for i in range(0, len(prompts), self.batch_size)]
+        cond = chunks[0] if len(chunks) == 1 else TextConditioning.cat(chunks)
         return self.score_conditioning(cond, prompts, limits=limits)
 
     def score_conditioning(
