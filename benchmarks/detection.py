@@ -11,6 +11,10 @@ fitted by ``guard.calibration.fit_weights`` (in-sample, and on held-out folds), 
 norm (Wen et al.) is the guidance norm at the first step in the score's space: for rectified-flow models the
 velocity-guidance norm at s = sigmas[0]; it is the score's ``norm`` term, computed the way the reference runs it.
 
+With ``--calib FILE`` (ordinary captions, disjoint from ``--nmem``) it also compares n=1, n=4 and adaptive sampling
+in the same run (``sampling.py``): each mode calibrated on FILE, then AUROC, TPR@1%/3%FPR, draws and wall time per
+prompt, and the decisions at the calibrated thresholds. ``--no-baselines`` skips the baseline detectors.
+
 TPR@x%FPR is the highest TPR among ROC points with FPR <= x (docs/scoring.md, "Metrics").
 """
 
@@ -22,6 +26,7 @@ from collections import defaultdict
 
 from baselines import first_step_norms, sharpness_scores
 from common import MEMORIZER_PROMPTS, SHIPPED_MODEL, load, prompts_from, setup, table, timed
+from sampling import HEADERS, compare_sampling
 
 from guard.calibration import Features, fit_weights
 from guard.metrics import roc_auc, tpr_at_fpr
@@ -69,6 +74,10 @@ def main() -> None:
     parser.add_argument("--no-sharpness", action="store_true", help="skip the (slow) Hessian-sharpness baseline")
     parser.add_argument("--json", default=None, help="also write every prompt's norm and cos here, per sample count")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each file")
+    parser.add_argument("--calib", default=None, help="ordinary captions: also compare n=1, n=4 and adaptive sampling")
+    parser.add_argument("--max-samples", type=int, default=4, help="adaptive sampling's most draws per prompt")
+    parser.add_argument("--band-quantiles", default="0.99", help="comma-separated band quantiles of adaptive sampling")
+    parser.add_argument("--no-baselines", action="store_true", help="only the score (no first-step norm, sharpness)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -108,10 +117,11 @@ def main() -> None:
         rows.append([f"  fitted, {report.folds}-fold held-out (reference weights: "
                      f"{report.held_out.get('reference', {}).get('auroc', float('nan')):.3f} AUROC)", samples,
                      *_fitted_metrics(report, "held-out"), per_prompt_ms])
-        baseline, seconds = timed(lambda scorer=scorer: first_step_norms(scorer, prompts), args.device)
-        rows.append(["first-step norm (Wen et al.)", samples, *metrics(baseline[:split], baseline[split:]),
-                     1000 * seconds / len(prompts)])
-        if not args.no_sharpness:
+        if not args.no_baselines:
+            baseline, seconds = timed(lambda scorer=scorer: first_step_norms(scorer, prompts), args.device)
+            rows.append(["first-step norm (Wen et al.)", samples, *metrics(baseline[:split], baseline[split:]),
+                         1000 * seconds / len(prompts)])
+        if not (args.no_sharpness or args.no_baselines):
             sharp, seconds = timed(lambda scorer=scorer: sharpness_scores(scorer, prompts), args.device)
             rows.append(["Hessian sharpness (Jeon et al.)", samples, *metrics(sharp[:split], sharp[split:]),
                          1000 * seconds / len(prompts)])
@@ -139,6 +149,15 @@ def main() -> None:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"model": args.model, "pipeline": type(pipe).__name__, "samples": dump}, handle, indent=1)
         print(f"\nper-prompt measurements -> {args.json}")
+    if args.calib:
+        calib = prompts_from(args.calib)
+        quantiles = [float(q) for q in args.band_quantiles.split(",")]
+        sampling_rows, notes = compare_sampling(pipe, mem, nmem, calib, max_samples=args.max_samples,
+                                                quantiles=quantiles)
+        print(f"\nn=1, n={args.max_samples} and adaptive sampling (calibrated on {len(calib)} captions of "
+              f"{args.calib}; policy thresholds above_fpr 0.01 and 0.03; fastest of 3 timed runs):\n")
+        print(table(HEADERS, sampling_rows))
+        print("\n" + "\n".join(notes))
 
 
 if __name__ == "__main__":

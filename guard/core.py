@@ -39,9 +39,27 @@ from .calibration import (
 )
 from .events import log_event
 from .monitor import CalibrationMonitor
-from .policy import Decision, Policy, VerifySettings, decide, decide_on_error, load_policy, match_lists
+from .policy import (
+    Decision,
+    Policy,
+    VerifySettings,
+    decide,
+    decide_on_error,
+    decision_limits,
+    load_policy,
+    match_lists,
+)
 from .redaction import redacted_library_logs
-from .scoring import MemorizationScore, Scorer, TextConditioning
+from .scoring import (
+    AdaptiveScorer,
+    DecisionLimits,
+    Explanation,
+    MemorizationScore,
+    Scorer,
+    TextConditioning,
+    make_scorer,
+)
+from .scoring.explain import explain_prompt
 from .scoring.profiles import ProfileLike
 from .telemetry import check_span, decide_span, rewrite_span, score_span, traced
 
@@ -147,9 +165,10 @@ class GuardCore:
         try:
             if setup_error is not None:
                 raise setup_error
-            self.scorer = Scorer(
+            self.scorer = make_scorer(
                 model,
                 samples=settings.samples,
+                max_samples=settings.max_samples,
                 seed=settings.noise_seed,
                 inference_steps=settings.inference_steps,
                 profile=self._profile_spec(),
@@ -264,7 +283,7 @@ class GuardCore:
         elif self.policy.calibration_path is not None:
             label = str(self.policy.calibration_path)
             profile = CalibrationProfile.load(self.policy.calibration_path)
-        elif self.policy.calibration in ("auto", "auto-strict") and self.policy.uses_relative_thresholds \
+        elif self.policy.calibration in ("auto", "auto-strict") and self._needs_calibration \
                 and self.scorer is not None:
             profile = auto_calibration(self.scorer)
         else:
@@ -277,6 +296,11 @@ class GuardCore:
                 raise CalibrationError(problem)
         self._calibration_label = label
         return profile
+
+    @property
+    def _needs_calibration(self) -> bool:
+        """Relative thresholds read it; adaptive sampling reads its band from it."""
+        return self.policy.uses_relative_thresholds or self.policy.scoring.adaptive
 
     def _calibration_or_error(self) -> tuple[CalibrationProfile | None, str | None]:
         if not self.policy.uses_relative_thresholds:
@@ -371,11 +395,7 @@ class GuardCore:
                 if cond is None:
                     cond = self.scorer.encode(texts, **dict(requests[0].encode_options))
                 flat = [p for request in requests for p in request.prompts]
-                scores = (
-                    self.scorer.score_conditioning(cond.select(pending), [flat[i] for i in pending], strict=False)
-                    if pending
-                    else []
-                )
+                scores = self._score(cond.select(pending), [flat[i] for i in pending]) if pending else []
         except Exception as error:
             message = f"scoring failed: {type(error).__name__}: {error}"
             return {
@@ -390,9 +410,57 @@ class GuardCore:
             for i, prompt in enumerate(request.prompts):
                 if i not in decisions:
                     decisions[i] = self._decide_one(prompt, by_flat[starts[k] + i], i, calibration, calibration_error)
+                    decisions[i] = self._explained(decisions[i], prompt, request.encode_options)
             rows = cond.select(slice(starts[k], starts[k + 1]))
             out[position] = ([decisions[i] for i in range(len(request.prompts))], rows)
         return out
+
+    def _score(self, cond: TextConditioning, prompts: list[str | None]) -> list[MemorizationScore]:
+        """Scores of ``cond``'s rows; an adaptive scorer gets the policy's thresholds and the calibration's bands
+        (without them, e.g. while the calibration is unusable, it scores every prompt on all its draws)."""
+        if not isinstance(self.scorer, AdaptiveScorer):
+            return self.scorer.score_conditioning(cond, prompts, strict=False)
+        return self.scorer.score_conditioning(cond, prompts, strict=False, limits=self._decision_limits())
+
+    def _decision_limits(self) -> DecisionLimits | None:
+        try:
+            calibration = self.calibration
+            return decision_limits(self.policy, calibration) if calibration is not None else None
+        except Exception as error:  # the decisions report the calibration problem; scoring just takes every draw
+            log_event("adaptive_limits_unavailable", level="warning", error=f"{type(error).__name__}: {error}")
+            return None
+
+    def _explained(self, decision: Decision, prompt: str | None, encode_options: Mapping[str, Any]) -> Decision:
+        """``decision`` with the explanation the policy asks for (``explain``); an explanation that cannot be made
+        is a warning on the decision, never a different verdict."""
+        settings = self.policy.explain
+        score = decision.score
+        if not settings.applies(decision.action) or score is None or decision.error or self.scorer is None:
+            return decision
+        if not prompt or not prompt.strip():
+            problem = "no explanation: the prompt text is not known here"
+        else:
+            try:
+                with self.lock, redacted_library_logs(self.scorer.adapter, self.hashes_prompts):
+                    explanation = explain_prompt(self.scorer, prompt, method=settings.method, samples=score.samples,
+                                                 encode_options=encode_options)
+                return decision.model_copy(update={"explanation": explanation})
+            except Exception as error:
+                problem = f"no explanation: {type(error).__name__}: {error}"
+        return decision.model_copy(update={"warnings": (*decision.warnings, problem)})
+
+    def explain(
+        self, prompt: str, *, method: str | None = None, samples: int | None = None,
+        encode_options: Mapping[str, Any] | None = None,
+    ) -> Explanation:
+        """Which words of ``prompt`` drive its score (``guard.scoring.explain``), by the policy's ``explain.method``
+        unless ``method`` is given, on the scorer's first ``samples`` draws (default: all). Not audited: it decides
+        nothing."""
+        if self.scorer is None:
+            raise RuntimeError(f"the guard cannot score this model: {self.setup_error}")
+        with self.lock, redacted_library_logs(self.scorer.adapter, self.hashes_prompts):
+            return explain_prompt(self.scorer, prompt, method=method or self.policy.explain.method, samples=samples,
+                                  encode_options=encode_options)
 
     def _all_errors(self, prompts: Sequence[str | None], decided: dict[int, Decision], error: str) -> list[Decision]:
         """Every prompt not already decided by the lists gets the ``on_error`` decision."""
@@ -446,7 +514,8 @@ class GuardCore:
             return None
         measured = self.scorer.measurement()
         return {"fingerprint": measured.fingerprint, "steps": measured.steps, "seed": measured.seed,
-                "samples": measured.samples, "prediction_space": measured.prediction_space,
+                "samples": measured.samples, "sampling": measured.sampling,
+                "prediction_space": measured.prediction_space,
                 "g_norm": measured.g_norm, "g_cos": measured.g_cos}
 
     def _record_event(self, event: str, fields: dict[str, Any]) -> None:

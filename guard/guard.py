@@ -21,7 +21,7 @@ from .calibration import CalibrationProfile
 from .core import GuardCore, GuardReport, ms_since
 from .policy import Decision, Policy, decide_on_error
 from .redaction import redacted_library_logs
-from .scoring import PipelineAdapter, Scorer, TextConditioning, validate_prompts
+from .scoring import Explanation, PipelineAdapter, Scorer, TextConditioning, validate_prompts
 from .telemetry import generate_span
 
 __all__ = ["Guard", "GuardedOutput"]
@@ -137,6 +137,13 @@ class Guard:
         """Verdicts for many prompts, scored in batches and each audited; nothing is generated."""
         report, _ = self.core.judge(validate_prompts(prompts), encode_options=encode_options, mode="check")
         return report.decisions
+
+    def explain(self, prompt: str, *, method: str | None = None, samples: int | None = None,
+                **encode_options: Any) -> Explanation:
+        """Which words of ``prompt`` drive its memorization score: a weight per word (``Explanation.top()``,
+        ``describe()``), by the policy's ``explain.method`` (occlusion unless it says gradient) on all the scorer's
+        noise draws. Decides and audits nothing; a policy's ``explain: on_block`` puts explanations in decisions."""
+        return self.core.explain(prompt, method=method, samples=samples, encode_options=encode_options)
 
     # ------------------------------------------------------------------ generating
 

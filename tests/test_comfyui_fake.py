@@ -161,7 +161,7 @@ def test_pack_is_v3_only(comfy):
     found = nodes(comfy)
     assert set(found) == {"MemguardMemorizationGuard", "MemguardMemorizationScore"}
     schema = found["MemguardMemorizationGuard"].GET_SCHEMA()
-    assert [o.io_type for o in schema.outputs] == ["CONDITIONING", "FLOAT", "STRING"]
+    assert [o.io_type for o in schema.outputs] == ["CONDITIONING", "FLOAT", "STRING", "STRING"]
     assert comfy["io"].Hidden.unique_id in schema.hidden
     policy_input = next(i for i in schema.inputs if i.id == "policy")
     assert {"balanced", "strict", "monitor"} <= set(policy_input.options)
@@ -203,7 +203,7 @@ def test_score_node_equals_guard_score(comfy, objects, pipe, tmp_path, seed, sam
         **inputs(objects, tmp_path, policy, seed=seed, samples=samples),
     )
     expected = reference_score(pipe, seed=seed, samples=samples)
-    score, norm, cos, report = out.args
+    score, norm, cos, report, _ = out.args
     assert abs(score - expected.score) < 1e-5 and abs(norm - expected.norm) < 1e-5 and abs(cos - expected.cos) < 1e-5
     assert "allow" in report
     record = decision_record(tmp_path)
@@ -238,7 +238,7 @@ def test_allow_and_warn_pass_through(comfy, objects, pipe, tmp_path, action):
         **inputs(objects, tmp_path, _action_policy(tmp_path, action, expected)),
     )
     assert out.block_execution is None
-    positive, score, report = out.args
+    positive, score, report, _ = out.args
     assert positive is not objects["positive"]  # a copy, never ComfyUI's cached object
     assert torch.equal(positive[0][0], objects["positive"][0][0])
     assert abs(score - expected) < 1e-5 and f"] {action}:" in report
@@ -257,7 +257,7 @@ def test_block_stops_the_branch(comfy, objects, pipe, tmp_path):
         **inputs(objects, tmp_path, policy),
     )
     assert out.block_execution is not None and "memguard blocked" in out.block_execution
-    assert out.result is not None and len(out.args) == 3  # ComfyUI v0.3.64 drops a block without results
+    assert out.result is not None and len(out.args) == 4  # ComfyUI v0.3.64 drops a block without results
     record = decision_record(tmp_path)
     assert (record["action"], record["outcome"]) == ("block", "blocked")
     assert record["context"]["comfyui"] == {"prompt_id": "p-9", "node_id": "12", "unconditional": "empty",
@@ -277,7 +277,7 @@ def test_rewrite_returns_mitigated_conditioning(comfy, objects, pipe, tmp_path):
     )
     out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"], **inputs(objects, tmp_path, policy))
     assert out.block_execution is None, out.args[2]
-    positive, _, report = out.args
+    positive, _, report, _ = out.args
     assert not torch.equal(positive[0][0], objects["positive"][0][0])
     assert "rewritten by prompt_embedding, unverified" in report
     rescored = Scorer(pipe).score_conditioning(TextConditioning(positive[0][0]))[0].score
@@ -513,7 +513,7 @@ def test_family_score_node_equals_diffusers(comfy, family, tmp_path):
     policy = write_policy(tmp_path, "observe", OBSERVE, audit={"prompt": "hash"})
     out = run_node(comfy, nodes(comfy)["MemguardMemorizationScore"], graph=family_workflow(family, "7", PROMPT),
                    **family_inputs(family, tmp_path, policy, **overrides))
-    score, norm, cos, report = out.args
+    score, norm, cos, report, _ = out.args
     expected = family["reference"][0]
     assert abs(score - expected.score) < 1e-5 and abs(norm - expected.norm) < 1e-5 and abs(cos - expected.cos) < 1e-5
     record = decision_record(tmp_path)
@@ -781,3 +781,46 @@ def test_sdxl_v_prediction(comfy, tmp_path):
     out = run_node(comfy, nodes(comfy)["MemguardMemorizationScore"],
                    **family_inputs(sdxl, tmp_path, policy, latent_size=LATENT))
     assert abs(out.args[0] - Scorer(pipe).score([PROMPT])[0].score) < 1e-5
+
+
+# ---------------------------------------------------------------- explanations and adaptive sampling
+
+
+def test_explanation_output_names_the_words_driving_the_score(comfy, objects, pipe, tmp_path):
+    from guard.scoring import Scorer, explain_prompt
+
+    policy = write_policy(tmp_path, "observe", [{"when": {"score": {"gte": 1e9}}, "action": "warn"}])
+    node = nodes(comfy)["MemguardMemorizationScore"]
+    out = run_node(comfy, node, graph=workflow("7", PROMPT), **inputs(objects, tmp_path, policy, explain="always"))
+    explanation = out.args[4]
+    expected = explain_prompt(Scorer(pipe), PROMPT)
+    assert explanation.startswith("[0] allow: words driving the score (occlusion")
+    assert f"{expected.top(1)[0].word!r} {expected.top(1)[0].weight:+.3g}" in explanation
+    record = decision_record(tmp_path)
+    assert len(record["explanation"]["words"]) == 5 and "word" not in record["explanation"]["words"][0]
+    unknown = run_node(comfy, node, **inputs(objects, tmp_path, policy, explain="always"))  # no workflow: no text
+    assert unknown.args[4] == "[0] no explanation: the prompt text is not known here"
+    silent = run_node(comfy, node, graph=workflow("7", PROMPT), **inputs(objects, tmp_path, policy))
+    assert silent.args[4] == ""  # the policy's explain: off
+
+
+def test_adaptive_policy_through_the_node(comfy, objects, pipe, tmp_path):
+    from memguard_comfyui_pack.memguard_comfy.adapter import comfy_adapter
+
+    from guard import calibrate
+    from guard.scoring import AdaptiveScorer, Scorer
+
+    adapter = comfy_adapter(objects["model"], objects["clip"], latent_size=LATENT)
+    captions = [f"a {c} {o}" for c in ("red", "blue", "green", "old") for o in ("cat", "dog", "house", "tree")]
+    profile = calibrate(AdaptiveScorer(adapter, max_samples=4), captions, source="c", progress=False)
+    profile.save(tmp_path / "adaptive.json")
+    rule = {"when": {"score": {"gte": 1e9}}, "action": "warn"}  # far above every score: one draw decides
+    policy = write_policy(tmp_path, "adaptive", [rule], calibration=str(tmp_path / "adaptive.json"),
+                          scoring={"samples": "adaptive"})
+    out = run_node(comfy, nodes(comfy)["MemguardMemorizationScore"], **inputs(objects, tmp_path, policy, samples=0))
+    assert abs(out.args[0] - reference_score(pipe).score) < 1e-5  # one draw: the n=1 score
+    assert "1 of 4 draws" in out.args[3]
+    record = decision_record(tmp_path)
+    assert record["samples"] == 1 and record["rule"] == "default"
+    fixed = run_node(comfy, nodes(comfy)["MemguardMemorizationScore"], **inputs(objects, tmp_path, policy, samples=4))
+    assert abs(fixed.args[0] - Scorer(pipe, samples=4).score([PROMPT])[0].score) < 1e-5  # the node's override

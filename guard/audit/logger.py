@@ -98,7 +98,8 @@ def add_request_id(_: Any, __: str, event: EventDict) -> EventDict:
 
 
 class ProtectPrompt:
-    """Replaces the plain prompt by its hash or ``[redacted]``, unless the event says how it is stored."""
+    """Replaces the plain prompt by its hash or ``[redacted]`` (and drops the explanation's words), unless the event
+    says how it is stored."""
 
     def __init__(self, mode: PromptMode, salt: str | None = None):
         self.mode = mode
@@ -108,6 +109,10 @@ class ProtectPrompt:
         if event.get("event") in ("decision", "error") and "prompt_mode" not in event:
             event["prompt"] = protect_prompt(event.get("prompt"), self.mode, self.salt)
             event["prompt_mode"] = self.mode
+            explanation = event.get("explanation")
+            if isinstance(explanation, dict) and self.mode != "plain":  # the words are prompt text
+                event["explanation"] = {**explanation, "words": [
+                    {k: v for k, v in item.items() if k != "word"} for item in explanation.get("words") or ()]}
         return event
 
 

@@ -118,6 +118,8 @@ class MeasurementRef(_Model):
     steps: int
     seed: int
     samples: int
+    #: ``fixed`` (always ``samples`` draws) or ``adaptive`` (up to ``samples``, as the decision needed).
+    sampling: Literal["fixed", "adaptive"] = "fixed"
     prediction_space: str
     g_norm: _Finite
     g_cos: _Finite
@@ -144,6 +146,11 @@ class DecisionRecord(_Record):
     thresholds: tuple[dict[str, Any], ...] = ()
     latency_scoring_ms: _Finite | None = Field(default=None, ge=0)
     measurement: MeasurementRef | None = None
+    #: Noise draws the score averages (under adaptive sampling, as many as the decision needed).
+    samples: int | None = Field(default=None, ge=1)
+    #: Which words drive the score (``guard.scoring.explain``): word indices, character spans and weights; the
+    #: words themselves only when ``prompt_mode`` is ``plain``.
+    explanation: dict[str, Any] | None = None
 
 
 class OutcomeRecord(_Record):
@@ -317,7 +324,8 @@ def error_info(error: BaseException | Mapping[str, str] | str | None) -> dict[st
 def decision_fields(decision: Decision, *, prompt: str | None, outcome: DecisionOutcome) -> dict[str, Any]:
     """The record fields a decision contributes, prompt still in plain text (a processor protects it).
 
-    Non-finite measurements are stored as null; the error says what they were.
+    Non-finite measurements are stored as null; the error says what they were. The explanation's words are
+    plain text here too; the logger's prompt processor removes them unless prompts are logged plain.
     """
     score = decision.score
     err = error_info(decision.error)
@@ -336,4 +344,6 @@ def decision_fields(decision: Decision, *, prompt: str | None, outcome: Decision
         "reason": decision.reason,
         "thresholds": [t.to_dict() for t in decision.thresholds],
         "error": err,
+        "samples": score.samples if score else None,
+        "explanation": decision.explanation.to_dict(with_words=True) if decision.explanation is not None else None,
     }

@@ -39,6 +39,7 @@ code{font:12px ui-monospace,SFMono-Regular,Menlo,monospace;word-break:break-all}
 svg text{font:11px system-ui,sans-serif;fill:#333}
 .legend span{display:inline-block;margin-right:14px}
 .legend i{display:inline-block;width:11px;height:11px;margin-right:4px}
+td.explained mark{padding:0 2px;border-radius:3px;color:inherit}
 """
 
 
@@ -135,10 +136,29 @@ def _td(value: Any, numeric: bool = False) -> str:
 def _prompt_cell(item: dict[str, Any]) -> str:
     mode, prompt = item.get("prompt_mode"), item.get("prompt")
     if mode == "plain":
+        highlighted = _highlighted(prompt, item.get("explanation"))
+        if highlighted is not None:
+            return f'<td class="explained">{highlighted}</td>'
         return f"<td>{_e(prompt)}</td>"
     if mode == "hash" and prompt:
         return f'<td><code title="SHA-256 of the prompt">{_e(str(prompt)[:16])}…</code></td>'
     return f"<td><i>{_e(prompt or mode)}</i></td>"
+
+
+def _highlighted(prompt: Any, explanation: Any) -> str | None:
+    """The plain prompt with its words highlighted by the decision's explanation weights (escaped); None when the
+    record has no usable explanation."""
+    if not isinstance(prompt, str) or not isinstance(explanation, dict):
+        return None
+    from ..scoring import Explanation
+
+    try:
+        parsed = Explanation.model_validate(explanation)
+    except ValueError:
+        return None
+    top = ", ".join(f"{_e(prompt[w.start:w.end])} {w.weight:+.3g}" for w in parsed.top(3))
+    return (f'{parsed.html(prompt)}<div class="meta">words driving the score ({_e(parsed.method)}): '
+            f"{top}</div>")
 
 
 def render_html(summary: AuditSummary, verify: VerifyReport | None, *, bucket: str = "auto") -> str:
@@ -208,7 +228,8 @@ policies applied (from the records' decisions).</p>{quant_table}
 <h2>Blocked and rewritten over time</h2>
 {_timeline_svg(data["timeline"], ("rewrite", "block"), "flagged-over-time", 200)}</section>
 <section id="flagged"><h2>Blocked and rewritten requests</h2><p class="meta">Showing {shown}, most recent first.
-Prompts are shown as the log stores them (hashed unless the policy logged them plain).</p>
+Prompts are shown as the log stores them (hashed unless the policy logged them plain); where a decision carries an
+explanation and the prompt is plain, its words are highlighted by weight (red raises the score, blue lowers it).</p>
 {_table("flagged-table", ["time", "policy", "rule", "action", "outcome", "score", "score after", "prompt", "reason"],
         flagged, "No blocked or rewritten requests.")}</section>
 <section id="without-outcome"><h2>Decisions without an outcome</h2>

@@ -325,6 +325,7 @@ def _brief(record: dict[str, Any]) -> dict[str, Any]:
         "error": f"{error.get('type')}: {error.get('message')}" if error else None,
         "prompt_index": record.get("prompt_index"),
         "score_after": _score_after(extras),
+        "explanation": record.get("explanation"),
     }
 
 

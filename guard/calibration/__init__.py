@@ -7,11 +7,13 @@ the automatic one on built-in captions (``auto_calibration``) and fitting score 
 from .auto import auto_calibration
 from .errors import CalibrationError, CalibrationMismatch, CalibrationMissing
 from .fitting import WeightReport, fit_weights
-from .making import Features, calibrate, prompt_set_id, score_sets
+from .making import Features, calibrate, prompt_set_id, score_sets, spread_stages
 from .profile import (
+    DEFAULT_BAND_QUANTILE,
     MEASUREMENT_FIELDS,
     CalibrationProfile,
     Metric,
+    SampleSpread,
     VerificationCalibration,
     cached_calibration_path,
     calibration_cache_dir,
@@ -19,6 +21,7 @@ from .profile import (
 )
 
 __all__ = [
+    "DEFAULT_BAND_QUANTILE",
     "MEASUREMENT_FIELDS",
     "CalibrationError",
     "CalibrationMismatch",
@@ -26,6 +29,7 @@ __all__ = [
     "CalibrationProfile",
     "Features",
     "Metric",
+    "SampleSpread",
     "VerificationCalibration",
     "WeightReport",
     "auto_calibration",
@@ -35,5 +39,6 @@ __all__ = [
     "fit_weights",
     "prompt_set_id",
     "score_sets",
+    "spread_stages",
     "threshold_at_fpr",
 ]

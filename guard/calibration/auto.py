@@ -26,7 +26,7 @@ def auto_calibration(scorer: Scorer, *, progress: bool | None = None) -> Calibra
     path = cached_calibration_path(
         measurement.fingerprint, profile=measurement.profile, g_norm=measurement.g_norm, g_cos=measurement.g_cos,
         seed=measurement.seed, samples=measurement.samples, steps=measurement.steps,
-        prediction_space=measurement.prediction_space, source=generic_captions_id(),
+        prediction_space=measurement.prediction_space, source=generic_captions_id(), sampling=measurement.sampling,
     )
     if path.exists():
         cached = CalibrationProfile.load(path)

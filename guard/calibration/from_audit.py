@@ -163,6 +163,7 @@ def _read_groups(path: Path, since: datetime | None, until: datetime | None, exc
             if not isinstance(measured, dict):
                 skipped["without a measurement (written before memguard recorded it)"] += 1
                 continue
+            measured = {"sampling": "fixed", **measured}  # records from before adaptive sampling
             try:
                 key = ((record.get("model") or {}).get("class"), record.get("profile"),
                        *(measured[name] for name in MEASUREMENT_FIELDS))
@@ -262,6 +263,11 @@ def profile_from_audit(
             f"{target}: only {len(keep)} usable scored decisions (at least {min_records} needed)"
             + (f"; skipped: {', '.join(f'{n} {r}' for r, n in skipped.items())}" if skipped else ""))
     f = group.fields
+    if f.get("sampling") == "adaptive":
+        raise AuditCalibrationError(
+            f"{target}: these decisions were scored with adaptive sampling, whose profile needs the per-draw "
+            "spread that audit records do not hold; calibrate from prompts instead (memguard calibrate --model DIR "
+            "--samples adaptive)")
     window = f"{group.first or '?'}..{group.last or '?'}"
     profile = CalibrationProfile.from_scores(
         [group.scores[i] for i in keep], norms=[group.norms[i] for i in keep], coses=[group.coses[i] for i in keep],

@@ -11,28 +11,56 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from guard.data import generic_captions, generic_captions_id
 from guard.events import log_event
-from guard.scoring import ModelProfile, Scorer
+from guard.scoring import AdaptiveScorer, ModelProfile, Scorer
 
-from .profile import CalibrationProfile
+from .profile import CalibrationProfile, SampleSpread
 
-__all__ = ["Features", "calibrate", "prompt_set_id", "score_sets"]
+__all__ = ["Features", "calibrate", "prompt_set_id", "score_sets", "spread_stages"]
 
 
 @dataclass(frozen=True)
 class Features:
-    """Measured ``norm`` and ``cos`` per prompt of one prompt set, in order."""
+    """Measured ``norm`` and ``cos`` per prompt of one prompt set, in order.
+
+    With an adaptive scorer also every draw's values (``sample_norms``/``sample_coses``, one list per prompt),
+    which the profile's ``spread`` (its adaptive bands) is measured from; ``norms``/``coses`` are their means.
+    """
 
     norms: list[float]
     coses: list[float]
+    sample_norms: list[list[float]] = field(default_factory=list)
+    sample_coses: list[list[float]] = field(default_factory=list)
 
     def scores(self, profile: ModelProfile) -> list[float]:
         return [profile.combine(n, c) for n, c in zip(self.norms, self.coses)]
+
+    def spread(self, profile: ModelProfile, stages: Sequence[int]) -> SampleSpread:
+        """How far the first ``k`` draws' means lie from all draws', per stage ``k``, with ``profile``'s weights."""
+        return SampleSpread.measure(self.sample_norms, self.sample_coses, profile.combine, stages)
+
+
+def spread_stages(scorer: Scorer) -> tuple[int, ...]:
+    """The stages an adaptive scorer can stop at before its last (where the band is 0)."""
+    return tuple(k for k in getattr(scorer, "stages", ()) if k < scorer.samples)
+
+
+def _measure(scorer: Scorer, prompts: list[str]) -> list[dict[str, Any]]:
+    """One row per prompt: its mean ``norm``/``cos`` and, for an adaptive scorer, every draw's (all of them:
+    the values near-threshold decisions reproduce, and their spread)."""
+    if not isinstance(scorer, AdaptiveScorer):
+        return [{"norm": r.norm, "cos": r.cos} for r in scorer.score(prompts)]
+    import torch
+
+    with torch.no_grad():
+        norms, coses = scorer.sample_statistics(scorer.encode(prompts))
+    return [{"norm": n, "cos": c, "norms": ns, "coses": cs} for n, c, ns, cs in zip(
+        norms.mean(dim=1).tolist(), coses.mean(dim=1).tolist(), norms.tolist(), coses.tolist())]
 
 
 def prompt_set_id(name: str, prompts: Sequence[str]) -> str:
@@ -50,6 +78,7 @@ def _sidecar_settings(scorer: Scorer, sets: dict[str, list[str]]) -> dict[str, A
     return {
         "fingerprint": measurement.fingerprint,
         "samples": measurement.samples,
+        "sampling": measurement.sampling,
         "seed": measurement.seed,
         "steps": measurement.steps,
         "prediction_space": measurement.prediction_space,
@@ -60,7 +89,7 @@ def _sidecar_settings(scorer: Scorer, sets: dict[str, list[str]]) -> dict[str, A
     }
 
 
-def _read_sidecar(path: Path, settings: dict[str, Any]) -> dict[tuple[str, int, str], tuple[float, float]]:
+def _read_sidecar(path: Path, settings: dict[str, Any]) -> dict[tuple[str, int, str], dict[str, Any]]:
     """Rows of a sidecar made with ``settings``; empty (and the file removed) otherwise."""
     from guard.prompts_io import completed_rows
 
@@ -69,7 +98,8 @@ def _read_sidecar(path: Path, settings: dict[str, Any]) -> dict[tuple[str, int, 
     if header is None or header.get("settings") != settings:
         path.unlink(missing_ok=True)
         return {}
-    return {(r["set"], r["index"], r["prompt"]): (r["norm"], r["cos"]) for r in rows}
+    keep = ("norm", "cos", "norms", "coses")
+    return {(r["set"], r["index"], r["prompt"]): {k: r[k] for k in keep if k in r} for r in rows}
 
 
 def score_sets(
@@ -83,7 +113,7 @@ def score_sets(
 
     from guard.prompts_io import truncate_to_complete_rows
 
-    done: dict[tuple[str, int, str], tuple[float, float]] = {}
+    done: dict[tuple[str, int, str], dict[str, Any]] = {}
     sink = None
     if sidecar is not None:
         settings = _sidecar_settings(scorer, sets)
@@ -101,24 +131,26 @@ def score_sets(
     try:
         with bar:
             for name, prompts in sets.items():
-                measured: list[tuple[float, float]] = []
+                measured: list[dict[str, Any]] = []
                 for start in range(0, len(prompts), size):
                     chunk = prompts[start : start + size]
                     keys = [(name, start + i, p) for i, p in enumerate(chunk)]
                     if all(k in done for k in keys):
                         measured.extend(done[k] for k in keys)
                     else:
-                        scored = [(r.norm, r.cos) for r in scorer.score(chunk)]
+                        scored = _measure(scorer, chunk)
                         if sink is not None:
                             sink.write("".join(
-                                json.dumps({"set": k[0], "index": k[1], "prompt": k[2], "norm": n, "cos": c},
-                                           ensure_ascii=False) + "\n"
-                                for k, (n, c) in zip(keys, scored)
+                                json.dumps({"set": k[0], "index": k[1], "prompt": k[2], **row}, ensure_ascii=False)
+                                + "\n" for k, row in zip(keys, scored)
                             ))
                             sink.flush()
                         measured.extend(scored)
                     bar.update(len(chunk))
-                results[name] = Features([m[0] for m in measured], [m[1] for m in measured])
+                results[name] = Features(
+                    [m["norm"] for m in measured], [m["cos"] for m in measured],
+                    [m["norms"] for m in measured if "norms" in m], [m["coses"] for m in measured if "coses" in m],
+                )
     finally:
         if sink is not None:
             sink.close()
@@ -134,6 +166,9 @@ def calibrate(
 ) -> CalibrationProfile:
     """Score ``prompts`` (default: memguard's built-in generic captions) and build a calibration profile.
 
+    With an ``AdaptiveScorer`` every prompt gets every draw: the profile holds the ``max_samples`` values (what an
+    adaptive decision reproduces near a threshold, so relative thresholds are read off them) and their spread.
+
     ``source`` names the prompt set in the profile (default: the generic captions' id, else ``custom``).
     """
     if prompts is None:
@@ -143,9 +178,10 @@ def calibrate(
     log_event("calibration_started", prompts=len(prompts), model=measurement.model_class,
               fingerprint=measurement.fingerprint, source=source or "custom")
     features = score_sets(scorer, {"nmem": prompts}, progress=progress)["nmem"]
+    stages = spread_stages(scorer)
     profile = CalibrationProfile.from_measurement(
         measurement, features.scores(scorer.profile), norms=features.norms, coses=features.coses,
-        source=source or "custom",
+        source=source or "custom", spread=features.spread(scorer.profile, stages) if stages else None,
     )
     log_event("calibration_finished", calibration=profile.id, prompts=profile.n_prompts)
     return profile

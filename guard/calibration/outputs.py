@@ -40,8 +40,10 @@ def policy_from_profile(profile: CalibrationProfile, fprs: list[float], *, name:
         "version": "1",
         "description": (f"Written by memguard calibrate from calibration {profile.id} "
                         f"({profile.n_prompts} prompts): absolute thresholds at FPR {', '.join(map(str, fprs))}."),
-        "scoring": {"noise_seed": profile.seed, "samples": profile.samples, "inference_steps": profile.steps,
-                    "prediction_space": profile.prediction_space},
+        "scoring": {"noise_seed": profile.seed, "inference_steps": profile.steps,
+                    "prediction_space": profile.prediction_space,
+                    **({"samples": "adaptive", "max_samples": profile.samples} if profile.sampling == "adaptive"
+                       else {"samples": profile.samples})},
         "profile": profile.profile if weights_named else {"g_norm": profile.g_norm, "g_cos": profile.g_cos},
         "calibration": calibration,
         "rules": rules,

@@ -27,6 +27,7 @@ from .errors import CalibrationError, CalibrationMismatch
 __all__ = [
     "CalibrationProfile",
     "Metric",
+    "SampleSpread",
     "VerificationCalibration",
     "cached_calibration_path",
     "calibration_cache_dir",
@@ -35,7 +36,9 @@ __all__ = [
 
 Metric = Literal["score", "norm", "cos"]
 #: The measurement fields a profile must share with the scores it judges, in the order mismatches are named.
-MEASUREMENT_FIELDS = ("fingerprint", "steps", "seed", "samples", "prediction_space", "g_norm", "g_cos")
+MEASUREMENT_FIELDS = ("fingerprint", "steps", "seed", "samples", "sampling", "prediction_space", "g_norm", "g_cos")
+#: The band quantile adaptive policies use unless they say otherwise (``scoring.band_quantile``).
+DEFAULT_BAND_QUANTILE = 0.99
 
 FORMAT = "memguard-calibration"
 _FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -89,12 +92,91 @@ class VerificationCalibration(BaseModel):
         return threshold_at_fpr(getattr(self, against), fpr)
 
 
+class SampleSpread(BaseModel):
+    """How far the mean of a prompt's first ``k`` noise draws lies from the mean of all ``samples`` of them, on the
+    calibration prompts: what an adaptive decision's band is read from (``guard.scoring.adaptive``).
+
+    For every stage ``k`` below the maximum and every metric, ``deviations`` holds the sorted
+    ``|mean_k - mean_max|`` of the calibration prompts. The band at quantile ``q`` is the smallest deviation that
+    at least a fraction ``q`` of the prompts do not exceed: one more draw (or all of them) moves a ``k``-draw value
+    by more than the band for at most a fraction ``1 - q`` of ordinary prompts.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stages: tuple[int, ...] = Field(min_length=1)
+    score: tuple[tuple[_FiniteFloat, ...], ...]
+    norm: tuple[tuple[_FiniteFloat, ...], ...]
+    cos: tuple[tuple[_FiniteFloat, ...], ...]
+
+    @field_validator("score", "norm", "cos")
+    @classmethod
+    def _sorted(cls, values: tuple[tuple[float, ...], ...]) -> tuple[tuple[float, ...], ...]:
+        if any(v < 0 for row in values for v in row):
+            raise ValueError("deviations are absolute values, so never negative")
+        return tuple(tuple(sorted(row)) for row in values)
+
+    @model_validator(mode="after")
+    def _shape(self) -> SampleSpread:
+        if list(self.stages) != sorted(set(self.stages)) or self.stages[0] < 1:
+            raise ValueError(f"stages must be increasing draw counts >= 1, got {list(self.stages)}")
+        for name in ("score", "norm", "cos"):
+            rows = getattr(self, name)
+            if len(rows) != len(self.stages) or any(len(row) != len(rows[0]) or not row for row in rows):
+                raise ValueError(f"{name} needs one non-empty row of deviations per stage, all of one length")
+        return self
+
+    @classmethod
+    def measure(
+        cls, sample_norms: Sequence[Sequence[float]], sample_coses: Sequence[Sequence[float]], combine: Any,
+        stages: Sequence[int],
+    ) -> SampleSpread:
+        """The deviations of ``stages`` (draw counts below the maximum) from per-prompt, per-draw norms and cosines
+        (every prompt with all draws); ``combine(norm, cos)`` forms the score from the means."""
+        import torch
+
+        norms = torch.tensor([list(row) for row in sample_norms], dtype=torch.float32)
+        coses = torch.tensor([list(row) for row in sample_coses], dtype=torch.float32)
+        if norms.ndim != 2 or norms.shape != coses.shape or norms.shape[0] == 0:
+            raise CalibrationError("per-draw values must be one row of equal length per prompt")
+        total = norms.shape[1]
+        if not stages or max(stages) >= total:
+            raise CalibrationError(f"stages {list(stages)} must lie below the {total} draws measured")
+        full_norm, full_cos = norms.mean(dim=1), coses.mean(dim=1)
+        full_score = combine(full_norm.double(), full_cos.double())
+        rows: dict[str, list[tuple[float, ...]]] = {"score": [], "norm": [], "cos": []}
+        for k in stages:
+            norm_k, cos_k = norms[:, :k].mean(dim=1), coses[:, :k].mean(dim=1)
+            score_k = combine(norm_k.double(), cos_k.double())
+            rows["norm"].append(tuple((norm_k - full_norm).abs().tolist()))
+            rows["cos"].append(tuple((cos_k - full_cos).abs().tolist()))
+            rows["score"].append(tuple((score_k - full_score).abs().tolist()))
+        return cls(stages=tuple(stages), **rows)
+
+    def band(self, metric: Metric, k: int, quantile: float = DEFAULT_BAND_QUANTILE) -> float:
+        """The ``quantile`` of ``|mean_k - mean_max|`` for ``metric`` (``quantile`` 1: the largest observed)."""
+        if not 0.0 < quantile <= 1.0:
+            raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+        if k not in self.stages:
+            raise KeyError(f"no spread measured after {k} draws (stages {list(self.stages)})")
+        values = getattr(self, metric)[self.stages.index(k)]
+        return values[max(0, math.ceil(quantile * len(values) - 1e-9) - 1)]
+
+    def bands(self, quantile: float = DEFAULT_BAND_QUANTILE) -> dict[tuple[str, int], float]:
+        """Every ``(metric, k)`` band at ``quantile``."""
+        return {(m, k): self.band(m, k, quantile) for m in ("score", "norm", "cos") for k in self.stages}
+
+
 class CalibrationProfile(BaseModel):
     """The non-memorized score distribution of one model, measured one way.
 
     A profile only judges scores measured with the same weights (``g_norm``, ``g_cos``), noise
-    ``seed``, ``samples``, ``steps`` and ``prediction_space``. ``norms`` and ``coses`` are optional;
+    ``seed``, ``samples``, ``sampling``, ``steps`` and ``prediction_space``. ``norms`` and ``coses`` are optional;
     they let ``above_fpr`` apply to ``norm`` and ``cos`` conditions too.
+
+    An ``adaptive`` profile (``sampling: adaptive``, ``samples`` = the most draws a prompt gets) holds every
+    calibration prompt's ``samples``-draw values, the values an adaptive decision reproduces near a threshold,
+    and their ``spread``, which its bands are read from. It never judges fixed-sampling scores, nor they it.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -109,6 +191,8 @@ class CalibrationProfile(BaseModel):
     g_cos: _FiniteFloat
     seed: int = Field(ge=0)
     samples: int = Field(ge=1)
+    sampling: Literal["fixed", "adaptive"] = "fixed"
+    spread: SampleSpread | None = None
     steps: int = Field(ge=1)
     prediction_space: Literal["eps", "native", "velocity"]
     scores: tuple[_FiniteFloat, ...] = Field(min_length=1)
@@ -142,6 +226,13 @@ class CalibrationProfile(BaseModel):
             values = getattr(self, name)
             if values is not None and len(values) != len(self.scores):
                 raise ValueError(f"{name} has {len(values)} values but scores has {len(self.scores)}")
+        if self.sampling == "adaptive":
+            if self.spread is None:
+                raise ValueError("an adaptive profile needs the spread its bands are read from")
+            if max(self.spread.stages) >= self.samples:
+                raise ValueError(f"spread stages {list(self.spread.stages)} must lie below samples ({self.samples})")
+        elif self.spread is not None:
+            raise ValueError("spread belongs to adaptive profiles (sampling: adaptive)")
         if not self.id:
             object.__setattr__(self, "id", self._content_id())
         return self
@@ -150,6 +241,9 @@ class CalibrationProfile(BaseModel):
         data = self.model_dump(mode="json", exclude={"id", "created", "memguard_version"})
         if data.get("verification") is None:  # profiles made before verification existed keep their ids
             data.pop("verification", None)
+        if data.get("sampling") == "fixed" and data.get("spread") is None:  # likewise before adaptive sampling
+            data.pop("sampling", None)
+            data.pop("spread", None)
         return f"cal-{self.profile}-{hashlib.sha256(_canonical(data)).hexdigest()[:16]}"
 
     @classmethod
@@ -169,6 +263,8 @@ class CalibrationProfile(BaseModel):
         source: str,
         norms: Sequence[float] | None = None,
         coses: Sequence[float] | None = None,
+        sampling: str = "fixed",
+        spread: SampleSpread | None = None,
     ) -> CalibrationProfile:
         """Build a profile from scores of non-memorized prompts (one per prompt), dated now (UTC)."""
         try:
@@ -180,6 +276,8 @@ class CalibrationProfile(BaseModel):
                 g_cos=g_cos,
                 seed=seed,
                 samples=samples,
+                sampling=sampling,
+                spread=spread,
                 steps=steps,
                 prediction_space=prediction_space,
                 scores=tuple(float(s) for s in scores),
@@ -201,8 +299,10 @@ class CalibrationProfile(BaseModel):
         source: str,
         norms: Sequence[float] | None = None,
         coses: Sequence[float] | None = None,
+        spread: SampleSpread | None = None,
     ) -> CalibrationProfile:
-        """A profile of ``scores`` measured as ``measurement`` says (a ``Scorer.measurement()``)."""
+        """A profile of ``scores`` measured as ``measurement`` says (a ``Scorer.measurement()``); an adaptive
+        measurement needs the ``spread`` of the same prompts' draws."""
         return cls.from_scores(
             scores,
             fingerprint=measurement.fingerprint,
@@ -217,6 +317,8 @@ class CalibrationProfile(BaseModel):
             source=source,
             norms=norms,
             coses=coses,
+            sampling=getattr(measurement, "sampling", "fixed"),
+            spread=spread,
         )
 
     def _measured(self, name: str) -> Any:
@@ -232,7 +334,7 @@ class CalibrationProfile(BaseModel):
 
     def check_measurement(self, measurement: Measurement, *, source: str | None = None) -> None:
         """Raise ``CalibrationMismatch`` unless this profile judges scores measured as ``measurement`` says:
-        same model (fingerprint), steps, noise seed, sample count, prediction space and weights."""
+        same model (fingerprint), steps, noise seed, sample count, sampling mode, prediction space and weights."""
         problems = self.mismatches(dataclasses.asdict(measurement))
         if problems:
             where = f"{source}: " if source else ""
@@ -341,6 +443,7 @@ def cached_calibration_path(
     steps: int,
     prediction_space: str,
     source: str,
+    sampling: str = "fixed",
 ) -> Path:
     """The cache file of the calibration of one model measured one way on one prompt set.
 
@@ -357,6 +460,8 @@ def cached_calibration_path(
         "source": source,
         "steps": steps,
     }
+    if sampling != "fixed":  # fixed-sampling profiles keep the cache files they had before adaptive sampling
+        key["sampling"] = sampling
     digest = hashlib.sha256(_canonical(key)).hexdigest()[:16]
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in fingerprint)[:40]
     return calibration_cache_dir() / "calibration" / f"{safe}-{digest}.json"

@@ -9,6 +9,7 @@ import click
 from .audit import audit
 from .calibrate import calibrate
 from .demo import demo
+from .explain import explain
 from .scan import scan
 from .serve import serve
 
@@ -58,3 +59,4 @@ main.add_command(audit)
 main.add_command(calibrate)
 main.add_command(serve)
 main.add_command(demo)
+main.add_command(explain)

@@ -94,7 +94,7 @@ def calibrate(model_path, nmem_path, mem_path, out_path, device, dtype, weights,
         return
     if model_path is None:
         raise click.UsageError("give --model (or --from-audit AUDIT.jsonl)")
-    from ..calibration import CalibrationProfile, fit_weights, prompt_set_id, score_sets
+    from ..calibration import CalibrationProfile, fit_weights, prompt_set_id, score_sets, spread_stages
     from ..calibration.outputs import metrics_table, plot_calibration, write_policy
     from ..data import generic_captions, generic_captions_id
     from ..policy import load_policy
@@ -125,8 +125,10 @@ def calibrate(model_path, nmem_path, mem_path, out_path, device, dtype, weights,
     g_norm, g_cos = report.fitted if (report and chosen == "fitted") else reference
     weights_used = ModelProfile(scorer.profile.name if chosen == "reference" else "fitted", g_norm, g_cos)
     measurement = dataclasses.replace(scorer.measurement(), profile=weights_used.name, g_norm=g_norm, g_cos=g_cos)
+    stages = spread_stages(scorer)  # adaptive sampling: the spread its bands are read from, with these weights
     profile = CalibrationProfile.from_measurement(
-        measurement, nmem.scores(weights_used), norms=nmem.norms, coses=nmem.coses, source=source
+        measurement, nmem.scores(weights_used), norms=nmem.norms, coses=nmem.coses, source=source,
+        spread=nmem.spread(weights_used, stages) if stages else None,
     )
     if verification_prompts:
         profile = profile.with_verification(_verification(

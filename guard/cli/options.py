@@ -7,12 +7,13 @@ from typing import Any
 
 import click
 
-from ..scoring import DEFAULT_INFERENCE_STEPS, DEFAULT_SEED, Scorer
+from ..scoring import DEFAULT_INFERENCE_STEPS, DEFAULT_SEED, Scorer, make_scorer
 
 __all__ = ["policy_scoring_option", "scorer_from_options", "scoring_settings"]
 
 _DEFAULTS = {
     "samples": 1,
+    "max_samples": None,
     "seed": DEFAULT_SEED,
     "steps": DEFAULT_INFERENCE_STEPS,
     "batch_size": 16,
@@ -27,7 +28,11 @@ def policy_scoring_option(command: Callable) -> Callable:
         click.option("--policy", "scoring_policy", default=None,
                      help="Take the scoring settings (seed, samples, steps, prediction space, weights) from this "
                           "policy (a shipped name or a YAML file), so the numbers match what a guard measures."),
-        click.option("--samples", default=None, type=click.IntRange(1), help="Noise draws per prompt [default: 1]."),
+        click.option("--samples", default=None, type=SamplesType(),
+                     help="Noise draws per prompt, or 'adaptive' (1 to --max-samples, more only near a policy "
+                          "threshold) [default: 1]."),
+        click.option("--max-samples", default=None, type=click.IntRange(2, 64),
+                     help="Most draws a prompt gets with --samples adaptive [default: 4]."),
         click.option("--seed", default=None, type=click.IntRange(0), help="Seed of the detection noise [default: 51]."),
         click.option("--steps", default=None, type=click.IntRange(3),
                      help="Schedule length that t_hi/t_lo come from [default: 50]."),
@@ -52,7 +57,8 @@ def scoring_settings(options: dict[str, Any]) -> dict[str, Any]:
         policy = load_policy(policy_name)
         scoring = policy.scoring
         resolved.update(samples=scoring.samples, seed=scoring.noise_seed, steps=scoring.inference_steps,
-                        prediction_space=scoring.prediction_space)
+                        prediction_space=scoring.prediction_space,
+                        max_samples=scoring.max_samples if scoring.samples == "adaptive" else None)
         if scoring.batch_size:
             resolved["batch_size"] = scoring.batch_size
         if policy.profile != "auto":
@@ -61,8 +67,13 @@ def scoring_settings(options: dict[str, Any]) -> dict[str, Any]:
                 else {"name": "policy", "g_norm": policy.profile.g_norm, "g_cos": policy.profile.g_cos}
             )
     resolved.update({k: v for k, v in options.items() if k in _DEFAULTS and v is not None})
+    if resolved["samples"] != "adaptive":
+        if options.get("max_samples") is not None:
+            raise click.UsageError("--max-samples is only for --samples adaptive")
+        resolved["max_samples"] = None
     return {
         "samples": resolved["samples"],
+        "max_samples": resolved["max_samples"],
         "seed": resolved["seed"],
         "inference_steps": resolved["steps"],
         "batch_size": resolved["batch_size"],
@@ -72,4 +83,22 @@ def scoring_settings(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def scorer_from_options(pipe: Any, options: dict[str, Any]) -> Scorer:
-    return Scorer(pipe, **scoring_settings(options))
+    """A ``Scorer`` (or an ``AdaptiveScorer`` for ``--samples adaptive``) with the resolved settings."""
+    return make_scorer(pipe, **scoring_settings(options))
+
+
+class SamplesType(click.ParamType):
+    """A positive number of noise draws, or ``adaptive``."""
+
+    name = "N|adaptive"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        if isinstance(value, int) or value == "adaptive":
+            return value
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a positive integer nor 'adaptive'", param, ctx)
+        if number < 1:
+            self.fail(f"{number} is not a positive number of draws", param, ctx)
+        return number

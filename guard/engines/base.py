@@ -20,8 +20,9 @@ class ScanError(MemguardError, ValueError):
 class ScanJob:
     """One ``memguard scan``: which model scores which prompts into which file, measured how.
 
-    ``scoring`` holds ``Scorer`` keyword arguments (samples, seed, inference_steps, batch_size, profile,
-    prediction_space), identical on every engine, so scores are identical.
+    ``scoring`` holds ``make_scorer`` keyword arguments (samples, max_samples, seed, inference_steps, batch_size,
+    profile, prediction_space), identical on every engine, so scores are identical. A scan makes no decisions, so
+    adaptive sampling scores every prompt on all its draws.
     """
 
     model: str
@@ -37,7 +38,7 @@ class ScanJob:
         return int(self.scoring.get("batch_size") or 16)
 
     def scorer_settings(self) -> dict[str, Any]:
-        """Keyword arguments of ``Scorer``."""
+        """Keyword arguments of ``make_scorer``."""
         return {**self.scoring, "batch_size": self.batch_size}
 
 

@@ -14,11 +14,11 @@ def scan_local(job: ScanJob, *, loader: Callable[..., Any] = load_pipeline) -> i
     """Score the job's prompts into its JSONL file; returns how many prompts were scored in this run."""
     from tqdm import tqdm
 
-    from ..scoring import Scorer
+    from ..scoring import make_scorer
 
     prompts, done = prepare(job)
     log_event("scan_started", engine="local", prompts=len(prompts), already_done=done, out=job.out_path)
-    scorer = Scorer(loader(job.model, device=job.device, dtype=job.dtype), **job.scorer_settings())
+    scorer = make_scorer(loader(job.model, device=job.device, dtype=job.dtype), **job.scorer_settings())
     with open(job.out_path, "a" if job.resume else "w", encoding="utf-8") as out, tqdm(
         total=len(prompts), initial=done, unit="prompt", desc="scan", disable=None
     ) as progress:

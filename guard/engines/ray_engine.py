@@ -40,9 +40,9 @@ class _ScoreBatches:
     """Ray Data actor UDF: loads the pipeline once per actor, then scores ``{"index", "prompt"}`` batches."""
 
     def __init__(self, job: ScanJob, loader: Callable[..., Any]) -> None:
-        from ..scoring import Scorer
+        from ..scoring import make_scorer
 
-        self._scorer = Scorer(loader(job.model, device=job.device, dtype=job.dtype), **job.scorer_settings())
+        self._scorer = make_scorer(loader(job.model, device=job.device, dtype=job.dtype), **job.scorer_settings())
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np

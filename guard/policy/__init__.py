@@ -1,6 +1,15 @@
 """memguard policies: the YAML schema, loading, and the decision for a score."""
 
-from .decision import AppliedThreshold, Decision, check_calibration, decide, decide_on_error, match_lists
+from .decision import (
+    AppliedThreshold,
+    Decision,
+    check_calibration,
+    decide,
+    decide_on_error,
+    decision_limits,
+    match_lists,
+    rule_thresholds,
+)
 from .errors import PolicyError
 from .loader import load_policy, shipped_policies, shipped_policy_path
 from .schema import (
@@ -8,6 +17,7 @@ from .schema import (
     AuditSettings,
     Condition,
     ErrorAction,
+    ExplainSettings,
     ExplicitProfile,
     GuidanceStage,
     Policy,
@@ -29,6 +39,7 @@ __all__ = [
     "Condition",
     "Decision",
     "ErrorAction",
+    "ExplainSettings",
     "ExplicitProfile",
     "Policy",
     "PolicyError",
@@ -44,9 +55,11 @@ __all__ = [
     "check_calibration",
     "decide",
     "decide_on_error",
+    "decision_limits",
     "load_policy",
     "match_lists",
     "normalize_prompt",
+    "rule_thresholds",
     "shipped_policies",
     "shipped_policy_path",
 ]

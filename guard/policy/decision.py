@@ -8,11 +8,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from guard.calibration import CalibrationMismatch, CalibrationMissing, CalibrationProfile, Metric
-from guard.scoring import MemorizationScore
+from guard.scoring import DecisionLimits, Explanation, MemorizationScore
 
 from .schema import Action, Condition, Policy, RewriteSettings
 
-__all__ = ["AppliedThreshold", "Decision", "check_calibration", "decide", "decide_on_error", "match_lists"]
+__all__ = [
+    "AppliedThreshold",
+    "Decision",
+    "check_calibration",
+    "decide",
+    "decide_on_error",
+    "decision_limits",
+    "match_lists",
+    "rule_thresholds",
+]
 
 _OPS = {"gte": ">=", "gt": ">", "lte": "<=", "lt": "<", "above_fpr": ">"}
 
@@ -50,7 +59,9 @@ class Decision(BaseModel):
     ``default`` or ``on_error``. ``thresholds`` are the matched rule's bounds as applied.
     For ``rewrite``, ``rewrite`` holds the settings and ``rewrite_target`` the absolute target score; once the
     rewrite ran, ``mitigation`` says which rungs ran, the verification signal, threshold and verdict (also on
-    a fallback decision). Audit records, API responses and reports are all derived from it (``to_dict``).
+    a fallback decision). ``explanation`` (when the policy's ``explain`` asks for one) attributes the score to the
+    prompt's words by position and weight, never by text. Audit records, API responses and reports are all derived
+    from it (``to_dict``).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -67,6 +78,7 @@ class Decision(BaseModel):
     rewrite: RewriteSettings | None = None
     rewrite_target: float | None = None
     mitigation: dict[str, Any] | None = None
+    explanation: Explanation | None = None
     warnings: tuple[str, ...] = ()
 
     @property
@@ -80,6 +92,8 @@ class Decision(BaseModel):
         data["warnings"] = list(self.warnings)
         if self.score is not None:
             data["score"] = self.score.to_dict()
+        if self.explanation is not None:
+            data["explanation"] = self.explanation.to_dict()
         return data
 
 
@@ -197,9 +211,12 @@ def _default(
 
 
 def check_calibration(calibration: CalibrationProfile, score: MemorizationScore) -> None:
-    """Raise ``CalibrationMismatch`` unless ``calibration`` was measured the way ``score`` was."""
-    problems = calibration.mismatches(score.model_dump(include={"seed", "samples", "prediction_space", "g_norm",
-                                                                  "g_cos"}))
+    """Raise ``CalibrationMismatch`` unless ``calibration`` was measured the way ``score`` was (for an adaptive
+    score: with adaptive sampling of the same most draws)."""
+    measured = score.model_dump(include={"seed", "samples", "prediction_space", "g_norm", "g_cos", "sampling"})
+    if score.sampling == "adaptive":
+        measured["samples"] = score.max_samples
+    problems = calibration.mismatches(measured)
     if problems:
         raise CalibrationMismatch(
             f"calibration {calibration.id} was measured differently from this score ({'; '.join(problems)}); "
@@ -254,3 +271,37 @@ def _rewrite_target(
     assert calibration is not None and target.above_fpr is not None
     _note_resolution(target.above_fpr, calibration, warnings)
     return calibration.threshold_at_fpr(target.above_fpr)
+
+
+def rule_thresholds(policy: Policy, calibration: CalibrationProfile | None) -> dict[str, tuple[float, ...]]:
+    """Every threshold value the policy's rules compare each metric with (relative ones resolved with
+    ``calibration``, which relative thresholds need): the values adaptive sampling keeps its band around."""
+    found: dict[str, list[float]] = {}
+    for rule in policy.rules:
+        for metric, condition in rule.when.conditions().items():
+            if condition.is_relative and calibration is None:
+                raise CalibrationMissing(f"policy {policy.name!r} has no calibration for this model")
+            for applied in _resolve(metric, condition, calibration, []):
+                found.setdefault(metric, []).append(applied.value)
+    return {metric: tuple(sorted(set(values))) for metric, values in found.items()}
+
+
+def decision_limits(policy: Policy, calibration: CalibrationProfile) -> DecisionLimits:
+    """What an adaptive scorer needs to decide how many draws a prompt gets under ``policy``: the rules'
+    thresholds and the bands of ``calibration``'s spread at the policy's ``band_quantile``.
+
+    Raises ``CalibrationMismatch`` when the calibration was not measured with adaptive sampling (it then has no
+    spread, and its thresholds belong to another sample count).
+    """
+    if calibration.sampling != "adaptive" or calibration.spread is None:
+        raise CalibrationMismatch(
+            f"calibration {calibration.id} was measured with {calibration.samples} fixed draw(s); adaptive sampling "
+            "needs a profile made with adaptive sampling (`memguard calibrate --samples adaptive`, or calibration: "
+            "auto)"
+        )
+    quantile = policy.scoring.quantile
+    return DecisionLimits(
+        thresholds=rule_thresholds(policy, calibration),
+        bands=calibration.spread.bands(quantile),
+        source=f"calibration {calibration.id}, band quantile {quantile:g}",
+    )

@@ -31,6 +31,7 @@ __all__ = [
     "AuditSettings",
     "Condition",
     "ErrorAction",
+    "ExplainSettings",
     "ExplicitProfile",
     "Metric",
     "Policy",
@@ -246,10 +247,17 @@ ProfileSpec = Annotated[
 
 
 class ScoringSettings(_Model):
-    """How prompts are scored (docs/scoring.md); calibrations only apply to scores measured the same way."""
+    """How prompts are scored (docs/scoring.md); calibrations only apply to scores measured the same way.
+
+    ``samples: adaptive`` (docs/adaptive.md) scores each prompt on one noise draw and adds draws, up to
+    ``max_samples`` (default 4), only while its score lies within the calibrated band of a threshold the rules
+    use; ``band_quantile`` (default 0.99) is the quantile of the calibration prompts' spread the band is read at.
+    """
 
     noise_seed: int = Field(default=51, ge=0, lt=2**63)
-    samples: int = Field(default=1, ge=1, le=64)
+    samples: Annotated[int, Field(ge=1, le=64)] | Literal["adaptive"] = 1
+    max_samples: int | None = Field(default=None, ge=2, le=64)
+    band_quantile: float | None = Field(default=None, gt=0.5, le=1.0, allow_inf_nan=False)
     inference_steps: int = Field(default=50, ge=3, le=1000)
     prediction_space: Literal["auto", "eps", "native"] = Field(
         default="auto", description="auto: eps for discrete-time models, velocity for flow models"
@@ -257,6 +265,65 @@ class ScoringSettings(_Model):
     batch_size: int | None = Field(
         default=None, ge=1, description="prompts per UNet call; None: scorer default"
     )
+
+    @field_validator("samples", mode="before")
+    @classmethod
+    def _samples(cls, value: Any) -> Any:
+        if isinstance(value, bool) or (isinstance(value, str) and value != "adaptive"):
+            raise ValueError(f"samples must be a number of noise draws or 'adaptive', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _adaptive_only(self) -> ScoringSettings:
+        if self.samples != "adaptive":
+            given = [name for name in ("max_samples", "band_quantile") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{' and '.join(given)} only apply to samples: adaptive")
+        return self
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether prompts get as many draws as their decision needs (``samples: adaptive``)."""
+        return self.samples == "adaptive"
+
+    @property
+    def draws(self) -> int:
+        """The most noise draws a prompt gets: ``samples``, or ``max_samples`` (default 4) when adaptive."""
+        if isinstance(self.samples, int):
+            return self.samples
+        return self.max_samples or 4
+
+    @property
+    def quantile(self) -> float:
+        """The band quantile of adaptive sampling (default 0.99)."""
+        return self.band_quantile if self.band_quantile is not None else 0.99
+
+
+class ExplainSettings(_Model):
+    """When decisions carry an explanation of their score: which words of the prompt drive it (docs/explain.md).
+
+    ``when``: ``off``; ``on_block``, the prompts the policy blocks or rewrites (those a user asks about);
+    ``always``. ``method``: ``occlusion`` (each word deleted and the prompt re-encoded and re-scored) or
+    ``gradient`` (gradient x input on the text embeddings the denoiser sees).
+    """
+
+    when: Literal["off", "on_block", "always"] = "off"
+    method: Literal["occlusion", "gradient"] = "occlusion"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if value is False or value is None:  # YAML reads a bare `off` as false
+            return {"when": "off"}
+        if value is True:
+            return {"when": "always"}
+        if isinstance(value, str):
+            return {"when": value}
+        return value
+
+    def applies(self, action: str) -> bool:
+        """Whether a decision with ``action`` gets an explanation."""
+        return self.when == "always" or (self.when == "on_block" and action in ("block", "rewrite"))
 
 
 def normalize_prompt(prompt: str) -> str:
@@ -348,6 +415,7 @@ class Policy(_Model):
     block_mode: Literal["raise", "withhold"] = "raise"
     lists: PromptLists = PromptLists()
     audit: AuditSettings = AuditSettings()
+    explain: ExplainSettings = ExplainSettings()
 
     _source: Path | None = PrivateAttr(default=None)
 
@@ -375,6 +443,13 @@ class Policy(_Model):
         if not value.strip():
             raise ValueError("use auto, auto-strict, off, or the path of a calibration profile")
         return value
+
+    @model_validator(mode="after")
+    def _adaptive_needs_calibration(self) -> Policy:
+        if self.scoring.adaptive and self.calibration == "off":
+            raise ValueError("samples: adaptive reads its band from a calibration; use calibration: auto or a "
+                             "profile made with `memguard calibrate --samples adaptive`")
+        return self
 
     @model_validator(mode="after")
     def _unique_rule_names(self) -> Policy:

@@ -13,8 +13,10 @@ from .adapters import (
     adapter_for,
     weights_digest,
 )
+from .adaptive import DEFAULT_MAX_SAMPLES, AdaptiveScorer, DecisionLimits, make_scorer, sample_stages
 from .conditioning import TextConditioning
 from .errors import NonFiniteScoreError, ScoringError, UnsupportedPipelineError
+from .explain import Explanation, WordWeight, explain_prompt, prompt_words
 from .noise import DEFAULT_INFERENCE_STEPS, DEFAULT_SEED, detection_noise, scoring_timesteps
 from .profiles import PROFILES, ModelProfile, get_profile
 from .result import MemorizationScore
@@ -22,10 +24,14 @@ from .scorer import Measurement, Scorer, guidance_statistics, score_prompts, val
 
 __all__ = [
     "DEFAULT_INFERENCE_STEPS",
+    "DEFAULT_MAX_SAMPLES",
+    "AdaptiveScorer",
+    "DecisionLimits",
     "DEFAULT_SEED",
     "PROFILES",
     "SCORE_SPACES",
     "DiscreteDiffusionAdapter",
+    "Explanation",
     "Measurement",
     "MemorizationScore",
     "ModelAdapter",
@@ -38,10 +44,15 @@ __all__ = [
     "StableDiffusionXLAdapter",
     "TextConditioning",
     "UnsupportedPipelineError",
+    "WordWeight",
     "adapter_for",
     "detection_noise",
+    "explain_prompt",
     "get_profile",
     "guidance_statistics",
+    "make_scorer",
+    "prompt_words",
+    "sample_stages",
     "score_prompts",
     "scoring_timesteps",
     "validate_prompts",

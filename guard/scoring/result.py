@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -12,6 +12,8 @@ class MemorizationScore(BaseModel):
 
     ``score = g_norm * norm + g_cos * cos``; higher means more likely memorized. The other fields say
     exactly how it was measured, so a score is only compared with scores measured the same way.
+    ``samples`` is the number of noise draws the score averages; under ``adaptive`` sampling that is 1 to
+    ``max_samples``, as many as the decision needed (``guard.scoring.adaptive``).
     ``prompt`` is the caller's own text and is never written to an audit log or an API response.
     """
 
@@ -31,6 +33,8 @@ class MemorizationScore(BaseModel):
     prediction_space: str
     truncated: bool = False
     warnings: tuple[str, ...] = ()
+    sampling: Literal["fixed", "adaptive"] = "fixed"
+    max_samples: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The measured values and how they were measured (JSON-ready; the prompt is left out)."""

@@ -66,6 +66,9 @@ class Measurement:
     samples: int
     steps: int
     prediction_space: str
+    #: ``fixed``: every prompt is scored on ``samples`` noise draws; ``adaptive``: on 1 to ``samples`` draws,
+    #: more only where a decision could change (``guard.scoring.adaptive``).
+    sampling: str = "fixed"
 
 
 class Scorer:
@@ -73,7 +76,8 @@ class Scorer:
 
     Args:
         model: a diffusers text-to-image pipeline, or a ``ModelAdapter``.
-        samples: noise draws per prompt (1 is the reference setting; 4 is more accurate).
+        samples: noise draws per prompt (1 is the reference setting; 4 is more accurate). Draw ``k`` is row ``k``
+            of one fixed draw, so the first ``k`` draws of any sample count are the same noise.
         seed: seed of the detection noise; independent of any generator of the caller's.
         inference_steps: length of the schedule that t_hi/t_lo are taken from.
         profile: score weights; by default the model family's profile (``sd1``, ``sd2``, ``sdxl``, ...).
@@ -82,6 +86,9 @@ class Scorer:
             velocity for flow models) or ``"velocity"`` (flow models only).
         batch_size: prompts per model call (each prompt costs ``2 * samples`` rows).
     """
+
+    #: How many draws a prompt gets: all ``samples`` (``fixed``) or as many as its decision needs (``adaptive``).
+    sampling: str = "fixed"
 
     def __init__(
         self,
@@ -124,6 +131,7 @@ class Scorer:
             samples=self.samples,
             steps=self.inference_steps,
             prediction_space=self.prediction_space,
+            sampling=self.sampling,
         )
 
     def clear_cache(self) -> None:
@@ -181,15 +189,33 @@ class Scorer:
         Unconditional predictions come from the cache. Differentiable w.r.t. ``cond``: no batching or
         ``no_grad`` here, so that mitigation can back-propagate through it.
         """
+        norm, cos = self.sample_statistics(cond, 0, self.samples)
+        return norm.mean(dim=1), cos.mean(dim=1)
+
+    def sample_statistics(
+        self, cond: TextConditioning, start: int = 0, count: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-prompt, per-draw ``(norm, cos)`` (``[B, count]`` float32) on detection-noise rows
+        ``start .. start + count - 1``, in one model call.
+
+        Row ``k`` is the same draw whatever the sample count (one cached draw, sliced), so adding draws to a prompt
+        scored on the first ``k`` gives exactly what scoring it on more draws from the start gives. Differentiable
+        w.r.t. ``cond``.
+        """
+        count = self.samples - start if count is None else count
+        if start < 0 or count < 1:
+            raise ValueError(f"noise rows {start}..{start + count - 1} do not exist")
         adapter = self.adapter
         device, dtype = adapter.device, adapter.dtype
-        batch, samples = len(cond), self.samples
-        noise32, uncond_hi, uncond_lo = self._unconditional_predictions()
-        rows = batch * samples
+        batch = len(cond)
+        noise_all, uncond_hi_all, uncond_lo_all = self._unconditional_predictions(start + count)
+        noise32 = noise_all[start : start + count]
+        uncond_hi, uncond_lo = uncond_hi_all[start : start + count], uncond_lo_all[start : start + count]
+        rows = batch * count
         x32 = noise32.repeat(batch, 1, 1, 1)
         sample = x32.to(dtype)
         timesteps = torch.tensor([self.t_hi] * rows + [self.t_lo] * rows, device=device)
-        cond_rows = cond.to(device=device, dtype=dtype).repeat_each(samples)
+        cond_rows = cond.to(device=device, dtype=dtype).repeat_each(count)
         output = adapter.predict(torch.cat([sample, sample]), timesteps, TextConditioning.cat([cond_rows] * 2))
         raw_hi, raw_lo = output.float().chunk(2)
         norm, cos = guidance_statistics(
@@ -199,17 +225,20 @@ class Scorer:
             self.to_space(raw_lo, x32, self.t_lo),
         )
         norm = norm * self.norm_scale()
-        return norm.view(batch, samples).mean(dim=1), cos.view(batch, samples).mean(dim=1)
+        return norm.view(batch, count), cos.view(batch, count)
 
-    def _unconditional_predictions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _unconditional_predictions(self, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Noise and unconditional predictions for at least ``rows`` draws (default ``samples``): one cache entry
+        per model and settings serves every sample count, since draw ``k`` does not depend on how many are made."""
         adapter = self.adapter
         device, dtype = adapter.device, adapter.dtype
-        key = (adapter.cache_token(), adapter.latent_shape, self.seed, self.samples, dtype, str(device),
+        needed = max(rows or 0, self.samples)
+        key = (adapter.cache_token(), adapter.latent_shape, self.seed, dtype, str(device),
                self.t_hi, self.t_lo, self.prediction_space)
         cached = self._cache.get(key)
-        if cached is not None:
+        if cached is not None and cached[0].shape[0] >= needed:
             return cached
-        noise32 = self.detection_noise()
+        noise32 = self.detection_noise(needed)
         with torch.no_grad():
             (uncond_hi, _), (uncond_lo, _) = self.predictions(noise32, adapter.unconditional(), with_conditional=False)
         entry = (noise32, uncond_hi, uncond_lo)
@@ -218,10 +247,10 @@ class Scorer:
 
     # ------------------------------------------------------------------ public hooks (mitigation, verification)
 
-    def detection_noise(self) -> torch.Tensor:
-        """The ``samples`` draws of x_T the score is measured on, float32 on the model's device."""
+    def detection_noise(self, count: int | None = None) -> torch.Tensor:
+        """The ``samples`` (or ``count``) draws of x_T the score is measured on, float32 on the model's device."""
         return detection_noise(
-            self.adapter.latent_shape, samples=self.samples, seed=self.seed,
+            self.adapter.latent_shape, samples=count or self.samples, seed=self.seed,
             init_noise_sigma=self.adapter.init_noise_sigma, device=self.adapter.device, dtype=torch.float32,
         )
 
@@ -287,10 +316,11 @@ class Scorer:
     # ------------------------------------------------------------------ results
 
     def _result(
-        self, prompt: str | None, norm: float, cos: float, truncated: bool, strict: bool = True
+        self, prompt: str | None, norm: float, cos: float, truncated: bool, strict: bool = True,
+        samples: int | None = None, warnings: Sequence[str] = (),
     ) -> MemorizationScore:
         score = self.profile.combine(norm, cos)
-        warnings: list[str] = []
+        warnings = list(warnings)
         if not all(math.isfinite(value) for value in (norm, cos, score)):
             measured = f"norm={norm}, cos={cos} (model {self.adapter.model_class}, dtype {self.adapter.dtype})"
             if strict:
@@ -302,8 +332,9 @@ class Scorer:
             warnings.append("empty prompt: it is the unconditional prompt itself")
         return MemorizationScore(
             prompt=prompt, norm=norm, cos=cos, score=score, g_norm=self.profile.g_norm, g_cos=self.profile.g_cos,
-            profile=self.profile.name, t_hi=self.t_hi, t_lo=self.t_lo, samples=self.samples, seed=self.seed,
+            profile=self.profile.name, t_hi=self.t_hi, t_lo=self.t_lo, samples=samples or self.samples, seed=self.seed,
             prediction_space=self.prediction_space, truncated=truncated, warnings=tuple(warnings),
+            sampling=self.sampling, max_samples=self.samples if self.sampling == "adaptive" else None,
         )
 
 

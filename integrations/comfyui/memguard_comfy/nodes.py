@@ -41,6 +41,7 @@ from .adapter import (
 CATEGORY = "memguard"
 UNCOND_EMPTY = "empty prompt (reference)"
 UNCOND_NEGATIVE = "negative conditioning"
+EXPLAIN_POLICY = "policy"
 _FALLBACK_POLICIES = ("balanced", "monitor", "strict")
 
 
@@ -49,19 +50,22 @@ def policy_choices() -> list[str]:
     return ["balanced", *[name for name in names if name != "balanced"]] if "balanced" in names else names
 
 
-def resolve_policy(policy: str, policy_path: str, seed: int, samples: int) -> Policy:
-    """The shipped policy named in the dropdown, or the YAML at ``policy_path``; seed/samples overridden
-    when set (>= 0 / > 0), which changes the policy's hash in the audit record, as it should."""
+def resolve_policy(policy: str, policy_path: str, seed: int, samples: int, explain: str = EXPLAIN_POLICY) -> Policy:
+    """The shipped policy named in the dropdown, or the YAML at ``policy_path``; seed/samples/explanations
+    overridden when set (>= 0 / > 0 / not "policy"), which changes the policy's hash in the audit record, as it
+    should. A fixed ``samples`` replaces an adaptive policy's sampling (and its adaptive settings)."""
     loaded = load_policy(policy_path.strip() if policy_path and policy_path.strip() else policy)
     update: dict[str, Any] = {}
     if seed is not None and seed >= 0:
         update["noise_seed"] = int(seed)
     if samples is not None and samples > 0:
-        update["samples"] = int(samples)
-    if not update:
-        return loaded
-    scoring = loaded.scoring.model_copy(update=update)
-    return loaded.model_copy(update={"scoring": scoring})
+        update.update(samples=int(samples), max_samples=None, band_quantile=None)
+    changes: dict[str, Any] = {}
+    if update:
+        changes["scoring"] = loaded.scoring.model_copy(update=update)
+    if explain and explain != EXPLAIN_POLICY:
+        changes["explain"] = loaded.explain.model_copy(update={"when": explain})
+    return loaded.model_copy(update=changes) if changes else loaded
 
 
 def comfy_context(hidden: Any) -> dict[str, Any]:
@@ -282,7 +286,8 @@ def _report(report: GuardReport, policy: Policy, blocked: bool, texts_known: boo
     lines.extend(note for note in notes if note)
     for decision in report.decisions:
         score = decision.score
-        shown = "n/a" if score is None else f"{score.score:.4f} (norm {score.norm:.4f}, cos {score.cos:.4f})"
+        draws = f"; {score.samples} of {score.max_samples} draws" if score is not None and score.max_samples else ""
+        shown = "n/a" if score is None else f"{score.score:.4f} (norm {score.norm:.4f}, cos {score.cos:.4f}{draws})"
         lines.append(f"[{decision.prompt_index}] {decision.action}: score {shown}; {decision.reason}")
         mitigation = report.mitigations.get(decision.prompt_index)
         if mitigation is not None:
@@ -293,6 +298,18 @@ def _report(report: GuardReport, policy: Policy, blocked: bool, texts_known: boo
         lines.append(f"audit: {report.audit_error}")
     if blocked:
         lines.append("blocked: the downstream branch does not run")
+    return "\n".join(lines)
+
+
+def _explanations(report: GuardReport) -> str:
+    """The ``explanation`` output: per explained prompt, the words driving its score (the user's own prompt text,
+    shown in the user's own workflow; the audit record holds words only when the policy logs prompts plain)."""
+    lines = []
+    for decision in report.decisions:
+        if decision.explanation is not None:
+            lines.append(f"[{decision.prompt_index}] {decision.action}: {decision.explanation.describe(5)}")
+        else:
+            lines.extend(f"[{decision.prompt_index}] {w}" for w in decision.warnings if w.startswith("no explanation"))
     return "\n".join(lines)
 
 
@@ -421,7 +438,16 @@ def _common_inputs() -> list[Any]:
             tooltip="detection noise seed; -1: the policy's (independent of the sampler's seed)",
         ),
         io.Int.Input(
-            "samples", default=0, min=0, max=64, optional=True, tooltip="noise samples per prompt; 0: the policy's"
+            "samples", default=0, min=0, max=64, optional=True,
+            tooltip="noise samples per prompt; 0: the policy's (which may be adaptive: 1 to max_samples)"
+        ),
+        io.Combo.Input(
+            "explain",
+            options=[EXPLAIN_POLICY, "off", "on_block", "always"],
+            default=EXPLAIN_POLICY,
+            optional=True,
+            tooltip="which prompts get an explanation (the words driving the score, in the explanation output): "
+            "the policy's explain setting, none, blocked and rewritten ones, or all",
         ),
         io.Int.Input(
             "latent_size",
@@ -441,9 +467,12 @@ def _common_inputs() -> list[Any]:
     ]
 
 
-def _execute(cls: type[io.ComfyNode], enforce: bool, kwargs: dict[str, Any]) -> tuple[Any, GuardReport, bool, str]:
+def _execute(
+    cls: type[io.ComfyNode], enforce: bool, kwargs: dict[str, Any]
+) -> tuple[Any, GuardReport, bool, str, str]:
     policy = resolve_policy(
-        kwargs["policy"], kwargs.get("policy_path") or "", kwargs.get("seed", -1), kwargs.get("samples", 0)
+        kwargs["policy"], kwargs.get("policy_path") or "", kwargs.get("seed", -1), kwargs.get("samples", 0),
+        kwargs.get("explain") or EXPLAIN_POLICY,
     )
     hidden = cls.hidden
     texts = workflow_texts(getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None))
@@ -463,7 +492,7 @@ def _execute(cls: type[io.ComfyNode], enforce: bool, kwargs: dict[str, Any]) -> 
             texts=texts,
             enforce=enforce,
         )
-    return output, report, blocked, _report(report, policy, blocked, texts_known, notes)
+    return output, report, blocked, _report(report, policy, blocked, texts_known, notes), _explanations(report)
 
 
 class MemorizationGuard(io.ComfyNode):
@@ -484,6 +513,7 @@ class MemorizationGuard(io.ComfyNode):
                 io.Conditioning.Output(display_name="positive"),
                 io.Float.Output(display_name="score"),
                 io.String.Output(display_name="report"),
+                io.String.Output(display_name="explanation"),
             ],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             not_idempotent=True,
@@ -491,17 +521,18 @@ class MemorizationGuard(io.ComfyNode):
 
     @classmethod
     def execute(cls, **kwargs: Any) -> io.NodeOutput:
-        output, report, blocked, text = _execute(cls, True, kwargs)
+        output, report, blocked, text, explanation = _execute(cls, True, kwargs)
         top = _top(report.decisions)
         score = float(top.score.score) if top is not None else float("nan")
         if blocked:
             reasons = "; ".join(d.reason for d in report.decisions if d.blocked)
             # The values are replaced by ComfyUI's ExecutionBlocker; they are given because a NodeOutput
             # without results is dropped by v0.3.64's executor instead of blocking.
-            return io.NodeOutput(output, score, text, block_execution=f"memguard blocked this prompt: {reasons}")
+            return io.NodeOutput(output, score, text, explanation,
+                                 block_execution=f"memguard blocked this prompt: {reasons}")
         if any(d.action == "warn" for d in report.decisions):
             logging.getLogger("memguard").warning("memguard: %s", text)
-        return io.NodeOutput(output, score, text)
+        return io.NodeOutput(output, score, text, explanation)
 
 
 class MemorizationScore(io.ComfyNode):
@@ -523,6 +554,7 @@ class MemorizationScore(io.ComfyNode):
                 io.Float.Output(display_name="norm"),
                 io.Float.Output(display_name="cos"),
                 io.String.Output(display_name="report"),
+                io.String.Output(display_name="explanation"),
             ],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             not_idempotent=True,
@@ -530,12 +562,12 @@ class MemorizationScore(io.ComfyNode):
 
     @classmethod
     def execute(cls, **kwargs: Any) -> io.NodeOutput:
-        _, report, _, text = _execute(cls, False, kwargs)
+        _, report, _, text, explanation = _execute(cls, False, kwargs)
         top = _top(report.decisions)
         nan = float("nan")
         if top is None:
-            return io.NodeOutput(nan, nan, nan, text)
-        return io.NodeOutput(float(top.score.score), float(top.score.norm), float(top.score.cos), text)
+            return io.NodeOutput(nan, nan, nan, text, explanation)
+        return io.NodeOutput(float(top.score.score), float(top.score.norm), float(top.score.cos), text, explanation)
 
 
 NODES: list[type[io.ComfyNode]] = [MemorizationGuard, MemorizationScore]
