@@ -112,6 +112,9 @@ def main() -> None:
     p.add_argument("--policy", default="strict")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--mem-limit", type=int, default=None)
+    p.add_argument("--rungs-per-level", type=int, default=None,
+                   help="run the rungs alone on only the first N captions of each duplication level (cost); "
+                        "no guard and the policy always run on every caption")
     p.add_argument("--unseen", type=int, default=200, help="unseen captions for the unseen-caption level")
     p.add_argument("--unseen-rewrite", type=int, default=20, help="unseen captions rewritten anyway")
     p.add_argument("--verification", type=int, default=64, help="prompts of a verification calibration made here")
@@ -146,8 +149,11 @@ def main() -> None:
     guards = {rung: Guard(pipe, only(rung, target, args), audit_path=work / f"{rung}.jsonl") for rung in RUNGS}
     shipped = Guard(pipe, args.policy, calibration=calibration, audit_path=work / f"{args.policy}.jsonl")
     plain_seconds: list[float] = []
+    seen_per_level: dict[int, int] = defaultdict(int)
     for caption, copies, latent_index in mem:
         truth = data.train_latents[latent_index][None]
+        seen_per_level[copies] += 1
+        with_rungs = args.rungs_per_level is None or seen_per_level[copies] <= args.rungs_per_level
         for seed in range(args.seeds):
             started = time.perf_counter()
             plain = pipe(caption, generator=torch.Generator().manual_seed(seed), **call).images
@@ -155,7 +161,7 @@ def main() -> None:
             meter.take(args.steps)
             rows.append({"variant": "none", "copies": copies, "seed": seed, "caption": caption,
                          "cos": float(cosine_rows(plain, truth)[0]), "released": True, "seconds": plain_seconds[-1]})
-            for rung, guard in guards.items():
+            for rung, guard in (guards.items() if with_rungs else ()):
                 started = time.perf_counter()
                 out = guard(prompt=caption, generator=torch.Generator().manual_seed(seed), **call)
                 seconds = time.perf_counter() - started
@@ -196,6 +202,8 @@ def main() -> None:
                "released", "cost (x one generation)"]
     body = []
     for variant in ("none", *RUNGS, args.policy):
+        if not by_variant[variant]:
+            continue
         for copies in sorted({r["copies"] for r in by_variant[variant]}) + ["all"]:
             group = [r for r in by_variant[variant] if copies == "all" or r["copies"] == copies]
             released = [r for r in group if r["released"]]

@@ -88,6 +88,8 @@ def render_png(explanation: Explanation, prompt: str, path: str | Path, *, width
     x = margin
     for text, weight in pieces:
         w = int(probe.textlength(text, font=big)) + 12
+        if weight is not None:  # room for the weight printed under the word
+            w = max(w, int(probe.textlength(f"{weight:+.3f}", font=small)) + 8)
         if lines[-1] and x + w > width - margin:
             lines.append([])
             x = margin

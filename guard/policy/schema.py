@@ -255,7 +255,7 @@ class ScoringSettings(_Model):
     """
 
     noise_seed: int = Field(default=51, ge=0, lt=2**63)
-    samples: Annotated[int, Field(ge=1, le=64)] | Literal["adaptive"] = 1
+    samples: int | Literal["adaptive"] = 1
     max_samples: int | None = Field(default=None, ge=2, le=64)
     band_quantile: float | None = Field(default=None, gt=0.5, le=1.0, allow_inf_nan=False)
     inference_steps: int = Field(default=50, ge=3, le=1000)
@@ -271,6 +271,10 @@ class ScoringSettings(_Model):
     def _samples(cls, value: Any) -> Any:
         if isinstance(value, bool) or (isinstance(value, str) and value != "adaptive"):
             raise ValueError(f"samples must be a number of noise draws or 'adaptive', got {value!r}")
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"samples must be a whole number of noise draws or 'adaptive', got {value!r}")
+        if isinstance(value, (int, float)) and not 1 <= value <= 64:
+            raise ValueError(f"input should be greater than or equal to 1 and at most 64, got {value}")
         return value
 
     @model_validator(mode="after")
