@@ -162,6 +162,7 @@ class GuardCore:
         self.scorer: Scorer | None = None
         self.setup_error: Exception | None = setup_error
         settings = self.policy.scoring
+        self._calibration_override = calibration
         try:
             if setup_error is not None:
                 raise setup_error
@@ -182,7 +183,6 @@ class GuardCore:
         self.model_id = model_id or (adapter.model_id if adapter is not None else None) or self.model_class
         self._audit_path = audit_path
         self._audit: AuditLogger | None = None
-        self._calibration_override = calibration
         self._calibration: CalibrationProfile | None = None
         self._calibration_error: CalibrationError | None = None
         self._calibration_label: str | None = None
@@ -197,9 +197,24 @@ class GuardCore:
         profile = self.policy.profile
         if profile == "auto":
             return None
+        if profile == "calibration":
+            return self._calibration_weights()
         if isinstance(profile, str):
             return profile
         return {"name": "policy", "g_norm": profile.g_norm, "g_cos": profile.g_cos}
+
+    def _calibration_weights(self) -> ProfileLike | None:
+        """``profile: calibration``: the score weights of the calibration file in use (e.g. fitted by
+        ``memguard calibrate --mem``), so one file carries a model's weights and the thresholds measured with
+        them. Without a file (``calibration: auto`` or ``off``) the model family's weights, which automatic
+        calibration uses."""
+        source = self._calibration_override
+        if source is None:
+            source = self.policy.calibration_path
+        if source is None:
+            return None
+        made = source if isinstance(source, CalibrationProfile) else CalibrationProfile.load(source)
+        return {"name": made.profile, "g_norm": made.g_norm, "g_cos": made.g_cos}
 
     @property
     def audit(self) -> AuditLogger:

@@ -281,3 +281,22 @@ def test_one_version_source():
     from importlib.metadata import version
 
     assert guard.__version__ == version("memguard")
+
+
+def test_profile_calibration_takes_the_weights_the_calibration_was_made_with(sd_pipe, tmp_path):
+    """``profile: calibration``: one file carries a model's score weights (e.g. fitted by ``calibrate --mem``)
+    and the thresholds measured with them; without a file, the family's weights (what auto calibration uses)."""
+    path = calibrate(Scorer(sd_pipe, profile={"name": "fitted", "g_norm": 1.0, "g_cos": -0.5}), CAPTIONS).save(
+        tmp_path / "fitted.json")
+    rules = [{"name": "top", "when": {"score": {"above_fpr": 0.1}}, "action": "warn"}]
+    for given in ({"calibration": str(path)}, {}):  # in the policy, or passed to the Guard
+        settings = policy(profile="calibration", rules=rules, **given)
+        with Guard(sd_pipe, settings, audit_path=tmp_path / "a.jsonl", calibration=None if given else path) as g:
+            decision = g.check(CAT)
+        assert (g.scorer.profile.g_norm, g.scorer.profile.g_cos) == (1.0, -0.5)
+        assert decision.score.score == pytest.approx(decision.score.norm - 0.5 * decision.score.cos, abs=1e-6)
+        assert decision.error is None and decision.thresholds  # the calibration fits the guard's measurement
+    with pytest.raises(CalibrationMismatch):  # the same file under the family's weights does not fit
+        _ = Guard(sd_pipe, policy(rules=rules), audit_path=tmp_path / "b.jsonl", calibration=path).core.calibration
+    with Guard(sd_pipe, policy(profile="calibration"), audit_path=tmp_path / "c.jsonl") as family:
+        assert (family.scorer.profile.g_norm, family.scorer.profile.g_cos) == (1.0, 2.0)  # sd1

@@ -389,7 +389,7 @@ def test_adapter_for_dispatches_on_transformer_and_pipeline():
         adapter = adapter_for(get_pipe(case))
         assert type(adapter) is adapter_class
         assert adapter.default_profile == adapter.family
-        assert "provisional" in get_profile(adapter.default_profile).description
+        assert "calibrate before relying on it" in get_profile(adapter.default_profile).description
     from diffusers import FluxImg2ImgPipeline
 
     flux = get_pipe("flux-dev")

@@ -437,7 +437,7 @@ class Policy(_Model):
             ok = value and all(ch.isalnum() or ch in "-_." for ch in value) and value[0].isalnum()
             if not ok:
                 raise ValueError(
-                    f"not a profile name: {value!r} (use auto, a name like sd1, or {{g_norm, g_cos}})"
+                    f"not a profile name: {value!r} (use auto, calibration, a name like sd1, or {{g_norm, g_cos}})"
                 )
         return value
 

@@ -33,13 +33,18 @@ PROFILES: dict[str, ModelProfile] = {
             1.0,
             "Stable Diffusion XL; no published weights, equal weighting - calibrate before relying on it",
         ),
+        # Flow models: norm alone. On the project's rectified-flow memorizer (benchmarks/memorizer/models/
+        # flow-strong, SD3 architecture; README "Flow models") the guidance norm separates memorized from unseen
+        # captions perfectly (AUROC 1.000, n=1 and n=4) while the cosine term is *inverted* in velocity space
+        # (AUROC 0.06-0.12: memorized captions have the lower cosine), so a positive g_cos can only hurt and the
+        # fitted negative weight adds nothing held out. FLUX shares the space and the choice (no FLUX memorizer).
         *(
             ModelProfile(
                 name,
                 1.0,
-                1.0,
-                f"{model} (velocity space); provisional equal weighting: no published weights, to be replaced once "
-                "the project's flow-matching memorizer gives evidence - calibrate before relying on it",
+                0.0,
+                f"{model} (velocity space); guidance norm alone: the cosine term was inverted on the project's "
+                "flow memorizer - calibrate before relying on it",
             )
             for name, model in (("sd3", "Stable Diffusion 3 / 3.5"), ("flux", "FLUX.1 dev / schnell"))
         ),
