@@ -164,13 +164,17 @@ def make_pipeline(
 
 
 def save(pipe, out: Path, info: dict, dtype: torch.dtype = torch.float32) -> None:
-    """Save a pipeline in safetensors (weights cast to `dtype`) plus a small training record.
+    """Save a pipeline in safetensors (the denoiser's and VAE's weights cast to `dtype`) plus a training record.
 
     The cast is done on a copy, so a pipeline built around the modules being trained can be saved mid-run.
-    Weights stored in float16 load back upcast with ``from_pretrained(out, torch_dtype=torch.float32)``.
+    Text encoders stay float32 (they are small): transformers loads a model in the dtype it was saved in, and a
+    float16 text encoder beside a float32 UNet makes a plain ``from_pretrained(out)`` pipeline fail.
     """
     if dtype != torch.float32:
-        pipe = copy.deepcopy(pipe).to(dtype=dtype)
+        pipe = copy.deepcopy(pipe)
+        for name, module in pipe.components.items():
+            if isinstance(module, torch.nn.Module) and not name.startswith("text_encoder"):
+                module.to(dtype=dtype)
     pipe.save_pretrained(out, safe_serialization=True)
     (out / "memorizer_info.json").write_text(json.dumps(info, indent=1) + "\n")
 
