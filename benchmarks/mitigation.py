@@ -73,7 +73,7 @@ def model_calibration(model: Path, scorer: Scorer, data, work: Path, verificatio
     shipped = model / "calibration.json"
     if shipped.exists():
         profile = CalibrationProfile.load(shipped)
-        if profile.verification is not None:
+        if profile.verification is not None and profile.verification.unrelated is not None:
             return profile
     from click.testing import CliRunner
 
@@ -140,7 +140,8 @@ def main() -> None:
     target = calibration.threshold_at_fpr(0.5)
     print(f"calibration {calibration.id}: {calibration.n_prompts} prompts; verification on "
           f"{len(calibration.verification.nearest)} prompts, threshold at FPR 0.01 "
-          f"{calibration.verification.threshold_at_fpr(0.01):.4f} (nearest), "
+          f"{calibration.verification.threshold_at_fpr(0.01):.4f} (unrelated), "
+          f"{calibration.verification.threshold_at_fpr(0.01, 'nearest'):.4f} (nearest), "
           f"{calibration.verification.threshold_at_fpr(0.01, 'same'):.4f} (same)", flush=True)
 
     mem = list(zip(data.mem_captions, data.mem_levels, data.mem_latent_index))[: args.mem_limit]
@@ -229,7 +230,7 @@ def main() -> None:
     print("\n" + table(["signal", "copies", "escaped", "AUROC copy vs escaped"], signal_rows))
     verification = calibration.verification
     verdicts = []
-    for against in ("nearest", "same"):
+    for against in ("unrelated", "nearest", "same"):
         threshold = verification.threshold_at_fpr(0.01, against)
         passed = [r for r in rewritten if r["probe_similarity"] is not None and r["probe_similarity"] <= threshold]
         escaped = sum(r["cos"] <= copy_level for r in rewritten)

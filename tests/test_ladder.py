@@ -166,12 +166,28 @@ def test_verification_threshold_comes_from_the_calibration(sd_pipe, tmp_path):
     assert result.exit_code == 0, result.output
     verification = json.loads(profile.read_text())["verification"]
     assert len(verification["nearest"]) == len(verification["same"]) == 6
+    assert len(verification["unrelated"]) == 6 * 5  # every ordered pair of different prompts
+    assert max(verification["unrelated"]) == pytest.approx(max(verification["nearest"]), abs=1e-6)
     assert verification["steps"] == 4 and verification["probe_steps"] == 3
     policy = ladder_policy(["guidance_schedule"], verify={"above_fpr": 0.2, "probe_steps": 3})
     policy["calibration"] = str(profile)
     ladder = generate(Guard(sd_pipe, policy, audit_path=tmp_path / "a.jsonl"), CAT).memguard.mitigations[0]
-    expected = sorted(verification["nearest"])[6 - 1 - 1]  # the quantile rule at 0.2 of 6 values
+    expected = sorted(verification["unrelated"])[30 - 1 - 6]  # the quantile rule at 0.2 of 30 values
     assert ladder.threshold == pytest.approx(expected) and ladder.above_fpr == 0.2
+    nearest = ladder_policy(["guidance_schedule"], verify={"above_fpr": 0.2, "probe_steps": 3, "against": "nearest"})
+    nearest["calibration"] = str(profile)
+    ladder = generate(Guard(sd_pipe, nearest, audit_path=tmp_path / "n.jsonl"), CAT).memguard.mitigations[0]
+    assert ladder.threshold == pytest.approx(sorted(verification["nearest"])[6 - 1 - 1])
+
+    from guard.calibration import CalibrationProfile
+
+    made = CalibrationProfile.load(profile)
+    old = made.with_verification(made.verification.model_copy(update={"unrelated": None})).save(tmp_path / "o.json")
+    stale = ladder_policy(["guidance_schedule"], verify={"above_fpr": 0.2, "probe_steps": 3}, on_error="warn")
+    stale["calibration"] = str(old)
+    with pytest.warns(MemorizationWarning):
+        decision = generate(Guard(sd_pipe, stale, audit_path=tmp_path / "o.jsonl"), CAT).memguard.decisions[0]
+    assert decision.rule == "on_error" and "no 'unrelated' values" in decision.reason
     other = ladder_policy(["guidance_schedule"], verify={"above_fpr": 0.2, "probe_steps": 5}, on_error="warn")
     other["calibration"] = str(profile)
     with pytest.warns(MemorizationWarning):

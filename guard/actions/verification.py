@@ -126,13 +126,15 @@ def measure_verification(
     generator = torch.Generator("cpu").manual_seed(seed + NULL_SEED_OFFSET)
     noise = torch.randn((len(cond), *shape), generator=generator, dtype=torch.float32)
     own = generate(GenerationRequest(cond=cond, latents=noise, images_per_prompt=1, probe=True)).latents
-    same, nearest = [], []
+    same, nearest, unrelated = [], [], []
     for i in range(len(cond)):
-        others = torch.cat([probes[j] for j in range(len(cond)) if j != i])
+        pairs = [float(probe_similarity(own[i : i + 1], probes[j])[0]) for j in range(len(cond)) if j != i]
         same.append(float(probe_similarity(own[i : i + 1], probes[i])[0]))
-        nearest.append(float(probe_similarity(own[i : i + 1], others)[0]))
+        nearest.append(max(pairs))
+        unrelated.extend(round(v, 6) for v in pairs)
     return VerificationCalibration(
-        nearest=tuple(nearest), same=tuple(same), probes=settings.probes, probe_steps=settings.probe_steps,
+        nearest=tuple(nearest), same=tuple(same), unrelated=tuple(unrelated), probes=settings.probes,
+        probe_steps=settings.probe_steps,
         steps=generate.steps, guidance_scale=generate.guidance_scale, source=source,
     )
 
@@ -151,7 +153,8 @@ def auto_verification(
 
     measurement = scorer.measurement()
     call = f"{generate.steps}s-{generate.guidance_scale:g}g-{'x'.join(map(str, generate.latent_shape))}"
-    key = f"{measurement.fingerprint}-{settings.probes}x{settings.probe_steps}-{call}-{generic_captions_id()}-{prompts}"
+    probes = f"{settings.probes}x{settings.probe_steps}"
+    key = f"v2-{measurement.fingerprint}-{probes}-{call}-{generic_captions_id()}-{prompts}"
     path = calibration_cache_dir() / "verification" / f"{key}.json"
     if path.exists():
         try:

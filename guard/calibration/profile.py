@@ -65,11 +65,12 @@ def threshold_at_fpr(values: Sequence[float], fpr: float) -> float:
 class VerificationCalibration(BaseModel):
     """How close ordinary prompts' generations come to probes (``probe_similarity``), two ways.
 
-    Per ordinary prompt, its generation from one seed against: ``nearest``, the *other* prompts' probes (the
-    closest of them: how near an ordinary image comes to an unrelated image the model draws, the run-time
-    stand-in for "the nearest training image"); ``same``, its own ``probes`` (how near two samples of one
-    ordinary prompt are). A rewritten image above a high quantile of the chosen null is too close to what the
-    model draws for the original prompt to be released.
+    Per ordinary prompt, its generation from one seed against: ``unrelated``, each other prompt's probes in
+    turn (one value per pair of prompts: the same statistic as at run time, where a released image meets the
+    probes of one prompt, so its quantiles are the right null); ``nearest``, the closest of all other
+    prompts' probes (a maximum over many prompts, so looser); ``same``, its own ``probes`` (how near two
+    samples of one ordinary prompt are, loosest). A rewritten image above a high quantile of the chosen null is
+    too close to what the model draws for the original prompt to be released.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -77,19 +78,26 @@ class VerificationCalibration(BaseModel):
     signal: Literal["probe_similarity"] = "probe_similarity"
     nearest: tuple[_FiniteFloat, ...] = Field(min_length=1)
     same: tuple[_FiniteFloat, ...] = Field(min_length=1)
+    #: Absent in profiles made before memguard measured it; a policy that asks for it then says so.
+    unrelated: tuple[_FiniteFloat, ...] | None = None
     probes: int = Field(ge=1)
     probe_steps: int = Field(ge=1)
     steps: int = Field(ge=1)
     guidance_scale: _FiniteFloat
     source: str
 
-    @field_validator("nearest", "same")
+    @field_validator("nearest", "same", "unrelated")
     @classmethod
-    def _sorted(cls, values: tuple[float, ...]) -> tuple[float, ...]:
-        return tuple(sorted(values))
+    def _sorted(cls, values: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        return None if values is None else tuple(sorted(values))
 
-    def threshold_at_fpr(self, fpr: float, against: Literal["nearest", "same"] = "nearest") -> float:
-        return threshold_at_fpr(getattr(self, against), fpr)
+    def threshold_at_fpr(self, fpr: float, against: Literal["unrelated", "nearest", "same"] = "unrelated") -> float:
+        values = getattr(self, against)
+        if values is None:
+            raise CalibrationError(
+                f"this verification calibration has no {against!r} values (made by an older memguard): "
+                "remake it with `memguard calibrate --verification N`")
+        return threshold_at_fpr(values, fpr)
 
 
 class SampleSpread(BaseModel):

@@ -138,7 +138,8 @@ def calibrate(model_path, nmem_path, mem_path, out_path, device, dtype, weights,
         values = profile.verification
         click.echo(f"verification on {len(values.nearest)} prompts ({values.steps} steps, guidance "
                    f"{values.guidance_scale:g}): probe similarity at FPR 0.01 {values.threshold_at_fpr(0.01):.4f} "
-                   f"(nearest other prompt), {values.threshold_at_fpr(0.01, 'same'):.4f} (same prompt)")
+                   f"(an unrelated prompt), {values.threshold_at_fpr(0.01, 'nearest'):.4f} (nearest other prompt), "
+                   f"{values.threshold_at_fpr(0.01, 'same'):.4f} (same prompt)")
     profile.save(out_path)
     click.echo(f"calibration {profile.id}: {profile.n_prompts} prompts, weights g_norm={g_norm:g} g_cos={g_cos:g} "
                f"({chosen}) -> {out_path}")

@@ -142,12 +142,13 @@ class VerifySettings(_Model):
     ``probe_similarity``: the released latent's cosine to ``probes`` short generations of the *original*
     prompt from fixed seeds (what the model draws for it, a copy if it is memorized). It must not exceed what
     a fraction ``above_fpr`` (default 0.01) of ordinary generations reach in the verification calibration
-    (``against``: ``nearest``, the closest of other prompts' probes, as close as an ordinary image comes to an
-    unrelated one; ``same``, its own prompt's probes, looser), or an absolute ``max_similarity``.
+    (``against``: ``unrelated``, one other prompt's probes, i.e. as close as an ordinary image comes to what the
+    model draws for an unrelated prompt; ``nearest``, the closest of all other prompts' probes, looser;
+    ``same``, its own prompt's probes, loosest), or an absolute ``max_similarity``.
     """
 
     signal: Literal["probe_similarity"] = "probe_similarity"
-    against: Literal["nearest", "same"] = "nearest"
+    against: Literal["unrelated", "nearest", "same"] = "unrelated"
     above_fpr: Fpr | None = None
     max_similarity: float | None = Field(default=None, ge=-1.0, le=1.0, allow_inf_nan=False)
     probes: int = Field(default=2, ge=1, le=8)
