@@ -256,11 +256,15 @@ def test_adaptive_and_fixed_profiles_are_never_mixed(adaptive_profile, sd_pipe, 
     assert CalibrationProfile.load(path) == adaptive_profile
 
 
-def test_profiles_made_before_adaptive_sampling_keep_their_ids():
-    path = SHIPPED_MODEL / "calibration.json"
-    shipped = CalibrationProfile.load(path)
-    data = json.loads(path.read_text(encoding="utf-8"))
-    assert shipped.id == data["id"] and shipped.sampling == "fixed" and "sampling" not in data
+def test_profiles_made_before_adaptive_sampling_keep_their_ids(tmp_path):
+    """A fixed-sampling profile written before profiles had a ``sampling`` field loads with the same id."""
+    data = json.loads((SHIPPED_MODEL / "calibration.json").read_text(encoding="utf-8"))
+    assert data.get("sampling", "fixed") == "fixed"
+    data.pop("sampling", None)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(data), encoding="utf-8")
+    loaded = CalibrationProfile.load(old)
+    assert loaded.id == data["id"] and loaded.sampling == "fixed"
 
 
 def test_a_profile_says_whether_its_spread_fits(adaptive_profile):
