@@ -42,6 +42,7 @@ from .monitor import CalibrationMonitor
 from .policy import (
     Decision,
     Policy,
+    PolicyError,
     VerifySettings,
     decide,
     decide_on_error,
@@ -179,6 +180,8 @@ class GuardCore:
         except Exception as error:  # an unscorable model is an error decision on every call, not a crash
             self.setup_error = error
         adapter = self.scorer.adapter if self.scorer is not None else None
+        if adapter is not None:
+            self._check_rungs_apply(adapter)
         self.model_class = adapter.model_class if adapter is not None else type(model).__name__
         self.model_id = model_id or (adapter.model_id if adapter is not None else None) or self.model_class
         self._audit_path = audit_path
@@ -192,6 +195,18 @@ class GuardCore:
             self.audit  # noqa: B018 - open the log now so a bad path shows up at once, as a warning
         except AuditWriteError as error:
             warnings.warn(f"memguard: {error}; requests will follow on_error ({self.policy.on_error})", stacklevel=3)
+
+    def _check_rungs_apply(self, adapter: Any) -> None:
+        """A rewrite rule whose every rung cannot run on this model is a policy error, said at once."""
+        if adapter.classifier_free_guidance:
+            return
+        for index, rule in enumerate(self.policy.rules):
+            if rule.action == "rewrite" and rule.rewrite is not None and set(rule.rewrite.rungs) == {
+                    "guidance_schedule"}:
+                source = str(self.policy._source) if self.policy._source is not None else f"policy {self.policy.name}"
+                raise PolicyError(source, [(f"rules[{index}].rewrite", (
+                    f"guidance_schedule does not apply to {adapter.model_class}: it is guidance-distilled (no "
+                    "classifier-free guidance to schedule); add prompt_embedding or initial_noise to the ladder"))])
 
     def _profile_spec(self) -> ProfileLike | None:
         profile = self.policy.profile

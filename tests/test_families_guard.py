@@ -204,6 +204,16 @@ def test_verified_ladder_generates_probes_and_images_per_prompt(case, tmp_path):
     assert [r["outcome"] for r in records(log, "outcome")][high] == "rewritten"
 
 
+def test_a_guidance_only_ladder_on_guidance_distilled_flux_is_a_policy_error(tmp_path):
+    from guard.policy import PolicyError
+
+    rule = {"name": "rw", "when": {"score": {"gte": 0.0}}, "action": "rewrite",
+            "rewrite": {"method": "guidance_schedule", "target": {"score": 0.0}, "verify": {"max_similarity": 0.5}}}
+    with pytest.raises(PolicyError, match=r"rules\[0\]\.rewrite: guidance_schedule does not apply to FluxPipeline"):
+        Guard(get_pipe("flux-dev"), allow_all(rules=[rule]), audit_path=tmp_path / "a.jsonl")
+    Guard(get_pipe("sd3"), allow_all(rules=[rule]), audit_path=tmp_path / "b.jsonl").close()  # SD3 has CFG
+
+
 def own_noise_scores(pipe, prompt: str) -> list[float]:
     """The scores of ``prompt`` at the initial noise of its two images in ``generate(pipe, [CAT, DOG], ...)``."""
     scorer = Scorer(pipe)
