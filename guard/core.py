@@ -198,7 +198,7 @@ class GuardCore:
 
     def _check_rungs_apply(self, adapter: Any) -> None:
         """A rewrite rule whose every rung cannot run on this model is a policy error, said at once."""
-        if adapter.classifier_free_guidance:
+        if getattr(adapter, "classifier_free_guidance", True):  # front ends that sample elsewhere (ComfyUI)
             return
         for index, rule in enumerate(self.policy.rules):
             if rule.action == "rewrite" and rule.rewrite is not None and set(rule.rewrite.rungs) == {
