@@ -61,7 +61,6 @@ from .scoring import (
     make_scorer,
 )
 from .scoring.explain import explain_prompt
-from .scoring.profiles import ProfileLike
 from .telemetry import check_span, decide_span, rewrite_span, score_span, traced
 
 __all__ = ["GuardCore", "GuardReport", "Mode", "Submission"]
@@ -173,7 +172,7 @@ class GuardCore:
                 max_samples=settings.max_samples,
                 seed=settings.noise_seed,
                 inference_steps=settings.inference_steps,
-                profile=self._profile_spec(),
+                profile=self.policy.score_weights(calibration),
                 prediction_space=settings.prediction_space,
                 batch_size=settings.batch_size or 16,
             )
@@ -207,29 +206,6 @@ class GuardCore:
                 raise PolicyError(source, [(f"rules[{index}].rewrite", (
                     f"guidance_schedule does not apply to {adapter.model_class}: it is guidance-distilled (no "
                     "classifier-free guidance to schedule); add prompt_embedding or initial_noise to the ladder"))])
-
-    def _profile_spec(self) -> ProfileLike | None:
-        profile = self.policy.profile
-        if profile == "auto":
-            return None
-        if profile == "calibration":
-            return self._calibration_weights()
-        if isinstance(profile, str):
-            return profile
-        return {"name": "policy", "g_norm": profile.g_norm, "g_cos": profile.g_cos}
-
-    def _calibration_weights(self) -> ProfileLike | None:
-        """``profile: calibration``: the score weights of the calibration file in use (e.g. fitted by
-        ``memguard calibrate --mem``), so one file carries a model's weights and the thresholds measured with
-        them. Without a file (``calibration: auto`` or ``off``) the model family's weights, which automatic
-        calibration uses."""
-        source = self._calibration_override
-        if source is None:
-            source = self.policy.calibration_path
-        if source is None:
-            return None
-        made = source if isinstance(source, CalibrationProfile) else CalibrationProfile.load(source)
-        return {"name": made.profile, "g_norm": made.g_norm, "g_cos": made.g_cos}
 
     @property
     def audit(self) -> AuditLogger:

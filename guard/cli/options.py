@@ -61,16 +61,9 @@ def scoring_settings(options: dict[str, Any]) -> dict[str, Any]:
                         max_samples=scoring.max_samples if scoring.samples == "adaptive" else None)
         if scoring.batch_size:
             resolved["batch_size"] = scoring.batch_size
-        if policy.profile == "calibration" and policy.calibration_path is not None:
-            from ..calibration import CalibrationProfile
-
-            made = CalibrationProfile.load(policy.calibration_path)
-            resolved["profile"] = {"name": made.profile, "g_norm": made.g_norm, "g_cos": made.g_cos}
-        elif policy.profile not in ("auto", "calibration"):
-            resolved["profile"] = (
-                policy.profile if isinstance(policy.profile, str)
-                else {"name": "policy", "g_norm": policy.profile.g_norm, "g_cos": policy.profile.g_cos}
-            )
+        weights = policy.score_weights()
+        if weights is not None:
+            resolved["profile"] = weights
     resolved.update({k: v for k, v in options.items() if k in _DEFAULTS and v is not None})
     if resolved["samples"] != "adaptive":
         if options.get("max_samples") is not None:

@@ -491,6 +491,28 @@ class Policy(_Model):
             path = self._source.parent / path
         return path
 
+    def score_weights(self, calibration: Any = None) -> str | dict[str, Any] | None:
+        """The score weights this policy asks the scorer for: None for the model family's (``auto``), a profile
+        name, or ``{name, g_norm, g_cos}``. ``profile: calibration`` reads them from ``calibration`` (a
+        ``CalibrationProfile`` or its file, e.g. what ``Guard(calibration=...)`` was given), else from the
+        policy's calibration file (e.g. weights fitted by ``memguard calibrate --mem``, so one file carries a
+        model's weights and the thresholds measured with them); without either, the family's, which automatic
+        calibration uses."""
+        profile = self.profile
+        if profile == "auto":
+            return None
+        if profile == "calibration":
+            from guard.calibration import CalibrationProfile
+
+            source = calibration if calibration is not None else self.calibration_path
+            if source is None:
+                return None
+            made = source if isinstance(source, CalibrationProfile) else CalibrationProfile.load(source)
+            return {"name": made.profile, "g_norm": made.g_norm, "g_cos": made.g_cos}
+        if isinstance(profile, str):
+            return profile
+        return {"name": "policy", "g_norm": profile.g_norm, "g_cos": profile.g_cos}
+
     @property
     def content_hash(self) -> str:
         """SHA-256 of the policy's canonical JSON: same rules, same hash, wherever they came from."""
