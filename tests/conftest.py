@@ -3,7 +3,8 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# MEMGUARD_TEST_THREADS=1 when several torch processes share the machine (oversubscription costs 10x or more).
+torch.set_num_threads(int(os.environ.get("MEMGUARD_TEST_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(scope="session")
