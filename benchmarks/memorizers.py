@@ -25,8 +25,8 @@ if os.environ.get("MEMGUARD_DATA_DIR"):  # another checkout's data.py (e.g. whil
 
 from data import build  # noqa: E402
 
-from guard.actions.verification import GenerationRequest  # noqa: E402
-from guard.guard import PipelineGeneration  # noqa: E402
+from guard.actions.generation import GenerationJob  # noqa: E402
+from guard.guard import PipelineGenerator  # noqa: E402
 from guard.scoring import Scorer  # noqa: E402
 
 
@@ -68,12 +68,12 @@ class Sampler:
         for start in range(0, len(prompts), chunk):
             part, part_seeds = prompts[start : start + chunk], seeds[start : start + chunk]
             noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in part_seeds])
-            generation = PipelineGeneration(
-                self.pipe, adapter, {"num_inference_steps": self.steps, "guidance_scale": self.guidance},
-                list(range(len(part))), shape, redact=False,
+            generation = PipelineGenerator(
+                self.pipe, adapter, {"num_inference_steps": self.steps, "guidance_scale": self.guidance}, 0,
+                redact=False,
             )
-            request = GenerationRequest(cond=self.scorer.encode(part), latents=noise, images_per_prompt=1, probe=True)
-            out.append(generation(request).latents)
+            job = GenerationJob(cond=self.scorer.encode(part), latents=noise, kind="internal")
+            out.append(generation(job).latents)
         return torch.cat(out)
 
 

@@ -168,7 +168,7 @@ def main() -> None:
                 seconds = time.perf_counter() - started
                 ladder = out.memguard.mitigations[0]
                 last = ladder.rungs[-1]
-                scores = [m.score_after for m in last.mitigations]
+                scores = [m.score_after for m in last.optimisations]
                 rows.append({
                     "variant": rung, "copies": copies, "seed": seed, "caption": caption, "released": True,
                     "cos": float(cosine_rows(out.images, truth)[0]), "seconds": seconds,

@@ -57,7 +57,7 @@ MODES = ("none", "api-keys", "api-keys+signed")
 def start_server(args: argparse.Namespace, model: str, policy: Path, work: Path, mode: str) -> dict:
     """A ``memguard serve`` process in ``mode``, with its own audit log (and keys)."""
     from guard.audit import generate_keypair
-    from guard.service.auth import new_api_key
+    from guard.service.keys import new_api_key
 
     folder = work / mode
     folder.mkdir()

@@ -1,15 +1,21 @@
-"""The judging core: one path from prompts to audited decisions, shared by every front end.
+"""The guard's core: one request life cycle, judge -> act -> conclude, shared by every front end.
 
-The diffusers ``Guard``, the ComfyUI node and the HTTP service all go through ``GuardCore``:
+Every front end (the diffusers ``Guard``, the HTTP service, the ComfyUI nodes, the CLI) only translates its
+arguments into a call here, and the core's report back into its own terms:
 
-1. ``judge`` decides each prompt (prompt lists, score, calibration, rules; scoring problems become the
-   policy's ``on_error`` decisions) and writes one decision record per prompt **before returning**, so a
-   decision is on disk before anything acts on it;
-2. ``rewrite`` applies the ``rewrite`` action's mitigation to the prompts that need it;
-3. ``conclude`` writes one outcome record per prompt (generated, withheld, blocked, rewritten, dropped,
-   failed), chained to its decision record.
+1. ``judge`` decides each prompt (prompt lists, score, calibration, rules; any scoring problem is the policy's
+   ``on_error`` decision) and writes one decision record per prompt **before returning**, so a decision is on
+   disk before anything acts on it. A log that cannot take the records turns every decision into ``on_error``.
+2. ``act`` carries the decisions out with the front end's ``Generator``: a blocked call is refused; ``rewrite``
+   climbs the rule's ladder, whose every image is verified before release, and anything that goes wrong on the
+   way takes the rule's ``fallback`` (or ``on_error``), never an exception; then the release is generated.
+3. Concluding writes one outcome record per prompt (generated, withheld, blocked, rewritten, dropped, failed),
+   chained to its decision record. The only exceptions that leave the core are the generator's own failures
+   on an ordinary release (recorded as ``failed`` first) and ``MemorizationBlocked`` from
+   ``GuardReport.raise_for_block``, which front ends call where blocking means raising.
 
-A front end only supplies what is its own: how prompts arrive and how images are generated.
+Reading order for one ``guard(...)`` call: ``guard/guard.py`` (translation) -> this file -> ``guard/audit/
+recorder.py`` (the records).
 """
 
 from __future__ import annotations
@@ -22,27 +28,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
-
-from .actions import BatchPlan, plan_batch
-from .actions.ladder import LadderResult, LadderState, run_ladder
-from .actions.verification import Generate, auto_verification
-from .audit import AuditLogger, AuditWriteError, new_request_id
-from .audit.record import Outcome
-from .calibration import (
-    CalibrationError,
-    CalibrationMismatch,
-    CalibrationMissing,
-    CalibrationProfile,
-    VerificationCalibration,
-    auto_calibration,
-)
+from .actions import BatchPlan, MemorizationBlocked, plan_batch
+from .actions.generation import GenerationJob, GenerationResult, Generator
+from .actions.ladder import LadderState, run_ladder
+from .actions.verification import auto_verification
+from .audit import AuditLogger, new_request_id
+from .audit.record import Outcome, error_info
+from .audit.recorder import AuditUnavailable, RequestRecorder
+from .calibration import CalibrationError, CalibrationMismatch, CalibrationMissing, CalibrationProfile
+from .calibration.state import CalibrationInForce, Origin
 from .events import log_event
 from .monitor import CalibrationMonitor
 from .policy import (
     Decision,
     Policy,
     PolicyError,
+    RewriteResult,
     VerifySettings,
     decide,
     decide_on_error,
@@ -57,13 +58,25 @@ from .scoring import (
     Explanation,
     MemorizationScore,
     Scorer,
+    ScoringError,
     TextConditioning,
     make_scorer,
 )
 from .scoring.explain import explain_prompt
-from .telemetry import check_span, decide_span, rewrite_span, score_span, traced
+from .telemetry import (
+    SpanSubject,
+    check_span,
+    decide_span,
+    finish_check,
+    finish_decide,
+    finish_rewrite,
+    generate_span,
+    request_span,
+    rewrite_span,
+    score_span,
+)
 
-__all__ = ["GuardCore", "GuardReport", "Mode", "Submission"]
+__all__ = ["GuardCore", "GuardReport", "Mode", "Release", "Submission"]
 
 #: ``check``: a verdict only (decision records are final); ``generate``: an outcome record follows.
 Mode = Literal["check", "generate"]
@@ -73,22 +86,24 @@ Mode = Literal["check", "generate"]
 class GuardReport:
     """What the guard decided and did for one request; ``Guard.__call__`` returns it as ``.memguard``.
 
-    ``records`` holds each prompt's decision record as written (with its ``seq`` and ``hash``), the
-    link its outcome record carries. ``audit_error`` says why a record could not be written.
+    ``records`` holds each prompt's decision record as written (with its ``seq`` and ``hash``), the link its
+    outcome record carries. ``audit_error`` says why a record could not be written; ``errors`` names, per prompt,
+    what failed while acting on it (the outcome record carries it too).
     """
 
     request_id: str
     decisions: list[Decision]
-    mode: Mode = "generate"
+    mode: Mode = "check"
     generated: list[int] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
     blocked: bool = False
     withheld: bool = False
     latency_scoring_ms: float | None = None
     latency_generation_ms: float | None = None
-    mitigations: dict[int, LadderResult] = field(default_factory=dict)
+    mitigations: dict[int, RewriteResult] = field(default_factory=dict)
     outcomes: dict[int, Outcome] = field(default_factory=dict)
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
+    errors: dict[int, dict[str, str]] = field(default_factory=dict)
     audit_error: str | None = None
     context: dict[str, Any] = field(default_factory=dict)
 
@@ -99,9 +114,16 @@ class GuardReport:
     def plan(self, policy: Policy) -> BatchPlan:
         return plan_batch(policy, self.decisions)
 
+    def raise_for_block(self) -> None:
+        """Raise ``MemorizationBlocked`` if the call was blocked and not merely withheld (``block_mode``)."""
+        if self.blocked and not self.withheld:
+            raise MemorizationBlocked(self)
+
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; never holds prompt text."""
         return {
             "request_id": self.request_id,
+            "mode": self.mode,
             "decisions": [decision.to_dict() for decision in self.decisions],
             "generated": list(self.generated),
             "dropped": list(self.dropped),
@@ -112,7 +134,9 @@ class GuardReport:
             "mitigations": {i: m.to_dict() for i, m in self.mitigations.items()},
             "outcomes": dict(self.outcomes),
             "records": {i: {"seq": r.get("seq"), "hash": r.get("hash")} for i, r in self.records.items()},
+            "errors": dict(self.errors),
             "audit_error": self.audit_error,
+            "context": dict(self.context),
         }
 
 
@@ -125,6 +149,18 @@ class Submission:
     encode_options: Mapping[str, Any] = field(default_factory=dict)
     request_id: str | None = None
     context: Mapping[str, Any] = field(default_factory=dict)
+    #: Why this request cannot be scored (e.g. conditioning the model does not take): every prompt gets on_error.
+    unscorable: str | None = None
+
+
+@dataclass
+class Release:
+    """What a call released: the generator's output (None when refused, or when the front end generates
+    elsewhere) and the conditioning of every prompt of the call with rewritten rows replaced (what a front end that
+    passes conditioning on to a sampler hands on; None when the prompts were not encoded)."""
+
+    output: Any = None
+    cond: TextConditioning | None = None
 
 
 def ms_since(started: float) -> float:
@@ -132,17 +168,20 @@ def ms_since(started: float) -> float:
 
 
 class GuardCore:
-    """Scores, decides, rewrites and audits for one model under one policy.
+    """Scores, decides, acts and audits for one model under one policy.
 
     Args:
-        model: a diffusers pipeline or a ``guard.scoring.ModelAdapter``. A model the guard cannot score is
-            not an error here: every request then gets the policy's ``on_error`` decision (``setup_error``).
+        model: a diffusers pipeline or a ``guard.scoring.ModelAdapter``. A model the guard cannot score is not an
+            error here: every request then gets the policy's ``on_error`` decision (``setup_error``).
         policy: a shipped policy name, a YAML path, a mapping or a ``Policy``.
         audit_path: where records go; overrides ``$MEMGUARD_AUDIT_PATH`` and the policy.
-        calibration: a ``CalibrationProfile`` or its file, overriding the policy's ``calibration``.
+        calibration: a ``CalibrationProfile``, its file, or a mode in the policy's words (``auto``,
+            ``auto-strict``, ``off``), overriding the policy's ``calibration``.
         model_id: the model's name in audit records.
-        source: the front end's name in audit records (``python``, ``service``, ``comfyui``, ...).
+        source: the front end's name in audit records (``python``, ``service``, ``comfyui``, ``cli``).
         setup_error: why the front end could not make a model adapter (every request then gets ``on_error``).
+        lock: the lock that serializes model calls; guards sharing one pipeline must share it (the service's
+            guards for per-key policies do). Default: a lock of this core's own.
     """
 
     def __init__(
@@ -155,27 +194,18 @@ class GuardCore:
         model_id: str | None = None,
         source: str = "python",
         setup_error: Exception | None = None,
+        lock: Any = None,
     ) -> None:
         self.policy = load_policy(policy)
         self.source = source
-        self.lock = threading.RLock()
+        self.lock = lock if lock is not None else threading.RLock()
         self.scorer: Scorer | None = None
         self.setup_error: Exception | None = setup_error
-        settings = self.policy.scoring
-        self._calibration_override = calibration
         try:
             if setup_error is not None:
                 raise setup_error
-            self.scorer = make_scorer(
-                model,
-                samples=settings.samples,
-                max_samples=settings.max_samples,
-                seed=settings.noise_seed,
-                inference_steps=settings.inference_steps,
-                profile=self.policy.score_weights(calibration),
-                prediction_space=settings.prediction_space,
-                batch_size=settings.batch_size or 16,
-            )
+            weights = self.policy.score_weights(calibration)
+            self.scorer = make_scorer(model, **self.policy.scoring.scorer_kwargs(weights))
         except Exception as error:  # an unscorable model is an error decision on every call, not a crash
             self.setup_error = error
         adapter = self.scorer.adapter if self.scorer is not None else None
@@ -183,16 +213,18 @@ class GuardCore:
             self._check_rungs_apply(adapter)
         self.model_class = adapter.model_class if adapter is not None else type(model).__name__
         self.model_id = model_id or (adapter.model_id if adapter is not None else None) or self.model_class
-        self._audit_path = audit_path
-        self._audit: AuditLogger | None = None
-        self._calibration: CalibrationProfile | None = None
-        self._calibration_error: CalibrationError | None = None
-        self._calibration_label: str | None = None
-        self._verification: dict[tuple[int, int], VerificationCalibration] = {}
-        self.monitor = CalibrationMonitor(self.policy, emit=self._record_event)
+        self.recorder = RequestRecorder(self.policy, path=audit_path, model_id=self.model_id,
+                                        model_class=self.model_class, source=source)
+        self.monitor = CalibrationMonitor(self.policy, emit=self.recorder.event)
+        self.calibrations = CalibrationInForce(
+            mode=self.policy.calibration, policy_file=self.policy.calibration_path, override=calibration,
+            scorer=self.scorer, needed=self.policy.uses_relative_thresholds or self.policy.scoring.adaptive,
+            on_loaded=self._calibration_taken,
+        )
+        self.spans = SpanSubject(self.policy, str(self.model_id), source)
         try:
-            self.audit  # noqa: B018 - open the log now so a bad path shows up at once, as a warning
-        except AuditWriteError as error:
+            self.recorder.logger  # noqa: B018 - open the log now so a bad path shows up at once, as a warning
+        except Exception as error:
             warnings.warn(f"memguard: {error}; requests will follow on_error ({self.policy.on_error})", stacklevel=3)
 
     def _check_rungs_apply(self, adapter: Any) -> None:
@@ -202,25 +234,15 @@ class GuardCore:
         for index, rule in enumerate(self.policy.rules):
             if rule.action == "rewrite" and rule.rewrite is not None and set(rule.rewrite.rungs) == {
                     "guidance_schedule"}:
-                source = str(self.policy._source) if self.policy._source is not None else f"policy {self.policy.name}"
+                source = str(self.policy.source) if self.policy.source is not None else f"policy {self.policy.name}"
                 raise PolicyError(source, [(f"rules[{index}].rewrite", (
                     f"guidance_schedule does not apply to {adapter.model_class}: it is guidance-distilled (no "
                     "classifier-free guidance to schedule); add prompt_embedding or initial_noise to the ladder"))])
 
     @property
     def audit(self) -> AuditLogger:
-        """The audit logger; opened on first use, and retried on each request while it cannot be."""
-        if self._audit is None:
-            audit = AuditLogger.for_policy(
-                self.policy, path=self._audit_path, model_id=self.model_id, model_class=self.model_class
-            )
-            try:
-                audit.log_policy_loaded(self.policy, source=self.source)
-            except BaseException:
-                audit.close()
-                raise
-            self._audit = audit
-        return self._audit
+        """The audit logger (opened on first use, and retried on each request while it cannot be)."""
+        return self.recorder.logger
 
     @property
     def hashes_prompts(self) -> bool:
@@ -231,88 +253,28 @@ class GuardCore:
 
     @property
     def calibration(self) -> CalibrationProfile | None:
-        """The calibration the policy's relative thresholds use, loaded or made once and kept in memory.
-
-        Raises ``CalibrationError`` (remembered, not retried per request) when it is unusable: unreadable,
-        or measured on another model or with other scoring settings than this guard's.
-        """
-        with self.lock:
-            if self._calibration_error is not None:
-                raise self._calibration_error
-            if self._calibration is None:
-                try:
-                    self._calibration = self._load_calibration()
-                except CalibrationError as error:
-                    self._calibration_error = error
-                    raise
-                self._audit_calibration(None)
-            return self._calibration
+        """The calibration the policy's relative thresholds use (``CalibrationInForce.profile``)."""
+        return self.calibrations.profile()
 
     def use_calibration(self, calibration: CalibrationProfile | str | os.PathLike) -> CalibrationProfile | None:
         """Switch to another calibration (a profile or its file), checked against this model now and audited
         with the one it replaces; raises ``CalibrationError`` and keeps the current one if it does not fit."""
-        with self.lock:
-            previous = self._calibration.id if self._calibration is not None else None
-            kept = self._calibration_override
-            self._calibration_override = calibration
-            try:
-                profile = self._load_calibration()
-            except BaseException:
-                self._calibration_override = kept
-                raise
-            self._calibration, self._calibration_error = profile, None
-            self._audit_calibration(previous)
-            return profile
+        return self.calibrations.use(calibration)
 
-    def _audit_calibration(self, previous: str | None) -> None:
-        """A ``calibration_loaded`` record; an unwritable log is reported by the decisions that follow."""
-        profile = self._calibration
-        if profile is None:
-            return
-        label = self._calibration_label
-        origin = "file" if label else ("object" if isinstance(self._calibration_override, CalibrationProfile)
-                                       else "auto")
-        try:
-            self.audit.log_calibration_loaded(profile.id, origin=origin, path=label, previous=previous,
-                                              source=self.source)
-        except (AuditWriteError, OSError) as error:
-            log_event("audit_unwritable", level="error", error=str(error))
-
-    def _load_calibration(self) -> CalibrationProfile | None:
-        override = self._calibration_override
-        profile: CalibrationProfile | None
-        label: str | None = None
-        if isinstance(override, CalibrationProfile):
-            profile = override
-        elif override is not None:
-            profile, label = CalibrationProfile.load(override), str(override)
-        elif self.policy.calibration_path is not None:
-            label = str(self.policy.calibration_path)
-            profile = CalibrationProfile.load(self.policy.calibration_path)
-        elif self.policy.calibration in ("auto", "auto-strict") and self._needs_calibration \
-                and self.scorer is not None:
-            profile = auto_calibration(self.scorer)
-        else:
-            profile = None
-        if profile is not None and self.scorer is not None:
-            profile.check_measurement(self.scorer.measurement(), source=label)
-            automatic = override is None and self.policy.calibration_path is None
-            problem = self.monitor.start(profile, pipe=getattr(self.scorer.adapter, "pipe", None), automatic=automatic)
-            if problem is not None:
-                raise CalibrationError(problem)
-        self._calibration_label = label
-        return profile
-
-    @property
-    def _needs_calibration(self) -> bool:
-        """Relative thresholds read it; adaptive sampling reads its band from it."""
-        return self.policy.uses_relative_thresholds or self.policy.scoring.adaptive
+    def _calibration_taken(self, profile: CalibrationProfile, origin: Origin, label: str | None,
+                           previous: str | None) -> str | None:
+        """A profile is taken into use: the fit checks start on it, and a ``calibration_loaded`` record says so."""
+        problem = self.monitor.start(profile, pipe=getattr(self.scorer.adapter, "pipe", None) if self.scorer else None,
+                                     automatic=origin == "auto")
+        if problem is None:
+            self.recorder.calibration_loaded(profile.id, origin=origin, path=label, previous=previous)
+        return problem
 
     def _calibration_or_error(self) -> tuple[CalibrationProfile | None, str | None]:
         if not self.policy.uses_relative_thresholds:
             return None, None
         try:
-            calibration = self.calibration
+            calibration = self.calibrations.profile()
         except CalibrationError as error:
             return None, str(error)
         except Exception as error:
@@ -331,39 +293,50 @@ class GuardCore:
         *,
         cond: TextConditioning | None = None,
         encode_options: Mapping[str, Any] | None = None,
-        mode: Mode = "generate",
+        mode: Mode = "check",
         request_id: str | None = None,
         context: Mapping[str, Any] | None = None,
+        unscorable: str | None = None,
     ) -> tuple[GuardReport, TextConditioning | None]:
-        """Decide each prompt and write its decision record; returns the report and the conditioning
-        scored (reusable for generation). ``prompts`` entries are None where only ``cond`` is known."""
-        request = Submission(list(prompts), cond, dict(encode_options or {}), request_id, dict(context or {}))
+        """Decide each prompt and write its decision record; returns the report and the conditioning scored
+        (reusable for generation). ``prompts`` entries are None where only ``cond`` is known; ``unscorable`` says
+        why the front end knows the request cannot be scored (its prompts then get ``on_error``, audited)."""
+        request = Submission(list(prompts), cond, dict(encode_options or {}), request_id, dict(context or {}),
+                             unscorable)
         (report,), conds = self.judge_many([request], mode=mode)
         return report, conds[0]
 
-    @traced(check_span)
     def judge_many(
         self, requests: Sequence[Submission], *, mode: Mode = "check"
     ) -> tuple[list[GuardReport], list[TextConditioning | None]]:
-        """Decide many callers' prompts in one batched scoring pass, each with its own request id,
-        prompt indices and records (the service's micro-batching)."""
-        started = time.perf_counter()
-        decided = self._decide(requests)
-        scoring_ms = ms_since(started)
-        reports = []
-        for request, (decisions, _) in zip(requests, decided):
-            report = GuardReport(
-                request_id=request.request_id or new_request_id(), decisions=decisions, mode=mode,
-                latency_scoring_ms=scoring_ms, context=dict(request.context),
-            )
-            self._write_decisions(report, request.prompts)
-            self.monitor.observe(report.decisions)
-            reports.append(report)
+        """Decide many callers' prompts in one batched scoring pass, each with its own request id, prompt indices
+        and records (the service's micro-batching). Never raises for a prompt it could not judge: that prompt gets
+        the policy's ``on_error`` decision, audited like any other."""
+        prompts = sum(len(r.prompts) for r in requests)
+        with check_span(self.spans, requests=len(requests), prompts=prompts, mode=mode) as current:
+            started = time.perf_counter()
+            try:
+                decided = self._decide(requests)
+            except Exception as error:  # a bug or a failure outside scoring: still a decision, still audited
+                message = f"judging failed: {type(error).__name__}: {error}"
+                decided = [(self._all_errors(r.prompts, {}, message), r.cond) for r in requests]
+            scoring_ms = ms_since(started)
+            reports = []
+            for request, (decisions, _) in zip(requests, decided):
+                report = GuardReport(
+                    request_id=request.request_id or new_request_id(), decisions=decisions, mode=mode,
+                    latency_scoring_ms=scoring_ms, context=dict(request.context),
+                )
+                self._write_decisions(report, request.prompts)
+                self.monitor.observe(report.decisions)
+                reports.append(report)
+            finish_check(current, [r.request_id for r in reports], [d for r in reports for d in r.decisions],
+                         audited=not any(r.audit_error for r in reports))
         return reports, [cond for _, cond in decided]
 
     def _decide(self, requests: Sequence[Submission]) -> list[tuple[list[Decision], TextConditioning | None]]:
-        """Decisions (and the conditioning scored) per request; the prompts of requests that arrive as
-        text with the same encode options are encoded and scored together in batches."""
+        """Decisions (and the conditioning scored) per request; the prompts of requests that arrive as text with
+        the same encode options are encoded and scored together in batches."""
         listed: list[dict[int, Decision]] = []
         for request in requests:
             found = {}
@@ -375,11 +348,14 @@ class GuardCore:
         if self.scorer is None:
             error = f"the guard cannot score this model: {self.setup_error}"
             return [(self._all_errors(r.prompts, found, error), r.cond) for r, found in zip(requests, listed)]
+        results: dict[int, tuple[list[Decision], TextConditioning | None]] = {}
         groups: dict[str, list[int]] = {}
         for position, request in enumerate(requests):
+            if request.unscorable is not None:
+                results[position] = (self._all_errors(request.prompts, listed[position], request.unscorable), None)
+                continue
             key = "cond" + str(position) if request.cond is not None else repr(sorted(request.encode_options.items()))
             groups.setdefault(key, []).append(position)
-        results: dict[int, tuple[list[Decision], TextConditioning | None]] = {}
         for members in groups.values():
             results.update(self._decide_group([requests[i] for i in members], [listed[i] for i in members], members))
         return [results[i] for i in range(len(requests))]
@@ -397,7 +373,7 @@ class GuardCore:
         cond = requests[0].cond if len(requests) == 1 else None
         try:
             with self.lock, redacted_library_logs(self.scorer.adapter, self.hashes_prompts), \
-                    score_span(self, len(texts)):
+                    score_span(self.spans, len(texts), self.scorer.profile.name):
                 if cond is None:
                     cond = self.scorer.encode(texts, **dict(requests[0].encode_options))
                 flat = [p for request in requests for p in request.prompts]
@@ -415,8 +391,10 @@ class GuardCore:
             decisions = dict(listed[k])
             for i, prompt in enumerate(request.prompts):
                 if i not in decisions:
-                    decisions[i] = self._decide_one(prompt, by_flat[starts[k] + i], i, calibration, calibration_error)
-                    decisions[i] = self._explained(decisions[i], prompt, request.encode_options)
+                    with decide_span(self.spans, i) as current:
+                        decision = self._decide_one(prompt, by_flat[starts[k] + i], i, calibration, calibration_error)
+                        decisions[i] = self._explained(decision, prompt, request.encode_options)
+                        finish_decide(current, decisions[i])
             rows = cond.select(slice(starts[k], starts[k + 1]))
             out[position] = ([decisions[i] for i in range(len(request.prompts))], rows)
         return out
@@ -430,11 +408,22 @@ class GuardCore:
 
     def _decision_limits(self) -> DecisionLimits | None:
         try:
-            calibration = self.calibration
+            calibration = self.calibrations.profile()
             return decision_limits(self.policy, calibration) if calibration is not None else None
         except Exception as error:  # the decisions report the calibration problem; scoring just takes every draw
             log_event("adaptive_limits_unavailable", level="warning", error=f"{type(error).__name__}: {error}")
             return None
+
+    def _decide_one(
+        self, prompt: str | None, score: MemorizationScore, index: int, calibration: CalibrationProfile | None,
+        calibration_error: str | None,
+    ) -> Decision:
+        if calibration_error is not None:
+            return decide_on_error(self.policy, index, calibration_error, score=score)
+        try:
+            return decide(self.policy, score, prompt or "", calibration, prompt_index=index)
+        except CalibrationError as error:
+            return decide_on_error(self.policy, index, str(error), score=score)
 
     def _explained(self, decision: Decision, prompt: str | None, encode_options: Mapping[str, Any]) -> Decision:
         """``decision`` with the explanation the policy asks for (``explain``); an explanation that cannot be made
@@ -461,9 +450,9 @@ class GuardCore:
     ) -> Explanation:
         """Which words of ``prompt`` drive its score (``guard.scoring.explain``), by the policy's ``explain.method``
         unless ``method`` is given, on the scorer's first ``samples`` draws (default: all). Not audited: it decides
-        nothing."""
+        nothing. Raises ``ScoringError`` when the model cannot be scored."""
         if self.scorer is None:
-            raise RuntimeError(f"the guard cannot score this model: {self.setup_error}")
+            raise ScoringError(f"the guard cannot score this model: {self.setup_error}")
         with self.lock, redacted_library_logs(self.scorer.adapter, self.hashes_prompts):
             return explain_prompt(self.scorer, prompt, method=method or self.policy.explain.method, samples=samples,
                                   encode_options=encode_options)
@@ -472,112 +461,146 @@ class GuardCore:
         """Every prompt not already decided by the lists gets the ``on_error`` decision."""
         return [decided.get(i) or decide_on_error(self.policy, i, error) for i in range(len(prompts))]
 
-    @traced(decide_span)
-    def _decide_one(
-        self,
-        prompt: str | None,
-        score: MemorizationScore,
-        index: int,
-        calibration: CalibrationProfile | None,
-        calibration_error: str | None,
-    ) -> Decision:
-        if calibration_error is not None:
-            return decide_on_error(self.policy, index, calibration_error, score=score)
-        try:
-            return decide(self.policy, score, prompt or "", calibration, prompt_index=index)
-        except CalibrationError as error:
-            return decide_on_error(self.policy, index, str(error), score=score)
-
     def _write_decisions(self, report: GuardReport, prompts: Sequence[str | None]) -> None:
-        """Write-ahead: one decision record per prompt. If the log cannot be written, every prompt gets the
-        ``on_error`` decision instead (so fail-closed policies generate nothing they could not record)."""
-        outcome = "checked" if report.mode == "check" else "pending"
-        measured = self._measurement_record()
+        """Write-ahead: one decision record per prompt. If the log cannot take them, every prompt gets the
+        ``on_error`` decision instead (so a fail-closed policy generates nothing it could not record)."""
+        measurement = self.scorer.measurement() if self.scorer is not None else None
         try:
-            for decision in report.decisions:
-                report.records[decision.prompt_index] = self.audit.log_decision(
-                    decision,
-                    prompt=prompts[decision.prompt_index],
-                    outcome=outcome,
-                    request_id=report.request_id,
-                    latency_scoring_ms=report.latency_scoring_ms,
-                    source=self.source,
-                    context=report.context,
-                    measurement=measured if decision.score is not None else None,
-                )
-        except (AuditWriteError, OSError) as error:
-            message = f"audit log not writable: {error}"
+            report.records = self.recorder.decisions(
+                report.request_id, report.decisions, prompts, outcome="checked" if report.mode == "check" else
+                "pending", latency_scoring_ms=report.latency_scoring_ms, context=report.context,
+                measurement=measurement)
+        except AuditUnavailable as error:
+            message = str(error)
             report.audit_error = message
             report.decisions = [
                 decide_on_error(self.policy, d.prompt_index, message, score=d.score) for d in report.decisions
             ]
             warnings.warn(f"memguard: request {report.request_id} not audited: {message}", stacklevel=4)
-            log_event("audit_unwritable", level="error", request_id=report.request_id, error=str(error))
+            log_event("audit_unwritable", level="error", request_id=report.request_id, error=message)
 
-    def _measurement_record(self) -> dict[str, Any] | None:
-        """How this guard measures, for decision records: what ``calibrate --from-audit`` rebuilds a profile with."""
-        if self.scorer is None:
-            return None
-        measured = self.scorer.measurement()
-        return {"fingerprint": measured.fingerprint, "steps": measured.steps, "seed": measured.seed,
-                "samples": measured.samples, "sampling": measured.sampling,
-                "prediction_space": measured.prediction_space,
-                "g_norm": measured.g_norm, "g_cos": measured.g_cos}
+    # ------------------------------------------------------------------ the whole request
 
-    def _record_event(self, event: str, fields: dict[str, Any]) -> None:
-        """The monitor's findings as audit records; an unwritable log is said, never raised, here."""
-        try:
-            self.audit.log(event, source=self.source, **fields)
-        except (AuditWriteError, OSError) as error:
-            log_event("audit_unwritable", level="error", event_kind=event, error=str(error))
-
-    # ------------------------------------------------------------------ acting
-
-    @traced(rewrite_span)
-    def rewrite(
+    def generate(
         self,
-        report: GuardReport,
-        cond: TextConditioning,
-        latents: torch.Tensor | None = None,
+        prompts: Sequence[str | None],
         *,
-        generate: Generate | None = None,
+        generator: Generator | None,
+        cond: TextConditioning | None = None,
+        encode_options: Mapping[str, Any] | None = None,
         images_per_prompt: int = 1,
-        guidance_available: str | None = None,
-    ) -> LadderState:
-        """Rewrite the prompts whose decision is ``rewrite`` by their ladders (``docs/mitigation.md``).
+        request_id: str | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> tuple[GuardReport, Release]:
+        """One guarded generation, judge -> act -> conclude: returns the report and what was released."""
+        with request_span(self.spans, len(prompts)):
+            report, scored = self.judge(prompts, cond=cond, encode_options=encode_options, mode="generate",
+                                        request_id=request_id, context=context)
+            return report, self.act(report, scored, generator, images_per_prompt=images_per_prompt)
 
-        ``cond`` and ``latents`` (the call's own unpacked initial noise, ``images_per_prompt`` per prompt)
-        hold the prompts the call generates, ``report.plan(policy).generate``, in that order. ``generate``
-        runs one pipeline call for a ``GenerationRequest`` (None where the front end cannot generate: then
-        nothing can be verified). Updates ``report.decisions`` (fallbacks) and ``report.mitigations``;
-        returns the inputs to release from, with the last generation if it was made from exactly them.
+    def act(
+        self, report: GuardReport, cond: TextConditioning | None, generator: Generator | None, *,
+        images_per_prompt: int = 1,
+    ) -> Release:
+        """Carry out ``report``'s decisions (made by ``judge`` in ``generate`` mode) and write the outcome records.
+
+        ``cond`` is the conditioning ``judge`` returned (one row per prompt). ``generator`` generates for the
+        rewrite ladder, its verification and the release; None where the front end generates elsewhere (a
+        conditioning node): then prompts pass on as decided, and a rewrite that needs verification takes its
+        fallback. Returns what was released.
         """
+        plan = report.plan(self.policy)
+        if plan.blocked_whole:
+            return self._refuse(report)
+        started = time.perf_counter()
+        state: LadderState | None = None
+        if cond is not None and any(report.decisions[i].action == "rewrite" for i in plan.generate):
+            state = self._rewrite(report, cond, generator, images_per_prompt)
+            plan = report.plan(self.policy)
+            if plan.blocked_whole:
+                return self._refuse(report, latency_generation_ms=ms_since(started))
+        if generator is None:
+            self._conclude(report, plan, latency_generation_ms=ms_since(started))
+            return Release(cond=_released_conditioning(cond, state, report))
+        try:
+            with generate_span(self.spans, report.request_id, len(plan.generate)):
+                result = self._release(report, cond, state, generator, images_per_prompt)
+        except BaseException as error:
+            plan = report.plan(self.policy)
+            outcomes: dict[int, Outcome] = dict.fromkeys(plan.generate, "failed") | dict.fromkeys(plan.dropped,
+                                                                                                   "dropped")
+            for index in plan.generate:
+                report.errors.setdefault(index, error_info(error))
+            self._write_outcomes(report, outcomes, ms_since(started))
+            raise
+        if result is None:
+            return self._refuse(report, latency_generation_ms=ms_since(started))
+        self._conclude(report, report.plan(self.policy), latency_generation_ms=ms_since(started))
+        return Release(output=result.output, cond=_released_conditioning(cond, state, report))
+
+    def _rewrite(
+        self, report: GuardReport, cond: TextConditioning, generator: Generator | None, per: int
+    ) -> LadderState | None:
+        """The rewrite ladders of the call's ``rewrite`` prompts; any failure on the way is their fallback."""
         kept = list(report.plan(self.policy).generate)
         by_index = {d.prompt_index: d for d in report.decisions}
-        if self.scorer is None:
-            return LadderState(cond, latents, {}, None)
-        with self.lock:
-            decided, state = run_ladder(
-                self.scorer, self.policy, [by_index[i] for i in kept], cond, latents,
-                images_per_prompt=images_per_prompt, generate=generate,
-                threshold=lambda verify: self._verification_threshold(verify, generate),
-                seed=self.policy.scoring.noise_seed, guidance_available=guidance_available,
-                results=report.mitigations,
-            )
-        for decision in decided:
-            ladder = report.mitigations.get(decision.prompt_index)
-            if ladder is not None:
-                decision = decision.model_copy(update={"mitigation": ladder.to_dict()})
-            by_index[decision.prompt_index] = decision
-        report.decisions = [by_index[d.prompt_index] for d in report.decisions]
+        asked = [i for i in kept if by_index[i].action == "rewrite"]
+        with rewrite_span(self.spans, report.request_id, len(asked)) as current:
+            if self.scorer is None:
+                return None
+            try:
+                with self.lock:
+                    latents = None
+                    if generator is not None:
+                        noise = generator.initial_noise()
+                        latents = noise[[i * per + k for i in kept for k in range(per)]]
+                    decided, state = run_ladder(
+                        self.scorer, self.policy, [by_index[i] for i in kept], cond.select(kept), latents,
+                        images_per_prompt=per, generate=generator, prompts=kept,
+                        threshold=lambda verify: self._verification_threshold(verify, generator),
+                        seed=self.policy.scoring.noise_seed, results=report.mitigations,
+                    )
+            except Exception as error:
+                message = f"rewrite failed: {type(error).__name__}: {error}"
+                log_event("rewrite_failed", level="warning", request_id=report.request_id,
+                          error=type(error).__name__)
+                for index in asked:
+                    by_index[index] = self._fall_back(by_index[index], message)
+                    report.errors[index] = error_info(error)
+                report.decisions = [by_index[d.prompt_index] for d in report.decisions]
+                finish_rewrite(current, [report.mitigations[i] for i in asked if i in report.mitigations],
+                               report.decisions)
+                return None
+            for decision in decided:
+                result = report.mitigations.get(decision.prompt_index)
+                if result is not None and decision.mitigation is None:
+                    decision = decision.model_copy(update={"mitigation": result})
+                by_index[decision.prompt_index] = decision
+            report.decisions = [by_index[d.prompt_index] for d in report.decisions]
+            finish_rewrite(current, [report.mitigations[i] for i in sorted(report.mitigations)], report.decisions)
+        state.prompts = kept
         return state
 
-    def _verification_threshold(self, verify: VerifySettings, generate: Generate | None) -> float:
-        """The probe-similarity threshold ``verify`` asks for: absolute, or read off the verification
-        calibration (the calibration profile's own, else the cached automatic one, else measured now)."""
+    def _fall_back(self, decision: Decision, message: str) -> Decision:
+        """A rewrite that could not be carried out: the rule's fallback, else the policy's ``on_error``."""
+        settings = decision.rewrite
+        if settings is None:
+            return decide_on_error(self.policy, decision.prompt_index, message, score=decision.score)
+        return decision.model_copy(update={"action": settings.fallback,
+                                           "reason": f"{decision.reason}; {message}; fallback: {settings.fallback}"})
+
+    def _verification_threshold(self, verify: VerifySettings, generator: Generator | None) -> float:
+        """The probe-similarity threshold ``verify`` asks for: absolute, or read off the verification calibration
+        (the calibration profile's own, else measured once with ``generator`` at its call settings)."""
         if verify.max_similarity is not None:
             return verify.max_similarity
-        verification = self._verification_calibration(verify, generate)
+        measure = None
+        if generator is not None and self.scorer is not None:
+            def measure():
+                return auto_verification(self.scorer, generator, verify)
+        key = (verify.probes, verify.probe_steps, getattr(generator, "steps", None),
+               getattr(generator, "guidance_scale", None), tuple(getattr(generator, "latent_shape", ()) or ()))
+        verification = self.calibrations.verification(key, measure)
         if (verification.probes, verification.probe_steps) != (verify.probes, verify.probe_steps):
             raise CalibrationMismatch(
                 f"the verification calibration was measured with {verification.probes} probes of "
@@ -585,66 +608,130 @@ class GuardCore:
             )
         return verification.threshold_at_fpr(verify.above_fpr, verify.against)
 
-    def _verification_calibration(self, verify: VerifySettings, generate: Generate | None) -> VerificationCalibration:
-        calibration = self.calibration
-        if calibration is not None and calibration.verification is not None:
-            return calibration.verification
-        key = (verify.probes, verify.probe_steps)
-        if key in self._verification:
-            return self._verification[key]
-        if self.policy.calibration not in ("auto", "auto-strict") or self.scorer is None or generate is None:
-            where = f"calibration {calibration.id}" if calibration is not None else "this policy's calibration"
-            raise CalibrationMissing(
-                f"{where} has no verification values for rewrites: run `memguard calibrate --model DIR "
-                "--verification 64 ...` and name the profile in the policy, or use `calibration: auto`"
-            )
-        self._verification[key] = auto_verification(self.scorer, generate, verify)
-        return self._verification[key]
+    def _release(
+        self, report: GuardReport, cond: TextConditioning | None, state: LadderState | None, generator: Generator,
+        per: int,
+    ) -> GenerationResult | None:
+        """Generate what the plan releases; a rewritten image is checked again before it goes out. A failure of a
+        job that holds rewritten prompts gives them their fallback and tries once more without them; None when
+        the call ends up refused."""
+        for attempt in range(2):
+            plan = report.plan(self.policy)
+            if plan.blocked_whole:
+                return None
+            job, rewritten = self._release_job(report, plan, cond, state, per)
+            reuse = state is not None and state.last is not None and list(plan.generate) == state.prompts
+            try:
+                with self.lock, redacted_library_logs(getattr(self.scorer, "adapter", None), self.hashes_prompts):
+                    result = state.last if reuse else generator(job)
+            except Exception as error:
+                if attempt or not rewritten:
+                    raise
+                message = f"generating the rewritten image failed: {type(error).__name__}: {error}"
+                self._fall_back_after_release(report, state, rewritten, message, error)
+                continue
+            failed = state.still_verified(result, job.prompts, per) if state is not None and rewritten else []
+            if not failed:
+                return result
+            message = "a verified rewrite did not pass verification again when generated for release"
+            self._fall_back_after_release(report, state, failed, message, None)
+        return None
 
-    def conclude(
-        self,
-        report: GuardReport,
-        outcomes: Mapping[int, Outcome],
-        *,
-        latency_generation_ms: float | None = None,
-        error: BaseException | None = None,
-    ) -> None:
-        """Write one outcome record per prompt, chained to its decision record.
+    def _release_job(
+        self, report: GuardReport, plan: BatchPlan, cond: TextConditioning | None, state: LadderState | None,
+        per: int,
+    ) -> tuple[GenerationJob, list[int]]:
+        """The release job of ``plan`` and the prompts in it that carry a verified rewrite."""
+        keep = list(plan.generate)
+        if state is None:
+            rows = cond.select(keep) if cond is not None else None
+            return GenerationJob(cond=rows, latents=None, images_per_prompt=per, prompts=keep, kind="release",
+                                 keep_latents=False), []
+        positions = [state.prompts.index(i) for i in keep]
+        images = [p * per + k for p in positions for k in range(per)]
+        guidance = {new * per + k: state.guidance[p * per + k] for new, p in enumerate(positions)
+                    for k in range(per) if p * per + k in state.guidance}
+        rewritten = [i for i in keep if (r := report.mitigations.get(i)) is not None and r.verified]
+        job = GenerationJob(cond=state.cond.select(positions), latents=state.latents[images], images_per_prompt=per,
+                            prompts=keep, guidance=guidance, kind="release", keep_latents=bool(rewritten))
+        return job, rewritten
 
-        The decision was on disk before anything was done, so a log that fails now does not undo the
-        action: the report says so (``audit_error``) and a warning is raised.
-        """
+    def _fall_back_after_release(self, report: GuardReport, state: LadderState | None, prompts: Sequence[int],
+                                 message: str, error: BaseException | None) -> None:
+        """The rewritten ``prompts`` could not be released: their fallback, and their original inputs back."""
+        by_index = {d.prompt_index: d for d in report.decisions}
+        for index in prompts:
+            by_index[index] = self._fall_back(by_index[index], message)
+            report.errors[index] = error_info(error if error is not None else message)
+            if index in report.mitigations:
+                report.mitigations[index].verified = False
+                report.mitigations[index].released = None
+                report.mitigations[index].note = message
+            if state is not None:
+                state.restore(state.prompts.index(index))
+        report.decisions = [by_index[d.prompt_index] for d in report.decisions]
+
+    # ------------------------------------------------------------------ concluding
+
+    def _refuse(self, report: GuardReport, latency_generation_ms: float | None = None) -> Release:
+        """The call generates nothing: every prompt's outcome is ``withheld`` or ``blocked`` (``block_mode``)."""
+        report.blocked = True
+        report.generated = []
+        report.dropped = [d.prompt_index for d in report.decisions]
+        report.withheld = self.policy.block_mode == "withhold"
+        outcome: Outcome = "withheld" if report.withheld else "blocked"
+        self._write_outcomes(report, dict.fromkeys(report.dropped, outcome), latency_generation_ms)
+        return Release()
+
+    def _conclude(self, report: GuardReport, plan: BatchPlan, latency_generation_ms: float | None) -> None:
+        """What was generated: dropped, rewritten (released after verification) or generated, per prompt."""
+        report.generated, report.dropped = list(plan.generate), list(plan.dropped)
+        outcomes: dict[int, Outcome] = {}
+        for decision in report.decisions:
+            index = decision.prompt_index
+            rewrite = report.mitigations.get(index)
+            if index in plan.dropped:
+                outcomes[index] = "dropped"
+            elif rewrite is not None and rewrite.verified and decision.action == "rewrite":
+                outcomes[index] = "rewritten"
+            else:
+                outcomes[index] = "generated"
+        self._write_outcomes(report, outcomes, latency_generation_ms)
+
+    def _write_outcomes(self, report: GuardReport, outcomes: Mapping[int, Outcome],
+                        latency_generation_ms: float | None) -> None:
+        """One outcome record per prompt, chained to its decision record. The decision was on disk before anything
+        was done, so a log that fails now does not undo the action: the report says so and a warning is raised."""
         report.outcomes.update(outcomes)
         report.latency_generation_ms = latency_generation_ms
         try:
-            for decision in report.decisions:
-                index = decision.prompt_index
-                mitigation = report.mitigations.get(index)
-                written = report.records.get(index)
-                changed = written is not None and written.get("action") != decision.action
-                self.audit.log_outcome(
-                    request_id=report.request_id,
-                    prompt_index=index,
-                    action=decision.action,
-                    outcome=outcomes[index],
-                    decision_record=written,
-                    reason=decision.reason if changed or error is not None else None,
-                    latency_generation_ms=latency_generation_ms,
-                    error=error,
-                    source=self.source,
-                    context=report.context,
-                    extras={"mitigation": mitigation.to_dict()} if mitigation is not None else {},
-                )
-        except (AuditWriteError, OSError) as failure:
-            report.audit_error = f"outcome not audited: {failure}"
-            warnings.warn(f"memguard: request {report.request_id}: {report.audit_error}", stacklevel=3)
+            self.recorder.outcomes(report.request_id, report.decisions, outcomes, written=report.records,
+                                   rewrites=report.mitigations, latency_generation_ms=latency_generation_ms,
+                                   errors=report.errors, context=report.context)
+        except AuditUnavailable as failure:
+            report.audit_error = str(failure)
+            warnings.warn(f"memguard: request {report.request_id}: {report.audit_error}", stacklevel=4)
             log_event("audit_unwritable", level="error", request_id=report.request_id, error=str(failure))
 
     def close(self) -> None:
         """Close the audit log (reopened if the core is used again)."""
-        if self._audit is not None:
-            self._audit.close()
-            self._audit = None
+        self.recorder.close()
 
     def __repr__(self) -> str:
         return f"GuardCore({self.model_class}, policy={self.policy.name!r} v{self.policy.version})"
+
+
+def _released_conditioning(cond: TextConditioning | None, state: LadderState | None,
+                           report: GuardReport) -> TextConditioning | None:
+    """``cond`` with the rows of released rewrites replaced by their rewritten embeddings."""
+    if cond is None or state is None:
+        return cond
+    out = cond.clone()
+    for position, index in enumerate(state.prompts):
+        rewrite = report.mitigations.get(index)
+        if rewrite is None or not rewrite.met or report.decisions[index].action != "rewrite":
+            continue
+        out.embeds[index] = state.cond.embeds[position].to(out.embeds.device, out.embeds.dtype)
+        if out.pooled is not None and state.cond.pooled is not None:
+            out.pooled[index] = state.cond.pooled[position].to(out.pooled.device, out.pooled.dtype)
+    return out

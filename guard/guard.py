@@ -5,26 +5,31 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .actions import BatchPlan, MemorizationBlocked, warn_for
+from .actions import warn_for
+from .actions.generation import GenerationJob, GenerationResult
 from .actions.guidance import scheduled_guidance
-from .actions.verification import GenerationRequest, GenerationResult
 from .audit import AuditLogger
-from .audit.record import Outcome
 from .calibration import CalibrationProfile
-from .core import GuardCore, GuardReport, ms_since
-from .policy import Decision, Policy, decide_on_error
+from .compat import final_latents_arguments
+from .core import GuardCore, GuardReport
+from .policy import Decision, Policy
 from .redaction import redacted_library_logs
-from .scoring import Explanation, PipelineAdapter, Scorer, TextConditioning, validate_prompts
-from .telemetry import generate_span
+from .scoring import (
+    Explanation,
+    PipelineAdapter,
+    Scorer,
+    TextConditioning,
+    UnsupportedPipelineError,
+    validate_prompts,
+)
 
-__all__ = ["Guard", "GuardedOutput"]
+__all__ = ["Guard", "GuardedOutput", "PipelineGenerator"]
 
 #: Keywords diffusers pipelines take through ``**kwargs`` (deprecated callbacks); any other unknown one is refused.
 _PIPELINE_KWARGS = ("callback", "callback_steps")
@@ -67,8 +72,11 @@ class Guard:
         policy: a shipped policy name (``"strict"``, ``"balanced"``, ``"monitor"``), a YAML path,
             a mapping or a ``Policy``.
         audit_path: where audit records go; overrides ``$MEMGUARD_AUDIT_PATH`` and the policy.
-        calibration: a ``CalibrationProfile`` or its file, overriding the policy's ``calibration``.
+        calibration: a ``CalibrationProfile``, its file, or a mode in the policy's words (``"auto"``,
+            ``"auto-strict"``, ``"off"``), overriding the policy's ``calibration``.
         model_id: the model's name in audit records (default: the pipeline's ``name_or_path``).
+        source: the front end's name in audit records.
+        lock: serializes model calls; guards sharing one pipeline share it (default: the guard's own).
 
     Pipelines are not thread-safe, so calls through one guard are serialized; audit records from
     any number of threads and processes stay intact and chained.
@@ -83,10 +91,11 @@ class Guard:
         calibration: CalibrationProfile | str | os.PathLike | None = None,
         model_id: str | None = None,
         source: str = "python",
+        lock: Any = None,
     ) -> None:
         self.pipe = pipe
         self.core = GuardCore(
-            pipe, policy, audit_path=audit_path, calibration=calibration, model_id=model_id, source=source
+            pipe, policy, audit_path=audit_path, calibration=calibration, model_id=model_id, source=source, lock=lock
         )
         self._call_signature = inspect.signature(pipe.__call__) if callable(pipe) else None
         if self._call_signature is not None:
@@ -153,76 +162,25 @@ class Guard:
         Takes exactly the pipeline's arguments and refuses what the pipeline would refuse, before
         anything is scored. Returns a ``GuardedOutput`` (with ``return_dict=False``, the pipeline's tuple
         with the ``GuardReport`` appended). Raises ``MemorizationBlocked`` when the policy blocks, or
-        returns a ``GuardedOutput`` without images if its ``block_mode`` is ``withhold``.
+        returns a ``GuardedOutput`` without images if its ``block_mode`` is ``withhold``. The pipeline's own
+        exceptions on an ordinary generation propagate (after a ``failed`` outcome record).
         """
         arguments = self._bind(args, kwargs)
         prompts, cond = self._request_prompts(arguments)
         adapter = self._pipeline_adapter
         encode_options = adapter.encode_options(arguments) if adapter is not None else {}
-        report, cond = self.core.judge(prompts, cond=cond, encode_options=encode_options, mode="generate")
-        plan = report.plan(self.policy)
-        if plan.blocked_whole:
-            return self._refuse(report)
-        started = time.perf_counter()
-        rewriting = any(d.action == "rewrite" and d.prompt_index in plan.generate for d in report.decisions)
-        try:
-            with generate_span(self.core, report, len(plan.generate)):
-                if rewriting and cond is not None and adapter is not None:
-                    output = self._generate_with_ladder(report, arguments, cond, len(prompts))
-                    plan = report.plan(self.policy)
-                else:
-                    with self.core.lock, redacted_library_logs(self.pipe, self.core.hashes_prompts):
-                        output = self.pipe(**self._generation_arguments(arguments, plan, cond))
-        except BaseException as error:
-            self.core.conclude(report, dict.fromkeys(plan.generate, "failed") | dict.fromkeys(plan.dropped, "dropped"),
-                               latency_generation_ms=ms_since(started), error=error)
-            raise
-        if output is None:  # the rewrites' fallbacks block the call
-            return self._refuse(report)
-        report.generated, report.dropped = list(plan.generate), list(plan.dropped)
-        self.core.conclude(report, {d.prompt_index: _outcome(d, plan, report) for d in report.decisions},
-                           latency_generation_ms=ms_since(started))
-        warn_for([d for d in report.decisions if d.prompt_index in plan.generate])
+        generator = PipelineGenerator(self.pipe, adapter, arguments, len(prompts), lock=self.core.lock,
+                                      redact=self.core.hashes_prompts)
+        report, release = self.core.generate(prompts, generator=generator, cond=cond, encode_options=encode_options,
+                                             images_per_prompt=arguments.get("num_images_per_prompt") or 1)
+        report.raise_for_block()
+        output = release.output
+        if report.blocked:
+            return GuardedOutput(images=[], memguard=report)
+        warn_for([d for d in report.decisions if d.prompt_index in report.generated])
         if isinstance(output, tuple):
             return (*output, report)
         return GuardedOutput(images=getattr(output, "images", None), memguard=report, output=output)
-
-    def _generate_with_ladder(
-        self, report: GuardReport, arguments: dict[str, Any], cond: TextConditioning, batch: int
-    ) -> Any:
-        """Generate a call with rewrites: the ladder's generations, then the release. Returns the pipeline
-        output to release, or None when the rewrites' fallbacks block the call."""
-        adapter = self._pipeline_adapter
-        per = arguments.get("num_images_per_prompt") or 1
-        kept = list(report.plan(self.policy).generate)
-        with self.core.lock:
-            noise = adapter.prepare_latents(arguments, batch)
-        generation = PipelineGeneration(self.pipe, adapter, arguments, kept, noise.shape[1:], lock=self.core.lock,
-                                        redact=self.core.hashes_prompts)
-        images = [i * per + k for i in kept for k in range(per)]
-        state = self.core.rewrite(
-            report, cond.select(kept), noise[images], generate=generation, images_per_prompt=per,
-            guidance_available=generation.guidance_unavailable(),
-        )
-        plan = report.plan(self.policy)
-        if plan.blocked_whole:
-            return None
-        if state.last is not None and list(plan.generate) == kept:
-            return state.last.output
-        rows = [kept.index(i) for i in plan.generate]
-        remap = {position * per + k: state.guidance[row * per + k] for position, row in enumerate(rows)
-                 for k in range(per) if row * per + k in state.guidance}
-        result = generation(GenerationRequest(
-            cond=state.cond.select(rows), latents=state.latents[[r * per + k for r in rows for k in range(per)]],
-            images_per_prompt=per, rows=rows, guidance=remap,
-        ))
-        failed = {kept[k] for k in state.still_verified(result, rows, per)}
-        if failed:  # never seen; but a release is only made of images that were checked
-            message = "a verified rewrite did not pass verification again when generated for release"
-            report.decisions = [decide_on_error(self.policy, d.prompt_index, message, score=d.score)
-                                if d.prompt_index in failed else d for d in report.decisions]
-            return None
-        return result.output
 
     def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments by name, checked against the pipeline's own contract."""
@@ -249,42 +207,6 @@ class Guard:
         cond = TextConditioning(embeds, arguments.get("pooled_prompt_embeds"), arguments.get("prompt_attention_mask"))
         return [None] * embeds.shape[0], cond
 
-    def _generation_arguments(
-        self, arguments: dict[str, Any], plan: BatchPlan, cond: TextConditioning | None
-    ) -> dict[str, Any]:
-        generation = dict(arguments)
-        keep = list(plan.generate)
-        batch = len(plan.generate) + len(plan.dropped)
-        adapter = self._pipeline_adapter
-        if cond is not None and adapter is not None:
-            generation.update(adapter.generation_arguments(cond.select(keep)))
-        for name in ("negative_prompt", "negative_prompt_2", "negative_prompt_3"):
-            if isinstance(generation.get(name), list) and len(generation[name]) == batch:
-                generation[name] = [generation[name][i] for i in keep]
-        for name in ("negative_prompt_embeds", "negative_pooled_prompt_embeds", "negative_prompt_attention_mask"):
-            value = generation.get(name)
-            if isinstance(value, torch.Tensor) and value.shape[0] == batch:
-                generation[name] = value[keep]
-        per_prompt = generation.get("num_images_per_prompt") or 1
-        latents = generation.get("latents")
-        if isinstance(latents, torch.Tensor) and latents.shape[0] == batch * per_prompt and plan.dropped:
-            generation["latents"] = latents[[i * per_prompt + k for i in keep for k in range(per_prompt)]]
-        if adapter is not None and cond is not None and arguments.get("prompt") is not None:
-            with self.core.lock, redacted_library_logs(self.pipe, self.core.hashes_prompts):
-                generation = adapter.per_image_arguments(generation)  # SD3/FLUX: embeddings per image
-        return generation
-
-    def _refuse(self, report: GuardReport) -> GuardedOutput:
-        report.blocked = True
-        report.dropped = [d.prompt_index for d in report.decisions]
-        withhold = self.policy.block_mode == "withhold"
-        report.withheld = withhold
-        outcome: Outcome = "withheld" if withhold else "blocked"
-        self.core.conclude(report, {d.prompt_index: outcome for d in report.decisions})
-        if withhold:
-            return GuardedOutput(images=[], memguard=report)
-        raise MemorizationBlocked(report)
-
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
@@ -301,102 +223,150 @@ class Guard:
         return f"Guard({self.model_class}, policy={self.policy.name!r} v{self.policy.version})"
 
 
-class PipelineGeneration:
-    """The rewrite ladder's generations for one guarded call (``guard.actions.verification.Generate``).
+class PipelineGenerator:
+    """A diffusers pipeline as the core's ``Generator``, at the settings of one guarded call.
 
-    Each request runs the pipeline with the caller's arguments, the request's embeddings, initial noise and
-    per-row guidance schedule, and returns the output with the final latents (read as the scheduler steps
-    them, so the caller's own callbacks are untouched). Before each generation the caller's generator is
-    put back into the state it had after the call's noise was drawn, so stochastic samplers see the same
-    draws as an unguarded call; probes get a private generator and leave the caller's alone.
+    ``release`` jobs run the pipeline with the caller's arguments for the job's prompts (their negative prompts,
+    their latents), the job's embeddings, initial noise and guidance schedule: the caller's generator is put back
+    into the state the unguarded call would have it in (before the call's noise was drawn when the pipeline draws
+    it again, after it when the job brings its own), so an allowed prompt's image is bit-identical and stochastic
+    samplers see the same draws. ``internal`` jobs (probes, calibrations) keep only the call's settings (steps,
+    guidance, size, ...), use a private generator and leave the caller's callbacks, generator and output alone.
+    Final latents are read through the pipeline's step-end callback (chained after the caller's own).
+
+    Without an adapter (a model the guard cannot score), only the caller's own call can be run: a release job of
+    the caller's prompts under ``on_error: allow``.
     """
 
-    def __init__(
-        self,
-        pipe: Any,
-        adapter: PipelineAdapter,
-        arguments: dict[str, Any],
-        kept: list[int],
-        latent_shape: Any,
-        *,
-        lock: Any = None,
-        redact: bool = True,
-    ) -> None:
+    def __init__(self, pipe: Any, adapter: PipelineAdapter | None, arguments: dict[str, Any], batch: int, *,
+                 lock: Any = None, redact: bool = True) -> None:
         self.pipe = pipe
         self.adapter = adapter
         self.arguments = arguments
-        self.kept = kept
-        self.latent_shape = tuple(int(v) for v in latent_shape)
+        self.batch = batch
         self.lock = lock if lock is not None else contextlib.nullcontext()
         self.redact = redact
         defaults = inspect.signature(pipe.__call__).parameters
-        self.steps = int(arguments.get("num_inference_steps") or defaults["num_inference_steps"].default)
+        steps = defaults.get("num_inference_steps")
+        self.steps = int(arguments.get("num_inference_steps") or (steps.default if steps is not None else 50))
         scale = arguments.get("guidance_scale")
-        self.guidance_scale = float(scale if scale is not None else defaults["guidance_scale"].default)
-        self._generator_states = _generator_states(arguments.get("generator"))
+        default_scale = defaults.get("guidance_scale")
+        self.guidance_scale = float(scale if scale is not None else
+                                    (default_scale.default if default_scale is not None else 1.0))
+        self._states_before = _generator_states(arguments.get("generator"))
+        self._states_after: list[torch.Tensor] | None = None
+        self._noise: torch.Tensor | None = None
+        self._shape: tuple[int, int, int] | None = None
 
+    @property
     def guidance_unavailable(self) -> str | None:
         """Why this call's guidance cannot be scheduled (None when it can)."""
+        if self.adapter is None:
+            return "the model cannot be scored here"
         if not self.adapter.classifier_free_guidance:
             return f"{self.adapter.model_class} is guidance-distilled: its calls have no classifier-free guidance"
         if self.guidance_scale <= 1.0:
             return "the call's guidance_scale is <= 1: there is no classifier-free guidance to schedule"
         return None
 
-    def __call__(self, request: GenerationRequest) -> GenerationResult:
-        adapter, pipe = self.adapter, self.pipe
-        rows = list(request.rows) if request.rows is not None else list(range(len(request.cond)))
-        indices = [self.kept[r] for r in rows]
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """The unpacked ``(C, h, w)`` of the call's images, as the pipeline draws them at the call's size."""
+        if self._shape is None:
+            self._shape = tuple(int(v) for v in self._require_adapter().call_latent_shape(self.arguments))
+        return self._shape
+
+    def initial_noise(self) -> torch.Tensor:
+        """The call's own initial noise, drawn once by the pipeline's ``prepare_latents`` from the caller's
+        generator (or the caller's ``latents``)."""
+        if self._noise is None:
+            with self.lock:
+                self._noise = self._require_adapter().prepare_latents(self.arguments, self.batch)
+            self._states_after = _generator_states(self.arguments.get("generator"))
+        return self._noise
+
+    def _require_adapter(self) -> PipelineAdapter:
+        if self.adapter is None:
+            raise UnsupportedPipelineError(f"{type(self.pipe).__name__} cannot be scored, so it cannot be rewritten")
+        return self.adapter
+
+    def __call__(self, job: GenerationJob) -> GenerationResult:
+        if job.kind == "internal" or job.cond is not None or job.latents is not None or job.keep_latents:
+            self._require_adapter()
+        arguments = self._release_arguments(job) if job.kind == "release" else self._internal_arguments(job)
+        adapter = self.adapter
+        if job.cond is not None:
+            arguments.update(adapter.generation_arguments(job.cond))
+        arguments["num_images_per_prompt"] = job.images_per_prompt
+        if job.steps is not None:
+            arguments["num_inference_steps"] = job.steps
+        generator = arguments.get("generator")
+        if job.latents is not None:
+            arguments["latents"] = adapter.latents_argument(job.latents.to(adapter.device, adapter.embeds_dtype()))
+            if job.kind == "release":
+                _restore_generators(generator, self._states_after or self._states_before)
+        elif job.kind == "release":
+            _restore_generators(generator, self._states_before)
+        if adapter is not None and job.cond is not None:
+            with self.lock, redacted_library_logs(self.pipe, self.redact):
+                arguments = adapter.per_image_arguments(arguments)  # SD3/FLUX: embeddings per image
+        captured: dict[str, torch.Tensor] = {}
+        if job.keep_latents:
+            arguments.update(final_latents_arguments(self.pipe, arguments, captured))
+        with self.lock, redacted_library_logs(self.pipe, self.redact), scheduled_guidance(
+                adapter.denoiser if adapter is not None else None, rows=job.guidance,
+                images=job.rows * job.images_per_prompt, guidance_scale=self.guidance_scale,
+                schedule=lambda: getattr(self.pipe.scheduler, "timesteps", None)):
+            output = self.pipe(**arguments)
+        latents = None
+        if job.keep_latents:
+            latents = adapter.unpack_latents(captured["latents"], arguments).float().cpu()
+        return GenerationResult(output=output if job.kind == "release" else None, latents=latents)
+
+    def _release_arguments(self, job: GenerationJob) -> dict[str, Any]:
+        """The caller's arguments for the job's prompts (all of the call's when they are all of them)."""
         arguments = dict(self.arguments)
-        arguments.update(adapter.generation_arguments(request.cond))
-        batch = len(self.kept)
-        for name in ("negative_prompt", "negative_prompt_2", "negative_prompt_3"):
-            value = self.arguments.get(name)
-            if isinstance(value, list) and len(value) != len(indices):
-                arguments[name] = [value[i] for i in indices] if len(value) >= max(indices) + 1 else value
-        for name in ("negative_prompt_embeds", "negative_pooled_prompt_embeds", "negative_prompt_attention_mask"):
-            value = self.arguments.get(name)
-            if isinstance(value, torch.Tensor) and value.shape[0] >= batch and value.shape[0] != len(indices):
-                arguments[name] = value[indices]
-        arguments["num_images_per_prompt"] = request.images_per_prompt
-        arguments["latents"] = adapter.latents_argument(request.latents.to(adapter.device, adapter.embeds_dtype()))
-        if request.steps is not None:
-            arguments["num_inference_steps"] = request.steps
-        if request.probe:
-            arguments.update(output_type="latent", return_dict=True)
-            for name in ("callback_on_step_end", "callback", "callback_steps"):
-                arguments.pop(name, None)
-            arguments["generator"] = torch.Generator(adapter.device).manual_seed(0)
-        else:
-            _restore_generators(arguments.get("generator"), self._generator_states)
-        with self.lock, redacted_library_logs(pipe, self.redact):
-            arguments = adapter.per_image_arguments(arguments)  # SD3/FLUX: embeddings per image
-        scheduler = pipe.scheduler
-        with self.lock, redacted_library_logs(pipe, self.redact), \
-                _final_latents(scheduler) as captured, scheduled_guidance(
-                    adapter.denoiser, rows=request.guidance, images=request.latents.shape[0],
-                    guidance_scale=self.guidance_scale, schedule=lambda: getattr(scheduler, "timesteps", None)):
-            output = pipe(**arguments)
-        latents = adapter.unpack_latents(captured["latents"], arguments).float()
-        return GenerationResult(output=None if request.probe else output, latents=latents)
+        keep = list(job.prompts) if job.prompts is not None else list(range(self.batch))
+        if keep == list(range(self.batch)):
+            return arguments
+        per = self.arguments.get("num_images_per_prompt") or 1
+        for name in _PER_PROMPT_TEXT:
+            value = arguments.get(name)
+            if isinstance(value, list) and len(value) == self.batch:
+                arguments[name] = [value[i] for i in keep]
+        for name in _PER_PROMPT_TENSORS:
+            value = arguments.get(name)
+            if isinstance(value, torch.Tensor) and value.shape[0] == self.batch:
+                arguments[name] = value[keep]
+        latents = arguments.get("latents")
+        if isinstance(latents, torch.Tensor) and latents.shape[0] == self.batch * per:
+            arguments["latents"] = latents[[i * per + k for i in keep for k in range(per)]]
+        return arguments
+
+    def _internal_arguments(self, job: GenerationJob) -> dict[str, Any]:
+        """The call's settings only: the negative prompts of the caller's prompts the job names (none for other
+        rows), a private generator, no callback of the caller's, final latents without decoding."""
+        arguments = {name: value for name, value in self.arguments.items() if name not in _REQUEST_ARGUMENTS
+                     and name not in _PER_PROMPT_TEXT and name not in _PER_PROMPT_TENSORS}
+        if job.prompts is not None:
+            caller = self._release_arguments(job)
+            for name in (*_PER_PROMPT_TEXT, *_PER_PROMPT_TENSORS):
+                if name.startswith("negative_") and caller.get(name) is not None:
+                    arguments[name] = caller[name]
+        arguments.update(output_type="latent", return_dict=True,
+                         generator=torch.Generator(self._require_adapter().device).manual_seed(0))
+        return arguments
 
 
-@contextlib.contextmanager
-def _final_latents(scheduler: Any) -> Iterator[dict[str, torch.Tensor]]:
-    """Records what the scheduler's ``step`` returns; the last record is the call's final latents."""
-    captured: dict[str, torch.Tensor] = {}
-    original = scheduler.step
-
-    def step(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        captured["latents"] = out[0] if isinstance(out, tuple) else out.prev_sample
-        return out
-
-    scheduler.step = step
-    try:
-        yield captured
-    finally:
-        del scheduler.step
+#: Per-prompt arguments of a call, selected by the job's prompts.
+_PER_PROMPT_TEXT = ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3")
+_PER_PROMPT_TENSORS = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds",
+                       "negative_pooled_prompt_embeds", "negative_prompt_attention_mask")
+#: What belongs to the caller's request rather than to the call's settings.
+_REQUEST_ARGUMENTS = ("latents", "generator", "output_type", "return_dict", "callback_on_step_end",
+                      "callback_on_step_end_tensor_inputs", "callback", "callback_steps", "num_images_per_prompt",
+                      "ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image",
+                      "negative_ip_adapter_image_embeds")
 
 
 def _generator_states(generator: Any) -> list[torch.Tensor] | None:
@@ -411,12 +381,3 @@ def _restore_generators(generator: Any, states: list[torch.Tensor] | None) -> No
         return
     for g, state in zip(generator if isinstance(generator, list) else [generator], states):
         g.set_state(state)
-
-
-def _outcome(decision: Decision, plan: BatchPlan, report: GuardReport) -> Outcome:
-    if decision.prompt_index in plan.dropped:
-        return "dropped"
-    mitigation = report.mitigations.get(decision.prompt_index)
-    if mitigation is not None and mitigation.verified and decision.action == "rewrite":
-        return "rewritten"
-    return "generated"

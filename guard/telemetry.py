@@ -2,6 +2,7 @@
 
 Without an SDK configured by the application every span is a no-op (the API's default). Spans:
 
+* ``memguard.request``: one guarded generation call, from judging to its outcome records, parent of the rest;
 * ``memguard.check``: one judging pass (``GuardCore.judge_many``), with the policy, model, mode, and per
   prompt the action and rule (arrays in prompt order, requests concatenated);
 * ``memguard.score``: encoding and scoring the prompts of one batch;
@@ -18,27 +19,54 @@ Exceptions are recorded by type only (``error.type``), since a message may quote
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
 from ._version import __version__
+from .policy import Decision, Policy, RewriteResult
 
-if TYPE_CHECKING:
-    from .core import GuardCore, GuardReport, Mode, Submission
-    from .policy import Decision
+__all__ = ["SpanSubject", "configure_from_environment", "model_name", "span"]
 
-__all__ = ["configure_from_environment", "span", "traced"]
-
-F = TypeVar("F", bound=Callable[..., Any])
-Finish = Callable[[Any], None]
 _tracer = trace.get_tracer("memguard", __version__)
 _EVALUATION = "memguard.memorization"
+
+
+def model_name(model_id: str) -> str:
+    """The model's name for spans: a hub id as is, a local path by its last component (a path says where files lie
+    on one machine, and makes every machine's span names differ)."""
+    text = str(model_id)
+    if os.path.isabs(text) or text.startswith((".", "~")) or os.path.exists(text):
+        return Path(text).expanduser().name or text
+    return text
+
+
+@dataclass(frozen=True)
+class SpanSubject:
+    """What every span of one guard names: its policy, its model and its front end."""
+
+    policy: Policy
+    model_id: str
+    source: str
+
+    @property
+    def model(self) -> str:
+        return model_name(self.model_id)
+
+    def attributes(self) -> dict[str, Any]:
+        return {
+            "memguard.policy.name": self.policy.name,
+            "memguard.policy.version": self.policy.version,
+            "memguard.policy.hash": self.policy.content_hash,
+            "gen_ai.request.model": self.model,
+            "memguard.source": self.source,
+        }
 
 
 @contextmanager
@@ -56,121 +84,85 @@ def span(name: str, attributes: Mapping[str, Any] | None = None) -> Iterator[Spa
             raise
 
 
-def traced(make: Callable[..., Any]) -> Callable[[F], F]:
-    """Runs the decorated function inside the span context manager ``make(*args, **kwargs)`` opens; the
-    callback it yields is given the function's result (for result attributes)."""
-
-    def decorate(fn: F) -> F:
-        @functools.wraps(fn)
-        def inner(*args: Any, **kwargs: Any) -> Any:
-            with make(*args, **kwargs) as finish:
-                result = fn(*args, **kwargs)
-                finish(result)
-                return result
-
-        return inner  # type: ignore[return-value]
-
-    return decorate
+def request_span(subject: SpanSubject, prompts: int) -> Any:
+    """``memguard.request``: one guarded generation call, judging to outcome; the other spans are its children."""
+    return span("memguard.request", {**subject.attributes(), "memguard.prompts": prompts})
 
 
-def _policy_attributes(core: GuardCore) -> dict[str, Any]:
-    return {
-        "memguard.policy.name": core.policy.name,
-        "memguard.policy.version": core.policy.version,
-        "memguard.policy.hash": core.policy.content_hash,
-        "gen_ai.request.model": str(core.model_id),
-        "memguard.source": core.source,
-    }
+def check_span(subject: SpanSubject, *, requests: int, prompts: int, mode: str) -> Any:
+    """``memguard.check``: one judging pass over ``requests`` requests (``GuardCore.judge_many``)."""
+    return span("memguard.check", {**subject.attributes(), "memguard.mode": mode, "memguard.requests": requests,
+                                   "memguard.prompts": prompts})
 
 
-@contextmanager
-def check_span(core: GuardCore, requests: Sequence[Submission], *, mode: Mode = "check") -> Iterator[Finish]:
-    """``memguard.check`` around ``GuardCore.judge_many``."""
-    attributes = {**_policy_attributes(core), "memguard.mode": mode, "memguard.requests": len(requests),
-                  "memguard.prompts": sum(len(r.prompts) for r in requests)}
-    with span("memguard.check", attributes) as current:
-
-        def finish(result: tuple[list[GuardReport], Any]) -> None:
-            if not current.is_recording():
-                return
-            reports = result[0]
-            decisions = [d for report in reports for d in report.decisions]
-            current.set_attribute("memguard.request_ids", [r.request_id for r in reports])
-            current.set_attribute("memguard.actions", [d.action for d in decisions])
-            current.set_attribute("memguard.rules", [d.rule for d in decisions])
-            current.set_attribute("memguard.blocked", sum(d.action == "block" for d in decisions))
-            if any(r.audit_error for r in reports):
-                current.set_attribute("memguard.audit_error", True)
-
-        yield finish
-
-
-def score_span(core: GuardCore, n_prompts: int) -> Any:
-    """``memguard.score`` around encoding and scoring one batch."""
-    profile = core.scorer.profile.name if core.scorer is not None else None
-    return span("memguard.score", {**_policy_attributes(core), "memguard.prompts": n_prompts,
-                                   "memguard.profile": profile})
-
-
-@contextmanager
-def decide_span(core: GuardCore, prompt: str | None, score: Any, index: int, *_: Any, **__: Any) -> Iterator[Finish]:
-    """``memguard.decide`` around one prompt's decision (the prompt argument is not looked at)."""
-    with span("memguard.decide", {"memguard.policy.name": core.policy.name, "memguard.prompt_index": index,
-                                  "gen_ai.evaluation.name": _EVALUATION}) as current:
-
-        def finish(decision: Decision) -> None:
-            if not current.is_recording():
-                return
-            current.set_attribute("memguard.action", decision.action)
-            current.set_attribute("memguard.rule", decision.rule)
-            current.set_attribute("gen_ai.evaluation.score.label", decision.action)
-            if decision.calibration_id:
-                current.set_attribute("memguard.calibration", decision.calibration_id)
-            measured = decision.score
-            if measured is not None:
-                for name in ("score", "norm", "cos"):
-                    current.set_attribute(f"memguard.{name}", float(getattr(measured, name)))
-                current.set_attribute("gen_ai.evaluation.score.value", float(measured.score))
-            if decision.error:
-                current.set_attribute("memguard.error", True)
-
-        yield finish
-
-
-@contextmanager
-def rewrite_span(core: GuardCore, report: GuardReport, *_: Any, **__: Any) -> Iterator[Finish]:
-    """``memguard.rewrite`` around ``GuardCore.rewrite``, when a prompt is to be rewritten."""
-    asked = [d.prompt_index for d in report.decisions if d.action == "rewrite"]
-    if not asked:
-        yield lambda _: None
+def finish_check(current: Span, request_ids: Sequence[str], decisions: Sequence[Decision], audited: bool) -> None:
+    """The check span's results: request ids, and per prompt the action and rule (requests concatenated)."""
+    if not current.is_recording():
         return
-    with span("memguard.rewrite", {**_policy_attributes(core), "memguard.request_id": report.request_id,
-                                   "memguard.rewrites": len(asked)}) as current:
-
-        def finish(_: Any) -> None:
-            if not current.is_recording() or not report.mitigations:
-                return
-            done = [report.mitigations[i] for i in sorted(report.mitigations)]
-            current.set_attribute("memguard.rewrite.methods", [m.method or "none" for m in done])
-            current.set_attribute("memguard.rewrite.met", [bool(m.met) for m in done])
-            current.set_attribute("memguard.rewrite.verified", [bool(m.verified) for m in done])
-            current.set_attribute("memguard.rewrite.steps", [int(m.steps) for m in done])
-            current.set_attribute("memguard.actions", [d.action for d in report.decisions])
-
-        yield finish
+    current.set_attribute("memguard.request_ids", list(request_ids))
+    current.set_attribute("memguard.actions", [d.action for d in decisions])
+    current.set_attribute("memguard.rules", [d.rule for d in decisions])
+    current.set_attribute("memguard.blocked", sum(d.action == "block" for d in decisions))
+    if not audited:
+        current.set_attribute("memguard.audit_error", True)
 
 
-def generate_span(core: GuardCore, report: GuardReport, n_prompts: int) -> Any:
-    """The guarded pipeline call, named and described as a GenAI inference span."""
-    model = str(core.model_id)
+def score_span(subject: SpanSubject, prompts: int, profile: str | None) -> Any:
+    """``memguard.score``: encoding and scoring one batch."""
+    return span("memguard.score", {**subject.attributes(), "memguard.prompts": prompts, "memguard.profile": profile})
+
+
+def decide_span(subject: SpanSubject, index: int) -> Any:
+    """``memguard.decide``: one prompt's decision (finished by ``finish_decide``)."""
+    return span("memguard.decide", {"memguard.policy.name": subject.policy.name, "memguard.prompt_index": index,
+                                    "gen_ai.evaluation.name": _EVALUATION})
+
+
+def finish_decide(current: Span, decision: Decision) -> None:
+    """The GenAI evaluation attributes of one decision: action (label), score (value), rule, calibration."""
+    if not current.is_recording():
+        return
+    current.set_attribute("memguard.action", decision.action)
+    current.set_attribute("memguard.rule", decision.rule)
+    current.set_attribute("gen_ai.evaluation.score.label", decision.action)
+    if decision.calibration_id:
+        current.set_attribute("memguard.calibration", decision.calibration_id)
+    measured = decision.score
+    if measured is not None:
+        for name in ("score", "norm", "cos"):
+            current.set_attribute(f"memguard.{name}", float(getattr(measured, name)))
+        current.set_attribute("gen_ai.evaluation.score.value", float(measured.score))
+    if decision.error:
+        current.set_attribute("memguard.error", True)
+
+
+def rewrite_span(subject: SpanSubject, request_id: str, rewrites: int) -> Any:
+    """``memguard.rewrite``: the ladders of the prompts a call rewrites (finished by ``finish_rewrite``)."""
+    return span("memguard.rewrite", {**subject.attributes(), "memguard.request_id": request_id,
+                                     "memguard.rewrites": rewrites})
+
+
+def finish_rewrite(current: Span, results: Sequence[RewriteResult], decisions: Sequence[Decision]) -> None:
+    if not current.is_recording() or not results:
+        return
+    current.set_attribute("memguard.rewrite.methods", [r.method or "none" for r in results])
+    current.set_attribute("memguard.rewrite.met", [bool(r.met) for r in results])
+    current.set_attribute("memguard.rewrite.verified", [bool(r.verified) for r in results])
+    current.set_attribute("memguard.rewrite.steps", [int(r.steps) for r in results])
+    current.set_attribute("memguard.actions", [d.action for d in decisions])
+
+
+def generate_span(subject: SpanSubject, request_id: str, prompts: int) -> Any:
+    """The release generation, named and described as a GenAI inference span (``generate_content {model}``)."""
+    model = subject.model
     return span(f"generate_content {model}", {
         "gen_ai.operation.name": "generate_content",
-        "gen_ai.provider.name": "diffusers",
+        "gen_ai.provider.name": "diffusers" if subject.source != "comfyui" else "comfyui",
         "gen_ai.request.model": model,
         "gen_ai.output.type": "image",
-        "memguard.request_id": report.request_id,
-        "memguard.policy.name": core.policy.name,
-        "memguard.prompts": n_prompts,
+        "memguard.request_id": request_id,
+        "memguard.policy.name": subject.policy.name,
+        "memguard.prompts": prompts,
     })
 
 

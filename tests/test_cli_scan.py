@@ -54,6 +54,30 @@ def test_scan_resumes_after_an_interrupted_write(model_dir, prompts_file, tmp_pa
     assert partial.read_text() == full.read_text()
 
 
+@pytest.mark.parametrize("change", ["seed", "prompts", "steps"])
+def test_resume_refuses_another_run_and_names_the_difference(model_dir, prompts_file, tmp_path, change):
+    """The failure this replaced: `scan --resume` with another --seed or prompt file exited 0 and mixed both runs'
+    rows in one file."""
+    out = tmp_path / "scores.jsonl"
+    assert run("--model", model_dir, "--prompts", prompts_file, "--out", out, "--seed", 51).exit_code == 0
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:2]))  # interrupted after two rows
+    kept = out.read_text()
+    args = ["--model", model_dir, "--prompts", prompts_file, "--out", out, "--resume", "--seed", 51]
+    if change == "seed":
+        args[-1], expected = 7, "scored with seed 51, this run scores with seed 7"
+    elif change == "steps":
+        args += ["--steps", 25]
+        expected = "scored with t_hi"
+    else:
+        other = tmp_path / "other.txt"
+        other.write_text("a blue house\nanother prompt\nthird one\n")
+        args[3], expected = other, "was scored for another prompt than line 1"
+    result = run(*args)
+    assert result.exit_code != 0 and expected in result.output and "rerun without --resume" in result.output
+    assert out.read_text() == kept  # nothing of the refused run was written
+
+
 def test_scan_errors_are_one_clear_line(model_dir, prompts_file, tmp_path):
     missing_model = run("--model", tmp_path / "nope", "--prompts", prompts_file, "--out", tmp_path / "o.jsonl")
     assert missing_model.exit_code == 1
@@ -83,3 +107,19 @@ def test_scan_takes_its_scoring_settings_from_a_policy(model_dir, prompts_file, 
     assert run("--model", model_dir, "--prompts", prompts_file, "--out", explicit, "--policy", policy,
                "--samples", 1).exit_code == 0
     assert json.loads(explicit.read_text().splitlines()[0])["samples"] == 1
+
+
+def test_every_command_reports_errors_in_one_form(model_dir, tmp_path):
+    """The failure this replaced: some commands said `Error: ...` (click's own), others `memguard: error: ...`."""
+    outs = [
+        CliRunner().invoke(main, ["scan", "--model", str(model_dir), "--prompts", str(tmp_path / "none.txt"),
+                                  "--out", str(tmp_path / "o.jsonl")]),  # an error of memguard's
+        CliRunner().invoke(main, ["serve"]),  # a usage error raised by the command
+        CliRunner().invoke(main, ["scan", "--model", str(model_dir)]),  # a usage error of click's option parsing
+        CliRunner().invoke(main, ["calibrate", "--model", str(model_dir), "--out", str(tmp_path / "p.json"),
+                                  "--nmem", str(tmp_path / "none.txt")]),
+    ]
+    for result in outs:
+        assert result.exit_code != 0
+        errors = [line for line in result.output.splitlines() if "rror" in line and not line.startswith("Try ")]
+        assert errors and all(line.startswith("memguard: error: ") for line in errors), result.output

@@ -354,14 +354,14 @@ def test_service_exposes_the_monitor_counters_to_prometheus(tmp_path):
             body = client.get("/metrics")
     assert body.status_code == 200 and body.headers["content-type"].startswith("text/plain")
     text = body.text
-    labels = f'above_fpr="0.01",calibration="{profile.id}",metric="score",rule="block-top"'
+    labels = f'above_fpr="0.01",calibration="{profile.id}",metric="score",policy="drift",rule="block-top"'
     assert f"memguard_threshold_decisions_total{{{labels}}} 10.0" in text
     crossed = guard.core.monitor.snapshot()["thresholds"][0]["crossed"]
     assert f"memguard_threshold_crossed_total{{{labels}}} {float(crossed)}" in text
     assert 'memguard_threshold_promised_rate{above_fpr="0.01",bound="expected",calibration=' in text
     assert f"memguard_threshold_drift{{{labels}}} 0.0" in text
     assert 'memguard_decisions_total{action="' in text
-    assert 'memguard_calibration_mismatch{check="caption_fit"} 0.0' in text
+    assert 'memguard_calibration_mismatch{check="caption_fit",policy="drift"} 0.0' in text
 
 
 def test_drift_chart_renders_in_headless_chromium(tmp_path):

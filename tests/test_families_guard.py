@@ -169,7 +169,7 @@ def test_rewrite_changes_only_the_flagged_prompt(case, method, tmp_path):
     ladder = out.memguard.mitigations[high]
     assert ladder.method == method and ladder.met and not ladder.verified
     (rung,) = ladder.rungs
-    assert rung.ran and all(m.met and m.score_after <= m.target for m in rung.mitigations)
+    assert rung.ran and all(m.met and m.score_after <= m.target for m in rung.optimisations)
     rows = {i: slice(2 * i, 2 * i + 2) for i in (0, 1)}
     assert torch.equal(out.images[rows[low]], plain.images[rows[low]])
     assert not torch.equal(out.images[rows[high]], plain.images[rows[high]])
@@ -275,7 +275,7 @@ def test_reduced_precision_generation_and_rewrites(case, dtype, tmp_path):
         out = generate(rewriting, CAT)
     ladder = out.memguard.mitigations[0]
     assert ladder.released is None and ladder.steps == 1  # target unmet: the rule's fallback (warn) applied
-    (mitigation,) = ladder.rungs[0].mitigations
+    (mitigation,) = ladder.rungs[0].optimisations
     assert ladder.rungs[0].rung == method and mitigation.steps == 1
     assert math.isfinite(mitigation.score_after) and mitigation.score_after < mitigation.score_before
     assert out.images.dtype == dtype and torch.isfinite(out.images).all()
@@ -306,7 +306,7 @@ def test_model_cpu_offload(case, tmp_path):
                       audit_path=tmp_path / "audit.jsonl")
     with pytest.warns(UserWarning, match="fallback: warn"):  # a rewrite through the hooks (gradients, own noise)
         out = generate(rewriting, CAT)
-    (mitigation,) = out.memguard.mitigations[0].rungs[0].mitigations
+    (mitigation,) = out.memguard.mitigations[0].rungs[0].optimisations
     assert mitigation.steps == 1 and mitigation.score_after < mitigation.score_before
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from guard import Guard, MemorizationBlocked, MemorizationWarning, score_prompts, verify_log
-from guard.actions.mitigation import MitigationResult, mitigate_initial_noise, mitigate_prompt_embedding
+from guard.actions.mitigation import mitigate_initial_noise, mitigate_prompt_embedding
+from guard.policy import Optimisation
 from guard.scoring import Scorer
 
 CAT, DOG = "a red cat on the beach", "a small dog in the garden"
@@ -63,7 +64,7 @@ def test_prompt_embedding_lowers_the_score_under_no_grad(request, fixture):
     if cond.pooled is not None:  # SDXL: the pooled embedding moves with the tokens
         assert not torch.equal(result.cond.pooled, cond.pooled.float())
     assert unet_grads(pipe) == 0
-    assert json.dumps(result.to_dict())
+    assert json.dumps(result.summary().model_dump(mode="json"))
 
 
 def test_prompt_embedding_stops_as_soon_as_the_target_is_met(sd_pipe):
@@ -132,8 +133,8 @@ def test_guard_rewrites_with_prompt_embedding_and_audits_it(sd_pipe, tmp_path):
     assert report.actions == ["rewrite"] and report.generated == [0]
     ladder = report.mitigations[0]
     assert ladder.verified and ladder.released == "prompt_embedding"
-    (mitigation,) = ladder.rungs[0].mitigations
-    assert isinstance(mitigation, MitigationResult) and mitigation.met
+    (mitigation,) = ladder.rungs[0].optimisations
+    assert isinstance(mitigation, Optimisation) and mitigation.met
     assert mitigation.score_before == pytest.approx(score, abs=1e-5) and mitigation.score_after <= score - 0.02
     assert not (out.images == plain.images).all()
     (record,) = records(log)
@@ -141,7 +142,7 @@ def test_guard_rewrites_with_prompt_embedding_and_audits_it(sd_pipe, tmp_path):
     audited = record["extras"]["mitigation"]
     assert audited == ladder.to_dict() and audited["released"] == "prompt_embedding" and audited["verified"] is True
     assert audited["rungs"][0]["mitigations"][0]["met"] is True
-    assert report.decisions[0].mitigation == audited  # the decision carries what the rewrite did
+    assert report.decisions[0].mitigation.to_dict() == audited  # the decision carries what the rewrite did
     assert verify_log(log).ok
 
 

@@ -133,10 +133,40 @@ def test_scorer_failure_fails_closed(pipe, prompts, tmp_path, monkeypatch):
 
 
 def test_healthz_and_openapi(client):
+    from guard import __version__
+
     health = client.get("/healthz")
     assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["policy"] == "t"
+    assert [g["policy"] for g in health.json()["guards"]] == ["t"] and health.json()["guards"][0]["audit_writable"]
     schema = client.get("/openapi.json").json()
     assert {"/v1/check", "/v1/generate", "/healthz"} <= set(schema["paths"])
+    assert schema["info"]["version"] == __version__
+
+
+def test_docs_page_loads_its_assets_from_this_server(client):
+    """Offline, a page that loads Swagger UI from a CDN is blank: every asset /docs names must be served here."""
+    import re
+
+    page = client.get("/docs")
+    assert page.status_code == 200 and "swagger" in page.text.lower()
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert assets and not [a for a in assets if a.startswith(("http://", "https://", "//"))], assets
+    for asset in assets:
+        fetched = client.get(asset)
+        assert fetched.status_code == 200 and len(fetched.content) > 100, asset
+    bundle = next(a for a in assets if a.endswith("swagger-ui-bundle.js"))
+    assert "SwaggerUIBundle" in client.get(bundle).text
+
+
+def test_healthz_is_degraded_when_a_guard_cannot_write_its_log(pipe, prompts, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    with pytest.warns(UserWarning, match="requests will follow on_error"):
+        guard = Guard(pipe, policy=threshold_policy(prompts[2]), audit_path=blocker / "audit.jsonl")
+    with TestClient(create_app(guard)) as test_client:
+        health = test_client.get("/healthz")
+    assert health.status_code == 503 and health.json()["status"] == "degraded"
+    assert not health.json()["guards"][0]["audit_writable"] and "not writable" in health.json()["detail"]
 
 
 def test_concurrent_checks_are_micro_batched(pipe, prompts, tmp_path):

@@ -26,15 +26,14 @@ from guard.audit import verify_log  # noqa: E402
 from guard.cli import main  # noqa: E402
 from guard.guard import Guard  # noqa: E402
 from guard.service import create_app  # noqa: E402
-from guard.service.auth import (  # noqa: E402
+from guard.service.keys import (  # noqa: E402
     ApiKeyFileError,
     Authenticator,
-    ServiceAccess,
     hash_secret,
-    is_loopback,
     load_api_keys,
     verify_secret,
 )
+from guard.service.routing import ServiceAccess, is_loopback  # noqa: E402
 
 PROMPT = "a photo of a cat"
 SECRETS = {name: f"{name}-secret-0123456789abcdef" for name in ("alice", "bob", "carol", "dave")}
@@ -89,8 +88,8 @@ def server_policy() -> dict:
 def service(sd_pipe, key_file, tmp_path):
     audit = tmp_path / "audit.jsonl"
 
-    def make(spec):
-        return Guard(sd_pipe, spec, audit_path=audit, source="service")
+    def make(spec, lock=None):
+        return Guard(sd_pipe, spec, audit_path=audit, source="service", lock=lock)
 
     default = make(server_policy())
     access = ServiceAccess.build(load_api_keys(key_file), default, make)
@@ -121,7 +120,8 @@ def test_secrets_are_stored_as_scrypt_hashes():
     ("keys: [{id: 'a b', secret_hash: HASH}]", "keys[0].id: String should match pattern"),
     ("keys: [{id: a, secret_hash: HASH, rate_limit: {per_second: 0}}]", "rate_limit.per_second"),
     ("keys: []", "keys: Tuple should have at least 1 item"),
-    ("- just a list", "the top level must be a mapping"),
+    ("just a string", "the top level must be a mapping with a 'keys' list, or a list of keys"),
+    ("- just a list", "keys[0]: Input should be"),
     ("keys: [unclosed", "not valid YAML/JSON"),
 ])
 def test_key_file_errors_name_the_field(tmp_path, body, message):
@@ -241,7 +241,7 @@ def test_rate_limit_answers_429_for_that_key_only(service):
 
 
 def test_failed_authentications_are_throttled_per_key(key_file, monkeypatch):
-    import guard.service.auth as auth
+    import guard.service.keys as auth
 
     authenticator = Authenticator(load_api_keys(key_file).keys, failures_per_minute=2)
     good = bearer("alice")["Authorization"]
@@ -282,6 +282,22 @@ def test_hash_key_command(tmp_path):
     assert Authenticator(config.keys).authenticate(f"Bearer {token}").key.id == "ci-bot"
     short = runner.invoke(main, ["serve", "hash-key"], input="short\n")
     assert short.exit_code != 0 and "at least 16 characters" in short.output
+
+
+def test_hash_key_entries_appended_to_a_new_file_make_a_key_file(tmp_path):
+    """What docs/deployment.md tells an operator: `memguard serve hash-key --generate --id ID >> keys.yaml`."""
+    runner = CliRunner()
+    keys, tokens = tmp_path / "keys.yaml", {}
+    for key_id in ("alice", "ci-bot"):
+        made = runner.invoke(main, ["serve", "hash-key", "--generate", "--id", key_id])
+        assert made.exit_code == 0, made.output
+        tokens[key_id] = made.stderr.strip().rsplit(" ", 1)[-1]
+        with keys.open("a") as handle:
+            handle.write(made.stdout)
+    config = load_api_keys(keys)
+    assert sorted(config.keys) == ["alice", "ci-bot"]
+    authenticator = Authenticator(config.keys)
+    assert all(authenticator.authenticate(f"Bearer {t}").key.id == k for k, t in tokens.items())
 
 
 def _free_port() -> int:
@@ -333,4 +349,4 @@ def test_a_key_whose_policy_cannot_be_loaded_stops_the_start(tmp_path):
     path.write_text(f"keys: [{{id: erin, secret_hash: '{cheap_hash('x' * 16)}', policy: ./missing.yaml}}]\n")
     default = SimpleNamespace(policy=SimpleNamespace(content_hash="h"))
     with pytest.raises(ApiKeyFileError, match=r"keys.yaml: key 'erin': policy .*missing.yaml.*file not found"):
-        ServiceAccess.build(load_api_keys(path), default, lambda spec: pytest.fail("no guard for a bad policy"))
+        ServiceAccess.build(load_api_keys(path), default, lambda spec, lock: pytest.fail("no guard for a bad policy"))

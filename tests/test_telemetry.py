@@ -147,3 +147,17 @@ def test_serve_installs_the_sdk_only_when_an_otlp_endpoint_is_set():
     on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                         env=env | {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
     assert on.returncode == 0 and on.stdout.split() == ["True", "opentelemetry.sdk.trace"], on.stderr[-2000:]
+
+
+def test_a_guarded_call_is_one_trace_named_without_local_paths(sd_pipe, tmp_path, spans):
+    """The failure this replaced: check and generate were two unrelated root traces, and the generation span's name
+    held the model's local path (one span name per machine, and where the files lie)."""
+    model_dir = tmp_path / "models" / "tiny-local"
+    guarded = Guard(sd_pipe, policy(), audit_path=tmp_path / "a.jsonl", model_id=str(model_dir))
+    guarded(prompt=SECRET, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    by_name, every = spans()
+    roots = [s for s in every if s.parent is None]
+    assert [s.name for s in roots] == ["memguard.request"]
+    assert {s.context.trace_id for s in every} == {roots[0].context.trace_id}
+    assert {"memguard.check", "memguard.score", "generate_content tiny-local"} <= set(by_name)
+    assert str(tmp_path) not in dump(every)

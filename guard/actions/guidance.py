@@ -43,7 +43,7 @@ def _timestep_of(args: tuple, kwargs: dict[str, Any]) -> float | None:
 
 @contextlib.contextmanager
 def scheduled_guidance(
-    denoiser: torch.nn.Module,
+    denoiser: torch.nn.Module | None,
     *,
     rows: Mapping[int, Sequence[GuidanceStage]],
     images: int,
@@ -59,6 +59,8 @@ def scheduled_guidance(
     if not rows or guidance_scale <= 1.0:
         yield
         return
+    if denoiser is None:
+        raise ValueError("a guidance schedule needs the denoiser it is applied to")
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         tensor = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)

@@ -14,107 +14,39 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from ..calibration import CalibrationError
-from ..policy import Decision, GuidanceStage, Policy, RewriteSettings, Rung, VerifySettings, decide_on_error
+from ..policy import (
+    Decision,
+    GuidanceStage,
+    Policy,
+    RewriteResult,
+    RewriteSettings,
+    Rung,
+    RungResult,
+    VerifySettings,
+    decide_on_error,
+)
 from ..scoring import Scorer, TextConditioning
-from .mitigation import MitigationResult, mitigate_initial_noise, mitigate_prompt_embedding, noise_seed
-from .verification import Generate, GenerationRequest, GenerationResult, probe_similarity, run_probes
+from .generation import GenerationJob, GenerationResult, Generator
+from .mitigation import mitigate_initial_noise, mitigate_prompt_embedding, noise_seed
+from .verification import probe_similarity, run_probes
 
 __all__ = ["LadderResult", "LadderState", "RungResult", "run_ladder"]
 
-
-@dataclass
-class RungResult:
-    """One rung for one prompt: whether it ran, what the optimisation did, and what verification measured."""
-
-    rung: Rung
-    ran: bool
-    verified: bool = False
-    similarity: list[float] = field(default_factory=list)
-    mitigations: list[MitigationResult] = field(default_factory=list)
-    note: str | None = None
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rung": self.rung,
-            "ran": self.ran,
-            "verified": self.verified,
-            "similarity": [round(v, 6) for v in self.similarity],
-            "mitigations": [m.to_dict() for m in self.mitigations],
-            "note": self.note,
-            "seconds": round(self.seconds, 4),
-        }
-
-
-@dataclass
-class LadderResult:
-    """What the rewrite of one prompt did: the rungs that ran, the verification signal, threshold and verdict.
-
-    ``verified`` is True only when the released images were checked and passed; ``released`` names the
-    rung whose input they came from. ``probe_agreement`` (the lowest cosine between the prompt's probes)
-    near 1 says the model draws one fixed image for the original prompt.
-    """
-
-    rungs: list[RungResult] = field(default_factory=list)
-    signal: str | None = None
-    threshold: float | None = None
-    above_fpr: float | None = None
-    probe_agreement: float | None = None
-    verified: bool = False
-    released: Rung | None = None
-    note: str | None = None
-    seconds: float = 0.0
-
-    @property
-    def met(self) -> bool:
-        """The rewrite succeeded: verified, or (with verification off) the score target was met."""
-        return self.released is not None
-
-    @property
-    def method(self) -> str | None:
-        return self.released
-
-    @property
-    def steps(self) -> int:
-        """Optimisation steps spent over every rung that ran (guidance rungs spend none)."""
-        return sum(m.steps for rung in self.rungs for m in rung.mitigations)
-
-    def describe(self) -> str:
-        tried = ", ".join(f"{r.rung}{'' if r.ran else ' (n/a)'}" for r in self.rungs) or "none"
-        if self.verified:
-            value = max(next(r for r in self.rungs if r.rung == self.released).similarity, default=float("nan"))
-            return (f"rewritten by {self.released}, verified ({self.signal} {value:.4f} <= {self.threshold:.4f}); "
-                    f"rungs: {tried}")
-        if self.released is not None:
-            return f"rewritten by {self.released}, unverified (verification off); rungs: {tried}"
-        return f"no rung passed verification; rungs: {tried}" + (f" ({self.note})" if self.note else "")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rungs": [r.to_dict() for r in self.rungs],
-            "signal": self.signal,
-            "threshold": _finite(self.threshold),
-            "above_fpr": self.above_fpr,
-            "probe_agreement": _finite(self.probe_agreement),
-            "verified": self.verified,
-            "released": self.released,
-            "note": self.note,
-            "seconds": round(self.seconds, 4),
-        }
-
-
-def _finite(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else round(float(value), 6)
+#: The ladder's result for one prompt is the policy package's typed ``RewriteResult``.
+LadderResult = RewriteResult
 
 
 @dataclass
 class LadderState:
-    """The call's inputs after the ladder, and the last generation if it was made from exactly these."""
+    """The call's inputs after the ladder, and the last generation if it was made from exactly these.
+
+    Rows are positions in the conditioning the ladder got; ``prompts`` names the caller's prompt behind each.
+    ``original_cond`` and ``original_latents`` are the inputs before any rung (``restore`` puts a row's back).
+    """
 
     cond: TextConditioning
     latents: torch.Tensor | None
@@ -122,16 +54,26 @@ class LadderState:
     last: GenerationResult | None
     probes: dict[int, torch.Tensor] = field(default_factory=dict)
     thresholds: dict[int, float] = field(default_factory=dict)
+    prompts: list[int] = field(default_factory=list)
+    original_cond: TextConditioning | None = None
+    original_latents: torch.Tensor | None = None
+    images_per_prompt: int = 1
 
-    def still_verified(self, result: GenerationResult, rows: Sequence[int], per: int) -> list[int]:
-        """Of the verified prompts among ``rows`` (positions in this state) generated as ``result`` (in that
-        order), those whose images no longer pass: a release made again is checked again."""
+    def restore(self, k: int) -> None:
+        """Row ``k``'s original inputs back (after a rewrite that cannot be released)."""
+        _restore(self, self.original_cond, self.original_latents, k, self.images_per_prompt)
+        self.last = None
+
+    def still_verified(self, result: GenerationResult, prompts: Sequence[int], per: int) -> list[int]:
+        """Of the verified ``prompts`` (the caller's indices, generated as ``result`` in that order), those whose
+        images no longer pass: a release made again is checked again."""
         failed = []
-        for position, k in enumerate(rows):
+        for position, index in enumerate(prompts):
+            k = self.prompts.index(index)
             if k in self.probes and k in self.thresholds:
                 values = probe_similarity(result.latents[_rows(position, per)], self.probes[k])
                 if float(values.max()) > self.thresholds[k]:
-                    failed.append(k)
+                    failed.append(index)
         return failed
 
 
@@ -147,25 +89,28 @@ def run_ladder(
     latents: torch.Tensor | None,
     *,
     images_per_prompt: int,
-    generate: Generate | None,
+    generate: Generator | None,
+    prompts: Sequence[int],
     threshold: Callable[[VerifySettings], float],
     seed: int,
-    guidance_available: str | None,
-    results: dict[int, LadderResult],
+    results: dict[int, RewriteResult],
 ) -> tuple[list[Decision], LadderState]:
     """Rewrite every ``rewrite`` decision of a call by its ladder (``decisions`` in the call's row order).
 
-    ``latents`` are the call's own unpacked initial noises (``images_per_prompt`` per prompt). ``threshold``
-    gives the verification threshold for a rule's settings (it may raise ``CalibrationError``);
-    ``guidance_available`` says why the guidance schedule cannot run on this call (None when it can).
-    ``generate`` is None where the front end cannot generate (a conditioning node): then nothing can be
-    verified, so only unverified rules (``verify: null``) rewrite, by their prompt-embedding rung.
-    ``results`` receives each rewritten prompt's ``LadderResult`` under its prompt index. Returns the updated
-    decisions and the inputs to release from.
+    ``cond`` and ``latents`` (the call's own unpacked initial noises, ``images_per_prompt`` per prompt) hold the
+    rows the call generates; ``prompts`` names the caller's prompt behind each row. ``threshold`` gives the
+    verification threshold for a rule's settings (it may raise ``CalibrationError``). ``generate`` is None where
+    the front end cannot generate (a conditioning node): then nothing can be verified, so only unverified rules
+    (``verify: null``) rewrite, by their prompt-embedding rung. ``results`` receives each rewritten prompt's
+    ``RewriteResult`` under its prompt index. Returns the updated decisions and the inputs to release from.
+
+    Exceptions of the front end's generation propagate: the core turns them into the rules' fallbacks.
     """
     per = images_per_prompt
     decisions = list(decisions)
-    state = LadderState(cond.clone(), None if latents is None else latents.clone(), {}, None)
+    state = LadderState(cond.clone(), None if latents is None else latents.clone(), {}, None, prompts=list(prompts),
+                        original_cond=cond, original_latents=latents, images_per_prompt=per)
+    guidance_available = generate.guidance_unavailable if generate is not None else None
     pending: dict[int, RewriteSettings] = {}
     thresholds: dict[int, float | None] = {}
     for k, decision in enumerate(decisions):
@@ -173,8 +118,8 @@ def run_ladder(
             continue
         settings = decision.rewrite or RewriteSettings()
         if generate is None and settings.verify is not None:
-            results[decision.prompt_index] = LadderResult(note="this front end cannot generate, so no rewrite can "
-                                                               "be verified here")
+            results[decision.prompt_index] = RewriteResult(note="this front end cannot generate, so no rewrite can "
+                                                                "be verified here")
             decisions[k] = _fallback(decision, settings, results[decision.prompt_index])
             continue
         if decision.rewrite_target is None or not math.isfinite(decision.rewrite_target):
@@ -187,15 +132,20 @@ def run_ladder(
             decisions[k] = decide_on_error(policy, decision.prompt_index, f"rewrite cannot be verified: {error}",
                                            score=decision.score)
             continue
+        except Exception as error:  # measuring the verification calibration failed: no verdict can be trusted
+            decisions[k] = decide_on_error(policy, decision.prompt_index, "rewrite cannot be verified: the "
+                                           f"verification calibration failed: {type(error).__name__}: {error}",
+                                           score=decision.score)
+            continue
         pending[k] = settings
-        results[decision.prompt_index] = LadderResult(
+        results[decision.prompt_index] = RewriteResult(
             signal=None if settings.verify is None else settings.verify.signal, threshold=thresholds[k],
             above_fpr=None if settings.verify is None else settings.verify.above_fpr,
         )
     if not pending:
         return decisions, state
     started = time.perf_counter()
-    probes = _probes(generate, cond, latents, pending, seed, results, decisions) if generate is not None else {}
+    probes = _probes(generate, cond, pending, seed, results, decisions, prompts) if generate is not None else {}
     state.probes = probes
 
     def reset(k: int) -> None:
@@ -210,13 +160,13 @@ def run_ladder(
             rung = settings.rungs[level]
             ladder = results[decisions[k].prompt_index]
             rung_started = time.perf_counter()
-            outcome = _prepare(rung, k, settings, decisions[k], scorer, cond, latents, state, per,
-                               guidance_available)
+            outcome, met = _prepare(rung, k, settings, decisions[k], scorer, cond, latents, state, per,
+                                    guidance_available)
             outcome.seconds = time.perf_counter() - rung_started
             ladder.rungs.append(outcome)
             if not outcome.ran:
                 continue
-            if settings.verify is None and not all(m.met for m in outcome.mitigations):
+            if settings.verify is None and not met:
                 reset(k)  # nothing to verify with: only a met score target releases
                 continue
             generated[k] = outcome
@@ -228,12 +178,14 @@ def run_ladder(
                 del pending[k]
             continue
         generation_started = time.perf_counter()
-        result = generate(GenerationRequest(cond=state.cond, latents=state.latents, images_per_prompt=per,
-                                            guidance=dict(state.guidance)))
+        result = generate(GenerationJob(cond=state.cond, latents=state.latents, images_per_prompt=per,
+                                        prompts=list(prompts), guidance=dict(state.guidance), kind="release"))
         state.last = result
         share = (time.perf_counter() - generation_started) / len(generated)
         for k, outcome in generated.items():
             outcome.seconds += share
+            outcome.generations += per
+            results[decisions[k].prompt_index].generations += per
             settings = pending[k]
             ladder = results[decisions[k].prompt_index]
             if settings.verify is None:
@@ -259,13 +211,13 @@ def run_ladder(
 
 
 def _probes(
-    generate: Generate,
+    generate: Generator,
     cond: TextConditioning,
-    latents: torch.Tensor,
     pending: Mapping[int, RewriteSettings],
     seed: int,
-    results: dict[int, LadderResult],
+    results: dict[int, RewriteResult],
     decisions: Sequence[Decision],
+    prompts: Sequence[int],
 ) -> dict[int, torch.Tensor]:
     """Each verified prompt's probe latents ``[probes, C, h, w]``, one probe call per distinct verify setting."""
     groups: dict[VerifySettings, list[int]] = {}
@@ -274,14 +226,17 @@ def _probes(
             groups.setdefault(settings.verify, []).append(k)
     probes: dict[int, torch.Tensor] = {}
     for verify, members in groups.items():
-        found = run_probes(generate, cond.select(members), latents.shape[1:], verify, seed, rows=members)
+        found = run_probes(generate, cond.select(members), verify, seed, prompts=[prompts[k] for k in members])
+        cost = verify.probes * verify.probe_steps / max(generate.steps, 1)
         for k, prompt_probes in zip(members, found):
             probes[k] = prompt_probes
+            result = results[decisions[k].prompt_index]
+            result.generations += cost
             if verify.probes > 1:
                 flat = torch.nn.functional.normalize(prompt_probes.flatten(1), dim=1)
                 similarity = flat @ flat.T
                 off_diagonal = similarity[~torch.eye(len(flat), dtype=torch.bool)]
-                results[decisions[k].prompt_index].probe_agreement = float(off_diagonal.min())
+                result.probe_agreement = float(off_diagonal.min())
     return probes
 
 
@@ -308,29 +263,32 @@ def _prepare(
     state: LadderState,
     per: int,
     guidance_available: str | None,
-) -> RungResult:
-    """Set prompt ``k``'s inputs in ``state`` for ``rung`` (starting from its original inputs)."""
+) -> tuple[RungResult, bool]:
+    """Set prompt ``k``'s inputs in ``state`` for ``rung`` (starting from its original inputs); returns the rung's
+    result and whether every optimisation met its score target."""
     rows = _rows(k, per)
     _restore(state, cond, latents, k, per)
     if latents is None and rung in ("initial_noise", "combined"):
         return RungResult(rung=rung, ran=False, note="needs the generation's initial noise, which this front end "
-                                                     "does not have")
+                                                     "does not have"), False
     if rung == "guidance_schedule" and settings.verify is None:
         return RungResult(rung=rung, ran=False, note="without verification nothing can tell whether a guidance "
-                                                     "schedule worked (it has no score target)")
+                                                     "schedule worked (it has no score target)"), False
     uses_guidance = rung in ("guidance_schedule", "combined")
     if uses_guidance and guidance_available is not None:
         if rung == "guidance_schedule":
-            return RungResult(rung=rung, ran=False, note=guidance_available)
+            return RungResult(rung=rung, ran=False, note=guidance_available), False
         uses_guidance = False
     outcome = RungResult(rung=rung, ran=True)
+    met = True
     target = float(decision.rewrite_target)
     row = cond.select([k])
     try:
         if rung in ("prompt_embedding", "combined"):
             adapted = mitigate_prompt_embedding(scorer, row, target=target, max_steps=settings.max_steps,
                                                 lr=settings.lr, proximity=settings.proximity)
-            outcome.mitigations.append(adapted)
+            outcome.optimisations.append(adapted.summary())
+            met = met and adapted.met
             row = adapted.cond
             state.cond.embeds[k] = row.embeds[0].to(state.cond.embeds.device, state.cond.embeds.dtype)
             if state.cond.pooled is not None and row.pooled is not None:
@@ -339,19 +297,21 @@ def _prepare(
             own = latents[rows]
             moved = mitigate_initial_noise(scorer, row, own, target=target, max_steps=settings.max_steps,
                                            lr=settings.lr, seed=noise_seed(own))
-            outcome.mitigations.append(moved)
+            outcome.optimisations.append(moved.summary())
+            met = met and moved.met
             state.latents[rows] = moved.latents.to(state.latents.device, state.latents.dtype)
     except Exception as error:  # a failed optimisation is a failed rung, not a crash of the call
+        _restore(state, cond, latents, k, per)
         outcome.ran, outcome.note = False, f"{type(error).__name__}: {error}"
-        return outcome
+        return outcome, False
     if uses_guidance:
         for image in rows:
             state.guidance[image] = settings.guidance
     if rung == "combined" and guidance_available is not None:
         outcome.note = f"without the guidance schedule: {guidance_available}"
-    return outcome
+    return outcome, met
 
 
-def _fallback(decision: Decision, settings: RewriteSettings, ladder: LadderResult) -> Decision:
+def _fallback(decision: Decision, settings: RewriteSettings, ladder: RewriteResult) -> Decision:
     reason = f"{decision.reason}; rewrite: {ladder.describe()}; fallback: {settings.fallback}"
-    return decision.model_copy(update={"action": settings.fallback, "reason": reason})
+    return decision.model_copy(update={"action": settings.fallback, "reason": reason, "mitigation": ladder})

@@ -19,11 +19,11 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..policy import Optimisation
 from ..scoring import Scorer, TextConditioning, guidance_statistics
 
 __all__ = [
@@ -53,20 +53,10 @@ class MitigationResult:
     cond: TextConditioning | None = None
     latents: torch.Tensor | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "score_before": _finite_or_none(self.score_before),
-            "score_after": _finite_or_none(self.score_after),
-            "steps": self.steps,
-            "target": _finite_or_none(self.target),
-            "met": self.met,
-            "seconds": round(self.seconds, 4),
-        }
-
-
-def _finite_or_none(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
+    def summary(self) -> Optimisation:
+        """What the audit record and the decision keep of it (no tensors)."""
+        return Optimisation(method=self.method, score_before=self.score_before, score_after=self.score_after,
+                            steps=self.steps, target=self.target, met=self.met, seconds=round(self.seconds, 4))
 
 
 # ---------------------------------------------------------------------------------------------- prompt embedding

@@ -13,75 +13,34 @@ towards the negative of the copy is not counted as escaped.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..calibration import VerificationCalibration, calibration_cache_dir
 from ..events import log_event
-from ..policy import GuidanceStage, VerifySettings
+from ..policy import VerifySettings
 from ..scoring import Scorer, TextConditioning
+from .generation import GenerationJob, Generator
 
 __all__ = [
-    "Generate",
-    "GenerationRequest",
-    "GenerationResult",
+    "AUTO_VERIFICATION_PROMPTS",
     "auto_verification",
     "measure_verification",
     "probe_noise",
     "probe_similarity",
     "run_probes",
+    "verification_cost",
 ]
 
 #: Probe noise is drawn from ``seed + PROBE_SEED_OFFSET``: fixed, and independent of the caller's noise.
 PROBE_SEED_OFFSET = 1_000_003
 #: Generations of ordinary prompts for verification calibration use seeds from here on.
 NULL_SEED_OFFSET = 2_000_003
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One pipeline call a front end runs for the rewrite ladder or its probes.
-
-    ``cond`` has one row per prompt; ``rows`` says which of the front end's prompts they are (positions in
-    the conditioning it handed over; None: all, in order). ``latents`` are the unpacked initial noises,
-    ``images_per_prompt`` per prompt, in prompt order. ``guidance`` maps image rows to the guidance stages
-    they follow. ``steps`` overrides the call's step count; ``probe`` asks for final latents only (no
-    decoding, no caller extras, a private generator).
-    """
-
-    cond: TextConditioning
-    latents: torch.Tensor
-    images_per_prompt: int
-    rows: Sequence[int] | None = None
-    guidance: Mapping[int, Sequence[GuidanceStage]] = field(default_factory=dict)
-    steps: int | None = None
-    probe: bool = False
-
-
-@dataclass
-class GenerationResult:
-    """The pipeline's output (None for probes) and the final latents, unpacked, float32, one row per image."""
-
-    output: Any
-    latents: torch.Tensor
-
-
-class Generate(Protocol):
-    """A front end's generation for the ladder: one pipeline call per request, at the caller's settings.
-
-    ``steps`` and ``guidance_scale`` are the call's own; ``latent_shape`` the unpacked ``(C, h, w)`` of its
-    images (the size the caller asked for).
-    """
-
-    steps: int
-    guidance_scale: float
-    latent_shape: tuple[int, int, int]
-
-    def __call__(self, request: GenerationRequest) -> GenerationResult: ...
+#: Ordinary prompts per generation job of a verification calibration (memory stays bounded on large models).
+CALIBRATION_CHUNK = 8
 
 
 def probe_noise(shape: Sequence[int], probes: int, seed: int) -> torch.Tensor:
@@ -100,36 +59,57 @@ def probe_similarity(latents: torch.Tensor, probes: torch.Tensor) -> torch.Tenso
 
 
 def run_probes(
-    generate: Generate,
+    generate: Generator,
     cond: TextConditioning,
-    shape: Sequence[int],
     settings: VerifySettings,
     seed: int,
-    rows: Sequence[int] | None = None,
+    prompts: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """The probe generations of each prompt of ``cond``: ``[prompts, probes, C, h, w]`` final latents."""
-    noise = probe_noise(shape, settings.probes, seed).repeat(len(cond), 1, 1, 1)
-    result = generate(GenerationRequest(cond=cond, latents=noise, images_per_prompt=settings.probes, rows=rows,
-                                        steps=settings.probe_steps, probe=True))
+    """The probe generations of each row of ``cond``: ``[rows, probes, C, h, w]`` final latents. ``prompts``: the
+    caller's prompt indices behind the rows (None: not the caller's prompts)."""
+    noise = probe_noise(generate.latent_shape, settings.probes, seed).repeat(len(cond), 1, 1, 1)
+    result = generate(GenerationJob(cond=cond, latents=noise, images_per_prompt=settings.probes, prompts=prompts,
+                                    steps=settings.probe_steps, kind="internal"))
     return result.latents.float().view(len(cond), settings.probes, *result.latents.shape[1:])
 
 
+def verification_cost(prompts: int, settings: VerifySettings, steps: int) -> str:
+    """What measuring a verification calibration costs, in words (for the first-use warning and the docs)."""
+    probe_images = prompts * settings.probes
+    return (f"{probe_images} probe generations of {settings.probe_steps} steps and {prompts} generations of {steps} "
+            f"steps (about {(probe_images * settings.probe_steps + prompts * steps) / max(steps, 1):.0f} "
+            "generations' worth)")
+
+
 def measure_verification(
-    generate: Generate, cond: TextConditioning, settings: VerifySettings, *, seed: int, source: str
+    generate: Generator, cond: TextConditioning, settings: VerifySettings, *, seed: int, source: str,
+    progress: bool = True,
 ) -> VerificationCalibration:
-    """The verification calibration: each ordinary prompt of ``cond`` generated (at the call's steps and
-    guidance, from a seed of its own) and compared with its own probes and with the other prompts' probes."""
+    """The verification calibration: each ordinary prompt of ``cond`` generated (at the generator's steps,
+    guidance and size, from a seed of its own) and compared with its own probes and with the other prompts'
+    probes. A job of its own: the rows are not the caller's prompts, and nothing of any request is used."""
     if len(cond) < 2:
         raise ValueError("a verification calibration needs at least two ordinary prompts")
     shape = generate.latent_shape
-    probes = run_probes(generate, cond, shape, settings, seed)
     generator = torch.Generator("cpu").manual_seed(seed + NULL_SEED_OFFSET)
     noise = torch.randn((len(cond), *shape), generator=generator, dtype=torch.float32)
-    own = generate(GenerationRequest(cond=cond, latents=noise, images_per_prompt=1, probe=True)).latents
+    probes, own = [], []
+    with tqdm(total=2 * len(cond), desc="memguard: verification calibration", unit="prompt", disable=not progress,
+              leave=False) as bar:
+        for start in range(0, len(cond), CALIBRATION_CHUNK):
+            rows = cond.select(slice(start, start + CALIBRATION_CHUNK))
+            probes.append(run_probes(generate, rows, settings, seed))
+            bar.update(len(rows))
+        for start in range(0, len(cond), CALIBRATION_CHUNK):
+            rows = cond.select(slice(start, start + CALIBRATION_CHUNK))
+            job = GenerationJob(cond=rows, latents=noise[start : start + len(rows)], kind="internal")
+            own.append(generate(job).latents)
+            bar.update(len(rows))
+    all_probes, all_own = torch.cat(probes), torch.cat(own)
     same, nearest, unrelated = [], [], []
     for i in range(len(cond)):
-        pairs = [float(probe_similarity(own[i : i + 1], probes[j])[0]) for j in range(len(cond)) if j != i]
-        same.append(float(probe_similarity(own[i : i + 1], probes[i])[0]))
+        pairs = [float(probe_similarity(all_own[i : i + 1], all_probes[j])[0]) for j in range(len(cond)) if j != i]
+        same.append(float(probe_similarity(all_own[i : i + 1], all_probes[i])[0]))
         nearest.append(max(pairs))
         unrelated.extend(round(v, 6) for v in pairs)
     return VerificationCalibration(
@@ -144,11 +124,11 @@ AUTO_VERIFICATION_PROMPTS = 32
 
 
 def auto_verification(
-    scorer: Scorer, generate: Generate, settings: VerifySettings, *, prompts: int = AUTO_VERIFICATION_PROMPTS
+    scorer: Scorer, generate: Generator, settings: VerifySettings, *, prompts: int = AUTO_VERIFICATION_PROMPTS
 ) -> VerificationCalibration:
-    """The verification calibration on the first ``prompts`` generic captions, measured with the calling
-    front end's ``generate`` (its step count and guidance) and cached on disk next to the automatic score
-    calibration; a cache that cannot be written only costs a warning."""
+    """The verification calibration on the first ``prompts`` generic captions, measured with ``generate`` at its
+    step count, guidance and size, and cached on disk next to the automatic score calibration (per model,
+    settings and call settings); a cache that cannot be written only costs a warning."""
     from ..data import generic_captions, generic_captions_id
 
     measurement = scorer.measurement()
@@ -162,10 +142,17 @@ def auto_verification(
         except (OSError, ValueError):
             path.unlink(missing_ok=True)
     captions = generic_captions()[:prompts]
-    log_event("verification_calibration_started", prompts=len(captions), fingerprint=measurement.fingerprint)
+    cost = verification_cost(len(captions), settings, generate.steps)
+    warnings.warn(
+        f"memguard: measuring this model's verification calibration for rewrites, once per model and call settings "
+        f"({len(captions)} generic captions: {cost}; minutes on a full-size model); it is cached under "
+        f"{path.parent}. Precompute it with `memguard calibrate --model DIR --nmem PROMPTS --verification 64 --out "
+        "PROFILE` and name the profile in the policy.", RuntimeWarning, stacklevel=2)
+    log_event("verification_calibration_started", prompts=len(captions), fingerprint=measurement.fingerprint,
+              steps=generate.steps, guidance_scale=generate.guidance_scale, cost=cost)
     verification = measure_verification(generate, scorer.encode(captions), settings, seed=scorer.seed,
                                         source=generic_captions_id())
-    log_event("verification_calibration_finished", prompts=len(captions))
+    log_event("verification_calibration_finished", prompts=len(captions), fingerprint=measurement.fingerprint)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(verification.model_dump_json(), encoding="utf-8")

@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from guard.policy import Action, Decision, Policy
+from guard.scoring import Measurement
 
 __all__ = [
     "Actor",
@@ -109,20 +110,9 @@ class _Record(_Model):
         return value
 
 
-class MeasurementRef(_Model):
-    """How a decision's score was measured (``Scorer.measurement()``): what a calibration made from these
-    records (``memguard calibrate --from-audit``) must carry so a guard accepts it, and what keeps records
-    of different models or settings apart."""
-
-    fingerprint: str
-    steps: int
-    seed: int
-    samples: int
-    #: ``fixed`` (always ``samples`` draws) or ``adaptive`` (up to ``samples``, as the decision needed).
-    sampling: Literal["fixed", "adaptive"] = "fixed"
-    prediction_space: str
-    g_norm: _Finite
-    g_cos: _Finite
+#: How a decision's score was measured: the scorer's own ``Measurement`` (records of older versions lack
+#: ``sampling``, read as ``fixed``). Kept under this name for readers of 0.2.
+MeasurementRef = Measurement
 
 
 class DecisionRecord(_Record):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 from guard.data import generic_captions_id
@@ -30,7 +29,7 @@ def auto_calibration(scorer: Scorer, *, progress: bool | None = None) -> Calibra
     )
     if path.exists():
         cached = CalibrationProfile.load(path)
-        if not cached.mismatches(dataclasses.asdict(measurement)):
+        if not cached.mismatches(measurement.compared()):
             return cached
     profile = calibrate(scorer, progress=progress)
     try:

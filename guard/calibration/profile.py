@@ -5,7 +5,6 @@ Relative thresholds (``above_fpr``) are read off this distribution, so one polic
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -20,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from guard._version import __version__
 from guard.errors import format_loc
-from guard.scoring import Measurement
+from guard.scoring import MEASUREMENT_FIELDS, Measurement
 
 from .errors import CalibrationError, CalibrationMismatch
 
@@ -35,8 +34,6 @@ __all__ = [
 ]
 
 Metric = Literal["score", "norm", "cos"]
-#: The measurement fields a profile must share with the scores it judges, in the order mismatches are named.
-MEASUREMENT_FIELDS = ("fingerprint", "steps", "seed", "samples", "sampling", "prediction_space", "g_norm", "g_cos")
 #: The band quantile adaptive policies use unless they say otherwise (``scoring.band_quantile``).
 DEFAULT_BAND_QUANTILE = 0.99
 
@@ -325,9 +322,15 @@ class CalibrationProfile(BaseModel):
             source=source,
             norms=norms,
             coses=coses,
-            sampling=getattr(measurement, "sampling", "fixed"),
+            sampling=measurement.sampling,
             spread=spread,
         )
+
+    @property
+    def measurement(self) -> Measurement:
+        """How the scores of this profile were measured."""
+        return Measurement(fingerprint=self.model_fingerprint, model_class=self.model_class, profile=self.profile,
+                           **{name: getattr(self, name) for name in MEASUREMENT_FIELDS if name != "fingerprint"})
 
     def _measured(self, name: str) -> Any:
         return self.model_fingerprint if name == "fingerprint" else getattr(self, name)
@@ -343,7 +346,7 @@ class CalibrationProfile(BaseModel):
     def check_measurement(self, measurement: Measurement, *, source: str | None = None) -> None:
         """Raise ``CalibrationMismatch`` unless this profile judges scores measured as ``measurement`` says:
         same model (fingerprint), steps, noise seed, sample count, sampling mode, prediction space and weights."""
-        problems = self.mismatches(dataclasses.asdict(measurement))
+        problems = self.mismatches(measurement.compared())
         if problems:
             where = f"{source}: " if source else ""
             raise CalibrationMismatch(

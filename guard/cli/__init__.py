@@ -15,13 +15,23 @@ from .serve import serve
 
 
 class _Main(click.Group):
-    """Turns expected errors into one clear line and exit code 1 (tracebacks only with --debug)."""
+    """Every error of every command is one line in one form, ``memguard: error: ...`` (a usage error after the
+    command's usage line, exit code 2; any other, exit code 1; tracebacks only with --debug)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
+        except (click.exceptions.Exit, click.Abort):
             raise
+        except click.UsageError as error:
+            if error.ctx is not None:
+                click.echo(error.ctx.get_usage(), err=True)
+                click.echo(f"Try '{error.ctx.command_path} --help' for help.", err=True)
+            click.echo(f"memguard: error: {error.format_message()}", err=True)
+            sys.exit(error.exit_code)
+        except click.ClickException as error:
+            click.echo(f"memguard: error: {error.format_message()}", err=True)
+            sys.exit(error.exit_code)
         except Exception as error:
             if ctx.obj and ctx.obj.get("debug"):
                 raise

@@ -6,7 +6,6 @@ the profile is written), and the scoring settings come from the options or from 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -124,7 +123,8 @@ def calibrate(model_path, nmem_path, mem_path, out_path, device, dtype, weights,
         chosen = report.chosen if weights == "auto" else weights
     g_norm, g_cos = report.fitted if (report and chosen == "fitted") else reference
     weights_used = ModelProfile(scorer.profile.name if chosen == "reference" else "fitted", g_norm, g_cos)
-    measurement = dataclasses.replace(scorer.measurement(), profile=weights_used.name, g_norm=g_norm, g_cos=g_cos)
+    measurement = scorer.measurement().model_copy(
+        update={"profile": weights_used.name, "g_norm": g_norm, "g_cos": g_cos})
     stages = spread_stages(scorer)  # adaptive sampling: the spread its bands are read from, with these weights
     profile = CalibrationProfile.from_measurement(
         measurement, nmem.scores(weights_used), norms=nmem.norms, coses=nmem.coses, source=source,
@@ -174,7 +174,7 @@ def _verification(scorer, prompts: list[str], source: str, *, probes: int, probe
                   guidance_scale: float | None):
     """The rewrite verification calibration on ``prompts`` (``docs/mitigation.md``)."""
     from ..actions.verification import measure_verification
-    from ..guard import PipelineGeneration
+    from ..guard import PipelineGenerator
     from ..policy import VerifySettings
 
     adapter = scorer.adapter
@@ -183,7 +183,6 @@ def _verification(scorer, prompts: list[str], source: str, *, probes: int, probe
         arguments["num_inference_steps"] = steps
     if guidance_scale is not None:
         arguments["guidance_scale"] = guidance_scale
-    generation = PipelineGeneration(adapter.pipe, adapter, arguments, list(range(len(prompts))), adapter.latent_shape,
-                                    redact=False)
+    generation = PipelineGenerator(adapter.pipe, adapter, arguments, 0, redact=False)
     settings = VerifySettings(probes=probes, probe_steps=probe_steps)
     return measure_verification(generation, scorer.encode(prompts), settings, seed=scorer.seed, source=source)

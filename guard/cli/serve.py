@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -45,7 +46,7 @@ def serve(ctx: click.Context, model_path, policy, host, port, api_keys, insecure
         raise click.UsageError("Missing option '--model'.")
     if api_keys and insecure_no_auth:
         raise click.UsageError("--api-keys and --insecure-no-auth contradict each other; give one")
-    from ..service.auth import is_loopback
+    from ..service.routing import is_loopback
 
     if api_keys is None and not insecure_no_auth and not is_loopback(host):
         raise click.UsageError(f"refusing to serve {host} without API keys: anyone who can reach it could use the "
@@ -59,7 +60,8 @@ def serve(ctx: click.Context, model_path, policy, host, port, api_keys, insecure
         raise click.ClickException(f"memguard serve needs FastAPI and uvicorn: {hint} ({error})") from None
     from ..guard import Guard
     from ..loading import load_pipeline
-    from ..service.auth import ServiceAccess, load_api_keys
+    from ..service.keys import load_api_keys
+    from ..service.routing import ServiceAccess
     from ..telemetry import configure_from_environment
 
     keys = load_api_keys(api_keys) if api_keys else None
@@ -67,8 +69,8 @@ def serve(ctx: click.Context, model_path, policy, host, port, api_keys, insecure
         click.echo("memguard: exporting OpenTelemetry spans over OTLP", err=True)
     pipe = load_pipeline(model_path, device=device, dtype=dtype)
 
-    def make_guard(spec: str) -> Guard:
-        return Guard(pipe, policy=spec, audit_path=audit_path, calibration=calibration, source="service")
+    def make_guard(spec: str, lock: Any = None) -> Guard:
+        return Guard(pipe, policy=spec, audit_path=audit_path, calibration=calibration, source="service", lock=lock)
 
     guard = make_guard(policy)
     access = ServiceAccess.build(keys, guard, make_guard) if keys is not None else None
@@ -90,7 +92,7 @@ def hash_key(generate: bool, key_id: str | None) -> None:
     random key is made: the key file entry goes to standard output and the token for the client,
     ID.SECRET, to standard error (shown once, never stored).
     """
-    from ..service.auth import hash_secret, new_api_key
+    from ..service.keys import hash_secret, new_api_key
 
     if generate:
         if key_id is None:

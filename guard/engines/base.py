@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from ..errors import MemguardError
-from ..prompts_io import read_prompts, truncate_to_complete_rows
+from ..prompts_io import completed_rows, read_prompts, truncate_to_complete_rows
 from ..scoring import MemorizationScore
 
 
@@ -47,30 +47,72 @@ def format_row(index: int, prompt: str, score: MemorizationScore) -> str:
     return json.dumps({"index": index, "prompt": prompt, **score.to_dict()}, ensure_ascii=False)
 
 
-def prepare(job: ScanJob) -> tuple[list[str], int]:
-    """The prompts and how many of them OUT already holds (0 unless resuming; a torn last row is cut)."""
+#: What a scan row says of how it was measured; a resumed scan must measure every new row the same way.
+MEASURED = ("seed", "sampling", "samples", "max_samples", "prediction_space", "profile", "g_norm", "g_cos", "t_hi",
+            "t_lo")
+
+
+def prepare(job: ScanJob) -> tuple[list[str], int, dict[str, Any] | None]:
+    """The prompts, how many of them OUT already holds (0 unless resuming; a torn last row is cut), and how OUT's
+    rows were measured (None unless resuming).
+
+    Resuming refuses an OUT that is not a scan of these prompts, row for row: mixing two runs' rows in one file
+    would look like one scan and be none."""
     prompts = read_prompts(job.prompts_path)
-    done = truncate_to_complete_rows(job.out_path) if job.resume else 0
+    if not job.resume:
+        return prompts, 0, None
+    done = truncate_to_complete_rows(job.out_path)
     if done > len(prompts):
-        raise ScanError(f"{job.out_path} has {done} rows but {job.prompts_path} only {len(prompts)} prompts")
-    return prompts, done
+        raise ScanError(f"cannot resume: {job.out_path} has {done} rows but {job.prompts_path} only {len(prompts)} "
+                        "prompts; rerun without --resume (it overwrites OUT)")
+    measured: dict[str, Any] | None = None
+    for position, row in enumerate(completed_rows(job.out_path)):
+        if row.get("index") != position or row.get("prompt") != prompts[position]:
+            raise ScanError(
+                f"cannot resume: row {position + 1} of {job.out_path} was scored for another prompt than line "
+                f"{position + 1} of {job.prompts_path} ({row.get('prompt')!r} vs {prompts[position]!r}): another "
+                "prompt file; rerun without --resume (it overwrites OUT) or resume with the original prompt file")
+        if measured is None:
+            adaptive = row.get("sampling") == "adaptive"  # adaptive rows differ in draws by design
+            measured = {name: row.get(name) for name in MEASURED if not (adaptive and name == "samples")}
+    return prompts, done, measured
+
+
+def check_same_measurement(measured: Mapping[str, Any] | None, row: Mapping[str, Any], out_path: str) -> None:
+    """Raise ``ScanError`` naming the first setting in which ``row`` is measured differently from OUT's rows."""
+    if measured is None:
+        return
+    for name, before in measured.items():
+        now = row.get(name)
+        same = (abs(before - now) <= 1e-9 if isinstance(before, float) and isinstance(now, float) else before == now)
+        if not same:
+            raise ScanError(
+                f"cannot resume: the rows already in {out_path} were scored with {name} {before!r}, this run scores "
+                f"with {name} {now!r}; rerun without --resume (it overwrites OUT) or with the first run's settings")
 
 
 class OrderedRowWriter:
     """Writes rows strictly in index order, holding back rows that arrive early.
 
-    Engines that finish batches out of order still leave a file that is a prefix of the input,
-    which is what makes ``--resume`` a simple row count.
+    Engines that finish batches out of order still leave a file that is a prefix of the input, which is what makes
+    ``--resume`` a simple row count. When resuming, the first new row is checked against how OUT's rows were
+    measured (``measured``) before anything is written.
     """
 
-    def __init__(self, out: IO[str], next_index: int) -> None:
+    def __init__(self, out: IO[str], next_index: int, *, measured: Mapping[str, Any] | None = None,
+                 out_path: str = "OUT") -> None:
         self._out = out
         self.next_index = next_index
         self._pending: dict[int, str] = {}
+        self._measured = measured
+        self._out_path = out_path
 
     def add(self, rows: Iterable[tuple[int, str]]) -> int:
         """Queue rows; write and flush every row that is now in order. Returns how many were written."""
         for index, line in rows:
+            if self._measured is not None:
+                check_same_measurement(self._measured, json.loads(line), self._out_path)
+                self._measured = None
             self._pending[int(index)] = line
         written = 0
         while self.next_index in self._pending:

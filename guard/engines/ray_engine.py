@@ -85,7 +85,7 @@ def scan_ray(
         raise ScanError(f"workers must be >= 1, got {workers}")
     if num_gpus_per_worker < 0:
         raise ScanError(f"num_gpus_per_worker must be >= 0, got {num_gpus_per_worker}")
-    prompts, done = prepare(job)
+    prompts, done, measured = prepare(job)
     remaining = len(prompts) - done
     ray = _import_ray()
     started_here = False
@@ -98,7 +98,7 @@ def scan_ray(
               out=job.out_path)
     try:
         _run(ray, job, prompts, done, remaining, workers, num_gpus_per_worker, num_cpus_per_worker,
-             max_retries, loader)
+             max_retries, loader, measured)
         log_event("scan_finished", engine="ray", scored=remaining, out=job.out_path)
     finally:
         if started_here:
@@ -106,7 +106,7 @@ def scan_ray(
     return remaining
 
 
-def _run(ray, job, prompts, done, remaining, workers, num_gpus, num_cpus, max_retries, loader) -> None:
+def _run(ray, job, prompts, done, remaining, workers, num_gpus, num_cpus, max_retries, loader, measured) -> None:
     import pyarrow as pa
     from tqdm import tqdm
 
@@ -131,7 +131,7 @@ def _run(ray, job, prompts, done, remaining, workers, num_gpus, num_cpus, max_re
             # and max_restarts/max_task_retries have no named parameter yet (RayDeprecationWarning).
             warnings.simplefilter("ignore", DeprecationWarning)
             dataset = _score_dataset(ray, blocks, job, loader, workers, num_cpus, num_gpus, max_retries)
-        writer = OrderedRowWriter(out, done)
+        writer = OrderedRowWriter(out, done, measured=measured, out_path=job.out_path)
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             progress.update(writer.add(zip(batch["index"], batch["row"])))
         if writer.next_index != len(prompts):

@@ -1,5 +1,7 @@
 """memguard policies: the YAML schema, loading, and the decision for a score."""
 
+from guard.scoring import ScoringSettings
+
 from .decision import (
     AppliedThreshold,
     Decision,
@@ -12,6 +14,7 @@ from .decision import (
 )
 from .errors import PolicyError
 from .loader import load_policy, shipped_policies, shipped_policy_path
+from .rewrite import Optimisation, RewriteResult, RungResult
 from .schema import (
     Action,
     AuditSettings,
@@ -26,7 +29,6 @@ from .schema import (
     RewriteTarget,
     Rule,
     Rung,
-    ScoringSettings,
     VerifySettings,
     When,
     normalize_prompt,
@@ -49,7 +51,10 @@ __all__ = [
     "RewriteTarget",
     "Rung",
     "VerifySettings",
+    "Optimisation",
+    "RewriteResult",
     "Rule",
+    "RungResult",
     "ScoringSettings",
     "When",
     "check_calibration",

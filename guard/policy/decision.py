@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from guard.calibration import CalibrationMismatch, CalibrationMissing, CalibrationProfile, Metric
 from guard.scoring import DecisionLimits, Explanation, MemorizationScore
 
+from .rewrite import RewriteResult
 from .schema import Action, Condition, Policy, RewriteSettings
 
 __all__ = [
@@ -77,7 +78,7 @@ class Decision(BaseModel):
     message: str | None = None
     rewrite: RewriteSettings | None = None
     rewrite_target: float | None = None
-    mitigation: dict[str, Any] | None = None
+    mitigation: RewriteResult | None = None
     explanation: Explanation | None = None
     warnings: tuple[str, ...] = ()
 

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from guard.calibration import Metric
+from guard.scoring import ScoringSettings
 
 __all__ = [
     "Action",
@@ -42,7 +43,6 @@ __all__ = [
     "Rung",
     "VerifySettings",
     "Rule",
-    "ScoringSettings",
     "When",
     "normalize_prompt",
 ]
@@ -247,63 +247,6 @@ ProfileSpec = Annotated[
 ]
 
 
-class ScoringSettings(_Model):
-    """How prompts are scored (docs/scoring.md); calibrations only apply to scores measured the same way.
-
-    ``samples: adaptive`` (docs/adaptive.md) scores each prompt on one noise draw and adds draws, up to
-    ``max_samples`` (default 4), only while its score lies within the calibrated band of a threshold the rules
-    use; ``band_quantile`` (default 0.99) is the quantile of the calibration prompts' spread the band is read at.
-    """
-
-    noise_seed: int = Field(default=51, ge=0, lt=2**63)
-    samples: int | Literal["adaptive"] = 1
-    max_samples: int | None = Field(default=None, ge=2, le=64)
-    band_quantile: float | None = Field(default=None, gt=0.5, le=1.0, allow_inf_nan=False)
-    inference_steps: int = Field(default=50, ge=3, le=1000)
-    prediction_space: Literal["auto", "eps", "native"] = Field(
-        default="auto", description="auto: eps for discrete-time models, velocity for flow models"
-    )
-    batch_size: int | None = Field(
-        default=None, ge=1, description="prompts per UNet call; None: scorer default"
-    )
-
-    @field_validator("samples", mode="before")
-    @classmethod
-    def _samples(cls, value: Any) -> Any:
-        if isinstance(value, bool) or (isinstance(value, str) and value != "adaptive"):
-            raise ValueError(f"samples must be a number of noise draws or 'adaptive', got {value!r}")
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"samples must be a whole number of noise draws or 'adaptive', got {value!r}")
-        if isinstance(value, (int, float)) and not 1 <= value <= 64:
-            raise ValueError(f"input should be greater than or equal to 1 and at most 64, got {value}")
-        return value
-
-    @model_validator(mode="after")
-    def _adaptive_only(self) -> ScoringSettings:
-        if self.samples != "adaptive":
-            given = [name for name in ("max_samples", "band_quantile") if getattr(self, name) is not None]
-            if given:
-                raise ValueError(f"{' and '.join(given)} only apply to samples: adaptive")
-        return self
-
-    @property
-    def adaptive(self) -> bool:
-        """Whether prompts get as many draws as their decision needs (``samples: adaptive``)."""
-        return self.samples == "adaptive"
-
-    @property
-    def draws(self) -> int:
-        """The most noise draws a prompt gets: ``samples``, or ``max_samples`` (default 4) when adaptive."""
-        if isinstance(self.samples, int):
-            return self.samples
-        return self.max_samples or 4
-
-    @property
-    def quantile(self) -> float:
-        """The band quantile of adaptive sampling (default 0.99)."""
-        return self.band_quantile if self.band_quantile is not None else 0.99
-
-
 class ExplainSettings(_Model):
     """When decisions carry an explanation of their score: which words of the prompt drive it (docs/explain.md).
 
@@ -504,6 +447,8 @@ class Policy(_Model):
         if profile == "calibration":
             from guard.calibration import CalibrationProfile
 
+            if isinstance(calibration, str) and calibration in ("auto", "auto-strict", "off"):
+                return None  # a mode given to the guard, in the policy's own words: no file to read weights from
             source = calibration if calibration is not None else self.calibration_path
             if source is None:
                 return None

@@ -20,9 +20,13 @@ from .explain import Explanation, WordWeight, explain_prompt, prompt_words
 from .noise import DEFAULT_INFERENCE_STEPS, DEFAULT_SEED, detection_noise, scoring_timesteps
 from .profiles import PROFILES, ModelProfile, get_profile
 from .result import MemorizationScore
-from .scorer import Measurement, Scorer, guidance_statistics, score_prompts, validate_prompts
+from .scorer import Scorer, guidance_statistics, score_prompts, validate_prompts
+from .settings import DEFAULT_BATCH_SIZE, MEASUREMENT_FIELDS, Measurement, ScoringSettings
 
 __all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "MEASUREMENT_FIELDS",
+    "ScoringSettings",
     "DEFAULT_INFERENCE_STEPS",
     "DEFAULT_MAX_SAMPLES",
     "AdaptiveScorer",

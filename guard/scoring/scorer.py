@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,8 +20,9 @@ from .errors import NonFiniteScoreError
 from .noise import DEFAULT_INFERENCE_STEPS, DEFAULT_SEED, detection_noise
 from .profiles import ModelProfile, ProfileLike, get_profile
 from .result import MemorizationScore
+from .settings import DEFAULT_BATCH_SIZE, Measurement
 
-__all__ = ["Measurement", "Scorer", "guidance_statistics", "score_prompts", "validate_prompts"]
+__all__ = ["Scorer", "guidance_statistics", "score_prompts", "validate_prompts"]
 
 
 def guidance_statistics(
@@ -53,24 +53,6 @@ def validate_prompts(prompts: str | Sequence[str]) -> list[str]:
     return prompts
 
 
-@dataclass(frozen=True)
-class Measurement:
-    """How a scorer measures: a calibration only judges scores measured exactly the same way."""
-
-    fingerprint: str
-    model_class: str
-    profile: str
-    g_norm: float
-    g_cos: float
-    seed: int
-    samples: int
-    steps: int
-    prediction_space: str
-    #: ``fixed``: every prompt is scored on ``samples`` noise draws; ``adaptive``: on 1 to ``samples`` draws,
-    #: more only where a decision could change (``guard.scoring.adaptive``).
-    sampling: str = "fixed"
-
-
 class Scorer:
     """Scores prompts for one model with fixed settings; holds the cache of unconditional predictions.
 
@@ -99,7 +81,7 @@ class Scorer:
         inference_steps: int = DEFAULT_INFERENCE_STEPS,
         profile: ProfileLike | None = None,
         prediction_space: str = "auto",
-        batch_size: int = 16,
+        batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")

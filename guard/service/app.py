@@ -18,18 +18,20 @@ import base64
 import concurrent.futures
 import io
 import json
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+from .._version import __version__
 from ..actions import MemorizationBlocked
 from ..audit import AuditWriteError, audit_context
 from ..audit.record import current_actor
 from ..core import GuardReport, Submission
 from ..events import log_event
-from ..policy import Decision, decide_on_error
-from .auth import KEY_SCOPE, ApiKey, ApiKeyAuth, ServiceAccess
+from ..policy import Decision
 from .batching import MicroBatcher
+from .keys import ApiKey
+from .middleware import DEFAULT_MAX_BODY_BYTES, KEY_SCOPE, ApiKeyAuth, BodySizeLimit
 from .models import (
     BlockedResponse,
     CheckRequest,
@@ -37,20 +39,19 @@ from .models import (
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
+    GuardHealth,
     Health,
 )
+from .routing import ServiceAccess
+
+#: Where ``/docs`` loads Swagger UI's assets from (this server, not a CDN).
+DOCS_ASSETS = "/docs/assets"
 
 try:  # at module level, so FastAPI can resolve the endpoints' ``request: Request`` annotations
     from fastapi import Request
 except ImportError:  # the serve extra is missing: create_app's own import says so
     Request = Any  # type: ignore[assignment,misc]
 
-DEFAULT_MAX_BODY_BYTES = 64 * 1024
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 
 def create_app(
@@ -80,7 +81,7 @@ def create_app(
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memguard-guard")
     guards = [guard] + [g for g in (access.distinct_guards() if access else []) if g is not guard]
     batchers: dict[int, MicroBatcher[tuple[list[str], dict[str, Any]], GuardReport]] = {
-        id(g): MicroBatcher(lambda batch, g=g: _check_fail_closed(g, batch), executor, max_batch=max_batch,
+        id(g): MicroBatcher(lambda batch, g=g: _check(g, batch), executor, max_batch=max_batch,
                             max_wait_ms=max_wait_ms, size=lambda item: len(item[0]))
         for g in guards
     }
@@ -100,10 +101,14 @@ def create_app(
 
     app = FastAPI(
         title="memguard",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
         summary="Memorization guard for text-to-image generation",
         description="Scores prompts for training-data memorization before generation and applies a policy.",
         lifespan=lifespan,
     )
+    _add_docs(app)
     app.state.guard = guard
     app.state.batcher = batcher
     app.state.batchers = batchers
@@ -124,7 +129,7 @@ def create_app(
 
     from .metrics import add_metrics_route
 
-    add_metrics_route(app, guard)  # GET /metrics for Prometheus, when prometheus_client is installed
+    add_metrics_route(app, guards)  # GET /metrics for Prometheus, when prometheus_client is installed
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -132,16 +137,18 @@ def create_app(
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
     async def healthz() -> Any:
-        ready = getattr(guard, "scorer", None) is not None
+        states = [_guard_health(each) for each in guards]
+        ok = all(state.scorer_ready and state.audit_writable for state in states)
         health = Health(
-            status="ok" if ready else "degraded",
+            status="ok" if ok else "degraded",
             model=str(guard.model_id),
             policy=guard.policy.name,
             policy_version=str(guard.policy.version),
-            scorer_ready=ready,
-            detail=None if ready else f"cannot score this model: {guard.setup_error}",
+            scorer_ready=states[0].scorer_ready,
+            detail=None if ok else "; ".join(f"{s.policy}: {s.detail}" for s in states if s.detail),
+            guards=states,
         )
-        return JSONResponse(status_code=200 if ready else 503, content=health.model_dump())
+        return JSONResponse(status_code=200 if ok else 503, content=health.model_dump())
 
     @app.post("/v1/check", response_model=CheckResponse, responses={422: {"model": ErrorResponse}})
     async def check(body: CheckRequest, request: Request) -> CheckResponse:
@@ -183,21 +190,56 @@ def create_app(
     return app
 
 
-def _check_fail_closed(guard: Any, batch: list[tuple[list[str], dict[str, Any]]]) -> list[GuardReport]:
-    """One judging pass over every request of a micro-batch; a failure anywhere is the policy's ``on_error``
-    verdict for that batch's prompts, never an exception."""
-    requests = [Submission(prompts, context=context) for prompts, context in batch]
+def _check(guard: Any, batch: list[tuple[list[str], dict[str, Any]]]) -> list[GuardReport]:
+    """One judging pass over every request of a micro-batch: each prompt's verdict, audited (a prompt that cannot
+    be judged gets the policy's ``on_error`` verdict from the core, also audited)."""
+    reports, _ = guard.core.judge_many([Submission(prompts, context=context) for prompts, context in batch],
+                                       mode="check")
+    return reports
+
+
+def _add_docs(app: Any) -> None:
+    """``GET /docs``: Swagger UI served from this machine (the assets of the ``swagger-ui-py`` package), so the page
+    works where no CDN can be reached; without that package, FastAPI's own page (which loads from a CDN)."""
     try:
-        reports, _ = guard.core.judge_many(requests, mode="check")
-        return reports
+        import swagger_ui
+    except ImportError:
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        @app.get("/docs", include_in_schema=False)
+        async def docs_from_cdn() -> Any:
+            return get_swagger_ui_html(openapi_url=app.openapi_url, title="memguard API")
+
+        return
+    from pathlib import Path
+
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=Path(swagger_ui.__file__).parent / "static"), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Any:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="memguard API",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
+
+
+def _guard_health(guard: Any) -> GuardHealth:
+    """Whether ``guard`` can score its model and write its audit log (opening the log if it is not open yet)."""
+    problems = []
+    ready = getattr(guard, "scorer", None) is not None
+    if not ready:
+        problems.append(f"cannot score this model: {guard.setup_error}")
+    try:
+        guard.audit  # noqa: B018 - opens the log, as the next request would
+        writable = True
     except Exception as error:
-        message = f"check failed: {type(error).__name__}: {error}"
-        return [
-            GuardReport(request_id="unaudited", decisions=[decide_on_error(guard.policy, i, message)
-                                                           for i in range(len(prompts))], mode="check",
-                        audit_error=message)
-            for prompts, _ in batch
-        ]
+        writable = False
+        problems.append(f"audit log not writable: {type(error).__name__}: {error}")
+    return GuardHealth(policy=guard.policy.name, policy_version=str(guard.policy.version), scorer_ready=ready,
+                       audit_writable=writable, detail="; ".join(problems) or None)
 
 
 def _record_start(guards: Sequence[Any], access: ServiceAccess | None, bind: str | None,
@@ -272,63 +314,3 @@ def _validation_content(errors: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return {"error": "malformed_json", "detail": message, "errors": clean}
     parts = [f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in errors]
     return {"error": "invalid_request", "detail": "; ".join(parts), "errors": clean}
-
-
-class BodySizeLimit:
-    """ASGI middleware: HTTP 413 for bodies over ``max_bytes``, by Content-Length or as actually streamed.
-
-    The body is read (up to the limit) before the app sees it, so a lying or absent Content-Length
-    cannot make the app buffer more than the limit.
-    """
-
-    def __init__(self, app: Any, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None:
-            try:
-                too_big = int(declared) > self.max_bytes
-            except ValueError:
-                too_big = False
-            if too_big:
-                await self._reject(send, f"request body of {int(declared)} bytes exceeds {self.max_bytes}")
-                return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._reject(send, f"request body exceeds {self.max_bytes} bytes")
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    @staticmethod
-    async def _reject(send: Send, detail: str) -> None:
-        payload = json.dumps({"error": "payload_too_large", "detail": detail}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": payload})

@@ -77,10 +77,24 @@ class ErrorResponse(BaseModel):
     detail: Any = None
 
 
+class GuardHealth(BaseModel):
+    """One guard the service runs (the default policy's, or an API key's policy)."""
+
+    policy: str
+    policy_version: str
+    scorer_ready: bool
+    audit_writable: bool
+    detail: str | None = None
+
+
 class Health(BaseModel):
+    """``ok`` when every guard can score and record; ``degraded`` (HTTP 503) otherwise, with each guard's state.
+    ``policy`` is the default policy's name; ``guards`` lists every guard, the default first."""
+
     status: Literal["ok", "degraded"]
     model: str
     policy: str
     policy_version: str
     scorer_ready: bool
     detail: str | None = None
+    guards: list[GuardHealth] = Field(default_factory=list)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ...compat import execution_device, offload_hooks
 from ..conditioning import TextConditioning
 from ..errors import UnsupportedPipelineError
 
@@ -145,8 +146,9 @@ class PipelineAdapter(ModelAdapter):
     def device(self) -> torch.device:
         """The pipeline's execution device (offloading aware), memoized while its placement is unchanged.
 
-        ``_execution_device`` walks every submodule looking for offload hooks, which costs milliseconds
-        per call on a full-size model; the placement signature is a handful of attribute reads.
+        Finding the execution device (``guard.compat.execution_device``) walks every submodule looking for offload
+        hooks, which costs milliseconds per call on a full-size model; the placement signature is a handful of
+        attribute reads.
         """
         return self._placement()[0]
 
@@ -157,7 +159,7 @@ class PipelineAdapter(ModelAdapter):
     def _placement(self) -> tuple[torch.device, torch.dtype]:
         signature = self._placement_signature()
         if self._placement_memo is None or self._placement_memo[0] != signature:
-            self._placement_memo = (signature, (self.pipe._execution_device, self.denoiser.dtype))
+            self._placement_memo = (signature, (execution_device(self.pipe), self.denoiser.dtype))
         return self._placement_memo[1]
 
     def _placement_signature(self) -> tuple:
@@ -165,12 +167,8 @@ class PipelineAdapter(ModelAdapter):
         for module in self.pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 first = next(module.parameters(), None)
-                signature.append((
-                    id(module),
-                    None if first is None else (first.device, first.dtype),
-                    id(getattr(module, "_hf_hook", None)),
-                    id(getattr(module, "_diffusers_hook", None)),
-                ))
+                signature.append((id(module), None if first is None else (first.device, first.dtype),
+                                  *offload_hooks(module)))
         return tuple(signature)
 
     # ------------------------------------------------------------------ identity
@@ -285,6 +283,16 @@ class PipelineAdapter(ModelAdapter):
         values["height"], values["width"] = self.call_size(arguments)
         accepted = inspect.signature(check).parameters
         check(**{name: values.get(name) for name in accepted if name in values or not _has_default(accepted[name])})
+
+    def call_latent_shape(self, arguments: Mapping[str, Any]) -> tuple[int, int, int]:
+        """The unpacked ``(C, h, w)`` of a call's images at its size, as the pipeline's own ``prepare_latents``
+        shapes them (one throwaway draw of one image from a private generator)."""
+        given = arguments.get("latents")
+        if isinstance(given, torch.Tensor):
+            return tuple(self.unpack_latents(given, arguments).shape[1:])
+        height, width = self.call_size(arguments)
+        probe = self._draw_latents(1, int(height), int(width), torch.Generator("cpu").manual_seed(0))
+        return tuple(int(v) for v in probe.shape[1:])
 
     def prepare_latents(self, arguments: Mapping[str, Any], batch: int) -> torch.Tensor:
         """The call's un-scaled initial noise ``[batch * images_per_prompt, C, h, w]``, drawn by the

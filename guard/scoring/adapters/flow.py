@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...compat import flux_image_ids, flux_pack, flux_unpack
 from ..conditioning import TextConditioning
 from ..errors import UnsupportedPipelineError
 from .base import PipelineAdapter, schedule_json
@@ -349,18 +350,17 @@ class FluxAdapter(FlowMatchingAdapter):
 
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         """Unpacked ``[B, C, H, W]`` latents as the transformer takes them (the pipeline's own packing)."""
-        batch, channels, height, width = latents.shape
-        return self.pipe._pack_latents(latents, batch, channels, height, width)
+        return flux_pack(self.pipe, latents)
 
     def unpack(self, packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Packed latents of a ``height`` x ``width`` latent image back to ``[B, C, H, W]``."""
         scale = self.vae_scale_factor
-        return self.pipe._unpack_latents(packed, height * scale, width * scale, scale)
+        return flux_unpack(self.pipe, packed, height * scale, width * scale, scale)
 
     def predict(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
         batch, _, height, width = sample.shape
         device = sample.device
-        image_ids = self.pipe._prepare_latent_image_ids(batch, height // 2, width // 2, device, sample.dtype)
+        image_ids = flux_image_ids(self.pipe, batch, height // 2, width // 2, device, sample.dtype)
         text_ids_dtype = self.pipe.text_encoder.dtype if self.pipe.text_encoder is not None else self.transformer.dtype
         text_ids = torch.zeros(cond.embeds.shape[1], 3, device=device, dtype=text_ids_dtype)
         guidance = None

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ...compat import pixart_text_preprocessing
 from ..conditioning import TextConditioning
 from .flow import call_default, require_components
 from .stable_diffusion import DiscreteDiffusionAdapter, require_prediction_type
@@ -65,7 +66,7 @@ class PixArtAdapter(DiscreteDiffusionAdapter):
         embeds, mask, _, _ = self.pipe.encode_prompt(
             list(prompts), do_classifier_free_guidance=False, num_images_per_prompt=1, device=self.device, **options
         )
-        texts = self.pipe._text_preprocessing(list(prompts), clean_caption=options["clean_caption"])
+        texts = pixart_text_preprocessing(self.pipe, list(prompts), clean_caption=options["clean_caption"])
         truncated = self.truncated(texts, [("tokenizer", int(options["max_sequence_length"]))])
         return TextConditioning(embeds, mask=mask, truncated=truncated)
 

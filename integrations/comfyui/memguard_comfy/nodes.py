@@ -24,7 +24,6 @@ import torch
 from comfy_api.latest import io
 
 from guard import GuardCore, GuardReport
-from guard.audit.record import Outcome
 from guard.policy import Decision, Policy, load_policy, shipped_policies
 from guard.scoring import TextConditioning
 
@@ -100,19 +99,20 @@ def autograd_weights(module: torch.nn.Module) -> Iterator[None]:
     ordinary copies, more memory for a few steps, and restored); and its networks update activations in place
     (FLUX's blocks do ``x += ...``), which autograd refuses when the tensor was saved for backward (under
     ``allow_mutation_on_saved_tensors`` a saved tensor is cloned when mutated, so the backward pass is exact).
+    Parameters are swapped through torch's public ``register_parameter``.
     """
     swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
     try:
         for sub in module.modules():
-            for name, param in list(sub._parameters.items()):
-                if param is not None and param.is_inference():
+            for name, param in list(sub.named_parameters(recurse=False)):
+                if param.is_inference():
                     swapped.append((sub, name, param))
-                    sub._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+                    sub.register_parameter(name, torch.nn.Parameter(param.clone(), requires_grad=False))
         with torch.autograd.graph.allow_mutation_on_saved_tensors():
             yield
     finally:
         for sub, name, param in swapped:
-            sub._parameters[name] = param
+            sub.register_parameter(name, param)
 
 
 def _plain(conditioning: Sequence[Sequence[Any]]) -> list[list[Any]]:
@@ -256,7 +256,8 @@ def _conditioning_rows(
 
 
 def _output_conditioning(
-    positive: Sequence[Sequence[Any]], sizes: list[int], cond: TextConditioning, report: GuardReport, keep: set[int]
+    positive: Sequence[Sequence[Any]], sizes: list[int], cond: TextConditioning | None, report: GuardReport,
+    keep: set[int],
 ) -> list[list[Any]]:
     """``positive`` without dropped entries, rewritten rows replaced by their mitigated embeddings (and pooled
     output, where the family's rewrite optimised it), trimmed back to the entry's own token length when rows
@@ -269,7 +270,7 @@ def _output_conditioning(
             continue
         options = dict(entry[1]) if len(entry) > 1 else {}
         embeds = entry[0]
-        if any(i in report.mitigations and report.mitigations[i].met for i in rows):
+        if cond is not None and any(i in report.mitigations and report.mitigations[i].met for i in rows):
             embeds = cond.embeds[rows[0] : rows[-1] + 1]
             if cond.mask is not None:
                 embeds = embeds[:, : entry[0].shape[1]]
@@ -357,61 +358,42 @@ def run_guard(
     texts: list[str] | None,
     enforce: bool,
 ) -> tuple[list[list[Any]], GuardReport, bool, bool, list[str]]:
-    """Judge every row of the positive conditioning through the core, rewrite, and record the outcome.
+    """Judge every row of the positive conditioning and let the core act on it (this node cannot generate, so the
+    core gets no generator: prompts pass on as decided, and a rewrite that needs verification takes its fallback).
 
-    Returns the conditioning to pass on, the report, whether the branch is blocked, whether the prompt texts
-    were known, and notes for the report (which size conditioning SDXL was scored with).
+    Returns the conditioning to pass on, the report, whether the branch is blocked, whether the prompt texts were
+    known, and notes for the report (which size conditioning SDXL was scored with).
     """
     size, size_note = sdxl_size(model, positive, latent_size)
     core = core_for(model, clip, negative, policy=policy, unconditional=unconditional, latent_size=latent_size,
                     audit_path=audit_path, size=size)
     adapter = core.scorer.adapter if core.scorer is not None else None
     adapter = adapter if isinstance(adapter, ComfyUIModelAdapter) else None
-    unusable: GuardCore | None = None
+    unscorable = None
     try:
         cond, sizes = _conditioning_rows(positive, adapter)
     except (ValueError, RuntimeError) as error:  # e.g. an SDXL entry without pooled output: on_error, audited
-        unusable = core = GuardCore(model, policy, audit_path=audit_path or None, source="comfyui", setup_error=error)
-        cond, sizes = _conditioning_rows(positive, None)
+        unscorable = f"the conditioning cannot be scored: {type(error).__name__}: {error}"
+        cond, sizes = None, [len(entry[0]) if isinstance(entry[0], torch.Tensor) else 1 for entry in positive]
         adapter = None
-    try:
-        prompts: list[str | None] = [None] * len(cond)
-        texts_known = texts is not None and len(texts) == len(positive)
-        if texts_known:
-            prompts = [text for text, size_ in zip(texts, sizes) for _ in range(size_)]
-        full_context = {"comfyui": {**context, "unconditional": "negative" if unconditional == UNCOND_NEGATIVE
-                                    else "empty", **_context_notes(adapter)}}
-        report, cond = core.judge(prompts, cond=cond, mode="generate" if enforce else "check", context=full_context)
-        notes = [size_note, _flux_note(adapter)] if adapter is not None else []
-        if not enforce:
-            return list(positive), report, False, texts_known, notes
-        if not report.plan(policy).blocked_whole and any(d.action == "rewrite" for d in report.decisions):
-            weights = adapter.base_model.diffusion_model if adapter is not None else None
-            with autograd_weights(weights if weights is not None else torch.nn.Module()):
-                kept = list(report.plan(policy).generate)
-                state = core.rewrite(report, cond.select(kept))  # no sampler here: only unverified rules rewrite
-                rewritten = cond.clone()
-                for position, row in enumerate(kept):
-                    rewritten.embeds[row] = state.cond.embeds[position]
-                    if rewritten.pooled is not None and state.cond.pooled is not None:
-                        rewritten.pooled[row] = state.cond.pooled[position]
-                cond = rewritten
-        plan = report.plan(policy)
-        keep = set(plan.generate)
-        outcomes: dict[int, Outcome] = {}
-        for decision in report.decisions:
-            index = decision.prompt_index
-            mitigation = report.mitigations.get(index)
-            outcomes[index] = ("blocked" if plan.blocked_whole else "dropped" if index in plan.dropped
-                               else "rewritten" if mitigation is not None and mitigation.verified else "generated")
-        report.blocked = plan.blocked_whole
-        report.generated, report.dropped = list(plan.generate), list(plan.dropped)
-        core.conclude(report, outcomes)
-        output = [] if plan.blocked_whole else _output_conditioning(positive, sizes, cond, report, keep)
-        return output, report, plan.blocked_whole, texts_known, notes
-    finally:
-        if unusable is not None:
-            unusable.close()
+    rows = sum(sizes)
+    prompts: list[str | None] = [None] * rows
+    texts_known = texts is not None and len(texts) == len(positive)
+    if texts_known:
+        prompts = [text for text, size_ in zip(texts, sizes) for _ in range(size_)]
+    full_context = {"comfyui": {**context, "unconditional": "negative" if unconditional == UNCOND_NEGATIVE
+                                else "empty", **_context_notes(adapter)}}
+    report, cond = core.judge(prompts, cond=cond, mode="generate" if enforce else "check", context=full_context,
+                              unscorable=unscorable)
+    notes = [size_note, _flux_note(adapter)] if adapter is not None else []
+    if not enforce:
+        return list(positive), report, False, texts_known, notes
+    weights = adapter.base_model.diffusion_model if adapter is not None else None
+    with autograd_weights(weights if weights is not None else torch.nn.Module()):
+        release = core.act(report, cond, None)
+    output = [] if report.blocked else _output_conditioning(positive, sizes, release.cond, report,
+                                                           set(report.generated))
+    return output, report, report.blocked, texts_known, notes
 
 
 def _common_inputs() -> list[Any]:

@@ -1,4 +1,4 @@
-"""API keys for ``memguard serve``: who is calling, which policy judges their prompts, how often they may call.
+"""API keys for ``memguard serve``: the key file, its hashed secrets, and checking a caller's key.
 
 A key file (YAML or JSON) lists key ids with a hashed secret, and optionally a team, a policy and a rate
 limit; teams and ``defaults`` give the same settings to many keys::
@@ -29,7 +29,6 @@ working). Key ids are names, not secrets: an unknown id is refused without hashi
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -40,32 +39,25 @@ import os
 import re
 import secrets
 import threading
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import MemguardError, format_loc
+from .ratelimit import RateLimit, RateLimiter
 
 __all__ = [
-    "KEY_SCOPE",
     "ApiKey",
-    "ApiKeyAuth",
+    "ApiKeyConfig",
     "ApiKeyFile",
     "ApiKeyFileError",
     "AuthResult",
     "Authenticator",
-    "RateLimit",
-    "RateLimiter",
-    "ServiceAccess",
-    "TokenBucket",
     "hash_secret",
-    "is_loopback",
     "load_api_keys",
     "new_api_key",
     "verify_secret",
@@ -131,20 +123,6 @@ def new_api_key(key_id: str) -> tuple[str, str]:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RateLimit(_Strict):
-    """A token bucket: ``per_second`` requests on average, bursts of up to ``burst`` (default: one second's)."""
-
-    per_second: float = Field(gt=0.0, le=1e6, allow_inf_nan=False)
-    burst: int | None = Field(default=None, ge=1, le=1_000_000)
-
-    @property
-    def capacity(self) -> int:
-        return self.burst if self.burst is not None else max(1, math.ceil(self.per_second))
-
-    def describe(self) -> str:
-        return f"{self.per_second:g} requests/s (burst {self.capacity})"
 
 
 class _Settings(_Strict):
@@ -221,8 +199,10 @@ def load_api_keys(path: str | os.PathLike[str]) -> ApiKeyConfig:
     except (yaml.YAMLError, ValueError, UnicodeDecodeError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ApiKeyFileError(f"{source}: not valid YAML/JSON: {first}") from None
+    if isinstance(data, list):  # entries appended by `memguard serve hash-key --generate >> keys.yaml`
+        data = {"keys": data}
     if not isinstance(data, Mapping):
-        raise ApiKeyFileError(f"{source}: the top level must be a mapping with a 'keys' list")
+        raise ApiKeyFileError(f"{source}: the top level must be a mapping with a 'keys' list, or a list of keys")
     try:
         parsed = ApiKeyFile.model_validate(dict(data))
     except ValidationError as error:
@@ -252,54 +232,6 @@ def _resolve_policy(policy: str | None, folder: Path) -> str | None:
         return str(folder / candidate)
     local = folder / candidate
     return str(local) if local.is_file() else policy
-
-
-class TokenBucket:
-    """``rate`` tokens per second up to ``capacity``; ``take`` spends one or says how long until one is there."""
-
-    def __init__(self, rate: float, capacity: int) -> None:
-        self.rate, self.capacity = rate, capacity
-        self._tokens = float(capacity)
-        self._updated = time.monotonic()
-
-    def take(self) -> float:
-        """0.0 if a token was spent, else the seconds until one will be available."""
-        wait = self.peek()
-        if not wait:
-            self._tokens -= 1.0
-        return wait
-
-    def peek(self) -> float:
-        """0.0 if a token is available (none is spent), else the seconds until one will be."""
-        now = time.monotonic()
-        self._tokens = min(self.capacity, self._tokens + (now - self._updated) * self.rate)
-        self._updated = now
-        return 0.0 if self._tokens >= 1.0 else (1.0 - self._tokens) / self.rate
-
-
-class RateLimiter:
-    """One token bucket per key id, made on first use from the key's ``RateLimit``."""
-
-    def __init__(self) -> None:
-        self._buckets: dict[str, TokenBucket] = {}
-        self._lock = threading.Lock()
-
-    def admit(self, key_id: str, limit: RateLimit | None) -> float:
-        """0.0 if the request may go ahead (a token is spent), else the seconds to wait (``Retry-After``)."""
-        return self._bucket_call(key_id, limit, TokenBucket.take)
-
-    def peek(self, key_id: str, limit: RateLimit | None) -> float:
-        """Like ``admit``, without spending a token."""
-        return self._bucket_call(key_id, limit, TokenBucket.peek)
-
-    def _bucket_call(self, key_id: str, limit: RateLimit | None, call: Callable[[TokenBucket], float]) -> float:
-        if limit is None:
-            return 0.0
-        with self._lock:
-            bucket = self._buckets.get(key_id)
-            if bucket is None:
-                bucket = self._buckets[key_id] = TokenBucket(limit.per_second, limit.capacity)
-            return call(bucket)
 
 
 @dataclass(frozen=True)
@@ -374,144 +306,3 @@ class Authenticator:
         return self.verify(key, token)
 
 
-class ServiceAccess:
-    """What the service needs to serve API keys: authentication, rate limits, and each key's guard.
-
-    ``guards`` maps key ids to the guard (one per distinct policy) that judges that key's requests.
-    """
-
-    def __init__(self, config: ApiKeyConfig, guards: Mapping[str, Any], *, failures_per_minute: int = 10) -> None:
-        missing = sorted(set(config.keys) - set(guards))
-        if missing:
-            raise ValueError(f"no guard for key(s) {missing}")
-        self.config = config
-        self.guards = dict(guards)
-        self.authenticator = Authenticator(config.keys, failures_per_minute=failures_per_minute)
-        self.limiter = RateLimiter()
-
-    @classmethod
-    def build(cls, config: ApiKeyConfig, default_guard: Any, make_guard: Callable[[str], Any], **options: Any
-              ) -> ServiceAccess:
-        """One guard per distinct policy (``make_guard(policy)``), keys without a policy on ``default_guard``;
-        every guard shares the default guard's lock, since they share one pipeline."""
-        from ..policy import load_policy
-
-        by_hash: dict[str, Any] = {default_guard.policy.content_hash: default_guard}
-        guards: dict[str, Any] = {}
-        for key in config.keys.values():
-            if key.policy is None:
-                guards[key.id] = default_guard
-                continue
-            try:
-                policy = load_policy(key.policy)
-            except (MemguardError, OSError, TypeError) as error:
-                raise ApiKeyFileError(f"{config.path}: key {key.id!r}: policy {key.policy!r}: {error}") from None
-            guard = by_hash.get(policy.content_hash)
-            if guard is None:
-                guard = by_hash[policy.content_hash] = make_guard(key.policy)
-                guard.core.lock = default_guard.core.lock
-            guards[key.id] = guard
-        return cls(config, guards, **options)
-
-    def guard_for(self, key: ApiKey) -> Any:
-        return self.guards[key.id]
-
-    def distinct_guards(self) -> list[Any]:
-        seen: dict[int, Any] = {}
-        for guard in self.guards.values():
-            seen.setdefault(id(guard), guard)
-        return list(seen.values())
-
-    def grants(self) -> list[dict[str, Any]]:
-        """Each key's id, team, policy (name, version, hash, file) and rate limit, for ``service_started``."""
-        out = []
-        for key in self.config.keys.values():
-            policy = self.guards[key.id].policy
-            out.append({
-                "id": key.id, "team": key.team,
-                "policy": {"name": policy.name, "version": policy.version, "hash": policy.content_hash},
-                "policy_path": str(policy.source) if policy.source is not None else key.policy,
-                "rate_limit": None if key.rate_limit is None else {"per_second": key.rate_limit.per_second,
-                                                                   "burst": float(key.rate_limit.capacity)},
-            })
-        return out
-
-
-def is_loopback(host: str) -> bool:
-    """Whether every address ``host`` resolves to is a loopback address (``--insecure-no-auth`` is needed otherwise)."""
-    import ipaddress
-    import socket
-
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError:
-        return False
-    addresses: Iterable[str] = {info[4][0] for info in infos}
-    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
-
-
-KEY_SCOPE = "memguard.api_key"
-_OPEN_PATHS = frozenset({"/healthz"})
-
-
-class ApiKeyAuth:
-    """ASGI middleware, outermost: 401 without a valid key, 429 over the key's rate limit, before any body is
-    read or any work is done. The key reaches the endpoints as ``scope["memguard.api_key"]``.
-
-    ``/healthz`` stays open (load balancers probe it without credentials); it shows the model id and the
-    default policy's name and version.
-    """
-
-    def __init__(self, app: Any, access: ServiceAccess) -> None:
-        self.app = app
-        self.access = access
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("path") in _OPEN_PATHS:
-            await self.app(scope, receive, send)
-            return
-        authorization = None
-        for name, value in scope.get("headers") or ():
-            if name == b"authorization":
-                authorization = value.decode("latin-1")
-                break
-        authenticator = self.access.authenticator
-        key, token, refused = authenticator.parse(authorization)
-        if refused is None:
-            assert key is not None
-            if not authenticator.cached(key, token):
-                refused = await asyncio.get_running_loop().run_in_executor(None, authenticator.verify, key, token)
-                refused = None if refused.key is not None else refused
-        if refused is None:
-            assert key is not None
-            wait = self.access.limiter.admit(key.id, key.rate_limit)
-            if wait:
-                refused = AuthResult(None, 429, f"key {key.id!r} is over its rate limit of "
-                                                f"{key.rate_limit.describe() if key.rate_limit else ''}; retry in "
-                                                f"{wait:.2f} s", wait)
-        if refused is not None:
-            from ..events import log_event
-
-            log_event("request_refused", level="warning", status=refused.status, path=scope.get("path"),
-                      key_id=key.id if key is not None else None, detail=refused.detail)
-            await _refuse(send, refused)
-            return
-        scope[KEY_SCOPE] = key
-        await self.app(scope, receive, send)
-
-
-async def _refuse(send: Any, refused: AuthResult) -> None:
-    error = "unauthorized" if refused.status == 401 else "rate_limited"
-    payload = json.dumps({"error": error, "detail": refused.detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-               (b"connection", b"close")]
-    if refused.status == 401:
-        headers.append((b"www-authenticate", b'Bearer realm="memguard"'))
-    else:
-        headers.append((b"retry-after", str(max(1, math.ceil(refused.retry_after))).encode()))
-    await send({"type": "http.response.start", "status": refused.status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
