@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .sink import GENESIS_HASH, record_hash
+from .chain import GENESIS_HASH, record_hash
+from .signing import KeyRing, checkpoint_problem
 
 __all__ = ["SignatureTally", "VerifyReport", "load_anchors", "verify_log"]
+
+#: Called with (line number, record) for every record that passed the chain checks; a string fails that line.
+LineCheck = Callable[[int, dict[str, Any]], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,10 @@ class VerifyReport:
     signers: tuple[str, ...] = ()
     anchors: int = 0
     strict: bool = False
+    #: The log ends with a checkpoint written on ``close`` or at ``exit``: its writer finished it.
+    closed: bool = False
+    #: Every line passed the chain checks (a failure is then about signing, ``strict`` or shipped checkpoints).
+    complete: bool = False
 
     def __bool__(self) -> bool:
         return self.ok
@@ -99,6 +107,7 @@ def verify_log(
     public_keys: Any = None,
     strict: bool = False,
     anchors: Mapping[int, Mapping[str, Any]] | None = None,
+    check: LineCheck | None = None,
 ) -> VerifyReport:
     """Check every line of a log: complete, JSON, its own hash, and chained to the line before.
 
@@ -111,13 +120,13 @@ def verify_log(
     reordered or foreign checkpoints. A log without any checkpoint fails (nothing in it is signed).
     ``strict`` fails on records after the last checkpoint. ``anchors`` (``load_anchors``) are checkpoints
     kept elsewhere: each must be in the log, unchanged, so a cut-off log fails down to the last one shipped.
+    ``check`` is called for every record that passed the chain checks, in order (``verify_trail`` checks a
+    segment's writer and trail with it); a string it returns fails that line.
     Raises ``OSError`` if the file cannot be read, ``KeyFileError`` if a key file is unusable.
     """
     keys = _key_ring(public_keys)
     anchors = dict(anchors or {})
     if anchors and keys is not None:
-        from .signing import checkpoint_problem
-
         for seq, anchor in sorted(anchors.items()):
             problem = checkpoint_problem(anchor, keys)
             if problem is not None:
@@ -126,13 +135,15 @@ def verify_log(
     prev_hash, prev_seq, count = GENESIS_HASH, 0, 0
     checkpoints, cp_seq, cp_sig, cp_line, adopted, matched = 0, 0, None, 0, 0, 0
     signers: list[str] = []
+    closed = complete = False
 
     def report(ok: bool, line_no: int | None = None, reason: str | None = None) -> VerifyReport:
         return VerifyReport(
             name, ok, count, line_no, reason, prev_hash if count else None, key_checked=keys is not None,
             signed=keys is not None and checkpoints > 0, checkpoints=checkpoints,
             last_checkpoint_seq=cp_seq if checkpoints else None, unsigned_tail=count - cp_line if checkpoints
-            else count, adopted=adopted, signers=tuple(signers), anchors=matched, strict=strict,
+            else count, adopted=adopted, signers=tuple(signers), anchors=matched, strict=strict, closed=closed,
+            complete=complete,
         )
 
     with Path(path).open("rb") as handle:
@@ -163,6 +174,10 @@ def verify_log(
             if record["prev_hash"] != prev_hash:
                 where = "the genesis hash" if line_no == 1 else f"the hash of line {line_no - 1}"
                 return report(False, line_no, f"prev_hash is not {where}: records deleted, reordered or inserted")
+            if check is not None:
+                problem = check(line_no, record)
+                if problem is not None:
+                    return report(False, line_no, problem)
             anchor = anchors.pop(seq, None)
             if anchor is not None:
                 if anchor.get("hash") != record["hash"]:
@@ -179,7 +194,9 @@ def verify_log(
                 if record.get("reason") == "open" and isinstance(record.get("signed_seq"), int):
                     adopted += max(0, record["signed_seq"] - cp_seq)
                 checkpoints, cp_seq, cp_sig, cp_line = checkpoints + 1, seq, record.get("signature"), count + 1
+            closed = record.get("event") == "checkpoint" and record.get("reason") in ("close", "exit")
             prev_hash, prev_seq, count = record["hash"], seq, count + 1
+    complete = True
     if anchors:
         first = min(anchors)
         return report(False, count + 1, f"the log ends at seq {prev_seq}, but a shipped checkpoint has seq {first}: "
@@ -195,11 +212,9 @@ def verify_log(
     return report(True)
 
 
-def _key_ring(public_keys: Any) -> Any:
+def _key_ring(public_keys: Any) -> KeyRing | None:
     if public_keys is None:
         return None
-    from .signing import KeyRing
-
     if isinstance(public_keys, KeyRing):
         return public_keys
     if isinstance(public_keys, (str, os.PathLike)):
@@ -212,8 +227,6 @@ def _key_ring(public_keys: Any) -> Any:
 
 def _checkpoint_problem(record: Mapping[str, Any], keys: Any, cp_seq: int, cp_sig: str | None) -> str | None:
     """Why a checkpoint does not verify where it stands, or None."""
-    from .signing import checkpoint_problem
-
     seq = record["seq"]
     if record.get("prev_checkpoint_seq") != cp_seq or record.get("prev_signature") != cp_sig:
         before = f"the checkpoint at seq {cp_seq}" if cp_seq else "no checkpoint"
