@@ -209,26 +209,27 @@ class TrailSegment:
         reports them."""
         out: dict[str, list[Any]] = {}
         try:
-            names = [e.name for e in os.scandir(self.directory) if e.name.endswith(SEGMENT_SUFFIX)
-                     and not e.name.startswith(".")]
+            entries = sorted((e for e in os.scandir(self.directory) if e.name.endswith(SEGMENT_SUFFIX)
+                              and not e.name.startswith(".")), key=lambda e: e.name)
         except OSError:
             return out
-        for name in sorted(names):
-            writer = name[: -len(SEGMENT_SUFFIX)]
+        for entry in entries:
+            writer = entry.name[: -len(SEGMENT_SUFFIX)]
             if writer == self.writer:
                 continue
-            head = self._read_head(self.directory / name, writer)
+            head = self._read_head(entry, writer)
             if head is not None and (not changed_only or self._witnessed.get(writer) != head):
                 out[writer] = head
         return out
 
-    def _read_head(self, path: Path, writer: str) -> list[Any] | None:
+    def _read_head(self, entry: os.DirEntry[str], writer: str) -> list[Any] | None:
+        """``[seq, hash]`` of a segment's last whole record; re-read only when its size or time changed."""
         try:
-            with open(path, "rb") as handle:
-                stat = os.fstat(handle.fileno())
-                key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-                if self._stat.get(writer) == key:
-                    return self._head.get(writer)
+            stat = entry.stat()
+            key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            if self._stat.get(writer) == key:
+                return self._head.get(writer)
+            with open(entry.path, "rb") as handle:
                 line = last_complete_line(handle, stat.st_size)
         except OSError:
             return None

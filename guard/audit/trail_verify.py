@@ -144,6 +144,13 @@ class TrailReport:
         return (f"{what}; intact, signed: {self.checkpoints} checkpoint(s) verified with key "
                 f"{', '.join(self.signers)}; {self.unsigned_tail} record(s) after the last checkpoints not yet signed")
 
+    def one_line(self) -> str:
+        """The headline, and the first problem if any."""
+        if self.ok:
+            return self.headline()
+        more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
+        return f"{self.problems[0]}{more}"
+
     def __str__(self) -> str:
         lines = [self.headline()] + [f"  {s.describe()}" for s in self.segments if s.report.ok]
         lines += [f"  {p}" for p in self.problems]

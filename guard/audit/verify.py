@@ -75,6 +75,9 @@ class VerifyReport:
             parts.append(f"{self.adopted} record(s) first signed by a later writer's opening checkpoint")
         return "; ".join(parts)
 
+    def one_line(self) -> str:
+        return str(self)
+
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__} | {"signers": list(self.signers)}
 
@@ -136,6 +139,7 @@ def verify_log(
     checkpoints, cp_seq, cp_sig, cp_line, adopted, matched = 0, 0, None, 0, 0, 0
     signers: list[str] = []
     closed = complete = False
+    first_event = None
 
     def report(ok: bool, line_no: int | None = None, reason: str | None = None) -> VerifyReport:
         return VerifyReport(
@@ -178,6 +182,8 @@ def verify_log(
                 problem = check(line_no, record)
                 if problem is not None:
                     return report(False, line_no, problem)
+            if line_no == 1:
+                first_event = record.get("event")
             anchor = anchors.pop(seq, None)
             if anchor is not None:
                 if anchor.get("hash") != record["hash"]:
@@ -192,7 +198,9 @@ def verify_log(
                     if record["key_id"] not in signers:
                         signers.append(record["key_id"])
                 if record.get("reason") == "open" and isinstance(record.get("signed_seq"), int):
-                    adopted += max(0, record["signed_seq"] - cp_seq)
+                    # a trail segment's own first record, signed as the segment opens, was not left by anyone else
+                    own = 1 if cp_seq == 0 and first_event == "segment" else 0
+                    adopted += max(0, record["signed_seq"] - cp_seq - own)
                 checkpoints, cp_seq, cp_sig, cp_line = checkpoints + 1, seq, record.get("signature"), count + 1
             closed = record.get("event") == "checkpoint" and record.get("reason") in ("close", "exit")
             prev_hash, prev_seq, count = record["hash"], seq, count + 1
@@ -240,25 +248,32 @@ def _checkpoint_problem(record: Mapping[str, Any], keys: Any, cp_seq: int, cp_si
 
 class SignatureTally:
     """What a reading pass (``audit summary``) sees of signing, unverified: checkpoints, their key ids, and
-    the records after the last one; with a ``VerifyReport`` it also says whether a key verified them."""
+    the records after the last one (of each segment, in a trail); with a ``VerifyReport`` (or a trail's
+    ``TrailReport``) it also says whether a key verified them."""
 
     def __init__(self) -> None:
         self.checkpoints = 0
         self.last_checkpoint_seq: int | None = None
-        self.after_checkpoint = 0
         self.signers: set[str] = set()
+        self._after: dict[Any, int] = {}
 
-    def note(self, record: Mapping[str, Any]) -> None:
+    @property
+    def after_checkpoint(self) -> int:
+        """Records after the last checkpoint, summed over segments."""
+        return sum(self._after.values())
+
+    def note(self, record: Mapping[str, Any], segment: Any = None) -> None:
+        """Count one record of ``segment`` (any key naming it; None for a single log)."""
         if record.get("event") != "checkpoint":
-            self.after_checkpoint += 1
+            self._after[segment] = self._after.get(segment, 0) + 1
             return
         self.checkpoints += 1
         self.last_checkpoint_seq = record.get("seq")
-        self.after_checkpoint = 0
+        self._after[segment] = 0
         if len(self.signers) < 100:
             self.signers.add(str(record.get("key_id")))
 
-    def to_dict(self, verified: VerifyReport | None = None) -> dict[str, Any]:
+    def to_dict(self, verified: Any = None) -> dict[str, Any]:
         return {
             "checkpoints": self.checkpoints, "signers": sorted(self.signers),
             "last_checkpoint_seq": self.last_checkpoint_seq, "records_after_last_checkpoint": self.after_checkpoint,
@@ -266,10 +281,11 @@ class SignatureTally:
                                                        "summary": str(verified)},
         }
 
-    def line(self, verified: VerifyReport | None = None) -> str:
-        """One line: signed or not, and whether a key verified it."""
+    def line(self, verified: Any = None) -> str:
+        """One line: signed or not, and whether a key verified it (``verified``: a ``VerifyReport`` or
+        ``TrailReport``)."""
         if verified is not None and not verified.ok:
-            return f"signature: verification FAILED: {verified}"
+            return f"signature: verification FAILED: {verified.one_line()}"
         if verified is not None and verified.key_checked:
             return (f"signature: verified with key {', '.join(verified.signers)}: {verified.checkpoints} "
                     f"checkpoint(s), {verified.unsigned_tail} record(s) after the last one not yet signed")
