@@ -150,6 +150,7 @@ class AuditLog:
         self._seq = 0
         self._prev = GENESIS_HASH
         self._cp: dict[str, Any] | None = None
+        self._sealed: tuple[int, str] | None = None  # (seq, reason) of the last checkpoint this sink wrote
         self._scanned: tuple[int, int] | None = None
         self._unsigned_since: float | None = None
         self._unsynced = False
@@ -359,7 +360,7 @@ class AuditLog:
         record = self.signer.seal(head_seq=self._seq, head_hash=self._prev, previous=self._cp, reason=reason,
                                   fields=fields)
         chained = self._write(fd, record)
-        self._cp, self._unsigned_since = chained, None
+        self._cp, self._unsigned_since, self._sealed = chained, None, (chained["seq"], reason)
         if self.segment is not None:
             self.segment.witnessed(fields.get("witness") or {})
         _PENDING.discard(self)
@@ -368,13 +369,17 @@ class AuditLog:
         return chained
 
     def _checkpoint_head(self, reason: str) -> dict[str, Any] | None:
-        """Sign the head now if it is not already a checkpoint (the caller holds the thread lock)."""
+        """Sign the head now if it is not already a checkpoint (the caller holds the thread lock). A trail
+        segment is always sealed on ``close`` and at ``exit``, even right after another checkpoint: its writer's
+        signed word that the segment ends there (``memguard audit verify`` shows it as closed)."""
         fd = self._fd
         if fd is None:
             return None
         with self._flocked(fd):
             self._sync(fd)
-            if self._seq > self._cp_seq:
+            finishing = self.segment is not None and reason in ("close", "exit")
+            if self._seq > self._cp_seq or (finishing and self._sealed not in ((self._seq, "close"),
+                                                                             (self._seq, "exit"))):
                 return self._write_checkpoint(fd, reason)
         return None
 
@@ -656,7 +661,9 @@ def _interval_loop(ref: weakref.ref[AuditLog], generation: int) -> None:
 
 
 def _checkpoint_at_exit() -> None:
-    for sink in list(_PENDING):
+    """Sign what is unsigned, and seal every open signed trail segment, of this process."""
+    segments = {s for s in list(_SINKS) if s.segment is not None and s.signer is not None and s._fd is not None}
+    for sink in list(_PENDING | segments):
         if sink._pid != os.getpid() or not sink._lock.acquire(timeout=5):
             continue
         try:

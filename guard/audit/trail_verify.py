@@ -62,7 +62,9 @@ class SegmentReport:
         text = str(self.report)
         prefix = f"{self.report.path}: "
         verdict = text[len(prefix):] if text.startswith(prefix) else text
-        state = "closed" if self.report.closed else "open (writer running, crashed, or cut back)"
+        if not self.report.checkpoints:
+            return f"{self.segment.path.name} (writer {self.writer}): {verdict}"
+        state = "closed" if self.report.closed else "open: writer running, crashed, or cut back"
         return f"{self.segment.path.name} (writer {self.writer}, {state}): {verdict}"
 
 
@@ -312,15 +314,16 @@ def verify_trail(
     trails: dict[str, list[str]] = {}
     for result in results:
         if result.trail is not None:
-            trails.setdefault(result.trail, []).append(result.segment.path.name)
-    if len(trails) > 1:
-        main = max(trails, key=lambda t: len(trails[t]))
-        for name, members in trails.items():
-            if name != main:
-                for member in members:
-                    problems.append(TrailProblem(member, None, f"belongs to trail {name!r}, the other segments to "
-                                                               f"{main!r}: segments of another trail mixed in"))
-    problems += _witness_problems(segments, results, hashes, claims, by_writer)
+            trails.setdefault(result.trail, []).append(str(result.segment.path))
+    main = max(trails, key=lambda t: (len(trails[t]), t)) if trails else None
+    for name, members in trails.items():
+        if name != main:
+            for member in members:
+                problems.append(TrailProblem(member, None, f"belongs to trail {name!r}, the other segments to "
+                                                           f"{main!r}: segments of another trail mixed in"))
+    foreign = {i for i, result in enumerate(results) if result.trail is not None and result.trail != main}
+    problems += _witness_problems(segments, results, hashes, [{} if i in foreign else c for i, c in enumerate(claims)],
+                                  by_writer)
     for writer, found in shipped.items():
         if writer not in by_writer:
             where = segments[0].path.parent / f"{writer}.jsonl"
