@@ -372,6 +372,8 @@ def summarize(path: TrailPaths, filters: AuditFilter | None = None, *, sample_si
     """Read a log, or a trail (directories and/or files, merged by time), once; unreadable lines are counted, not
     fatal. Raises ``OSError`` if a path is unreadable (or a directory holds no segments)."""
     filters = filters or AuditFilter()
+    if not isinstance(path, (str, os.PathLike)):
+        path = list(path)
     shown = os.fspath(path) if isinstance(path, (str, os.PathLike)) else ", ".join(os.fspath(p) for p in path)
     summary = AuditSummary(shown, filters, scores=ScoreSample(sample_size),
                            flagged=deque(maxlen=keep_flagged), recent_errors=deque(maxlen=keep_errors))

@@ -274,8 +274,10 @@ def verify_trail(
     without segments, ``KeyFileError`` for an unusable key file, ``ValueError`` for anchors that do not verify.
     """
     keys = _key_ring(public_keys)
+    if not isinstance(paths, (str, os.PathLike)):
+        paths = list(paths)
     segments = list_segments(paths)
-    shown = paths if isinstance(paths, (str, os.PathLike)) else ", ".join(os.fspath(p) for p in paths)
+    shown = os.fspath(paths) if isinstance(paths, (str, os.PathLike)) else ", ".join(os.fspath(p) for p in paths)
     shipped = {writer: dict(found) for writer, found in (anchors or {}).items()}
     loose = shipped.pop(None, None)
     if loose:
