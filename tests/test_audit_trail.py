@@ -134,6 +134,14 @@ def test_a_trail_directory_gets_one_segment_per_writer_and_every_record_names_it
         log.sink.append({"event": "decision", "writer": "someone-else"})
     with pytest.raises(ValueError, match="written by the sink itself"):
         log.sink.append({"event": "segment"})
+    monkeypatch.setenv("MEMGUARD_AUDIT_TRAIL", "prod-eu")
+    monkeypatch.setenv(WRITER_ENV, "w2")
+    named = AuditLog(tmp_path / "logs", trail=True)
+    named.append({"event": "decision"})
+    named.close()
+    assert read(tmp_path / "logs" / "w2.jsonl")[0]["trail"] == "prod-eu"
+    (tmp_path / "logs" / "w2.jsonl").unlink()
+    monkeypatch.setenv(WRITER_ENV, "w1")
     second = AuditLogger.for_policy(policy, path=tmp_path / "logs")  # an existing directory needs no slash
     second.log("policy_loaded", policy_path=None, actor={"pid": 1, "host": "h"})
     second.close()
@@ -168,6 +176,31 @@ def test_forked_workers_of_one_logger_each_write_their_own_segment(tmp_path, key
     for segment in report.segments:
         kinds = [r["event"] for r in read(segment.segment.path)]
         assert kinds[:2] == ["segment", "checkpoint"] and kinds[-1] == "checkpoint"
+
+
+def _append_in_child(log: AuditLog, n: int) -> None:
+    for i in range(n):
+        log.append({"event": "decision", "pid": os.getpid(), "i": i})
+    os._exit(0)
+
+
+def test_forked_children_of_a_single_file_sink_keep_one_chain(tmp_path):
+    """Inherited descriptors share one flock: a child must reopen the file, or parent and child interleave."""
+    path = tmp_path / "a.jsonl"
+    log = AuditLog(path)
+    log.append({"event": "decision", "pid": os.getpid(), "i": -1})
+    ctx = multiprocessing.get_context("fork")
+    children = [ctx.Process(target=_append_in_child, args=(log, 400)) for _ in range(3)]
+    for child in children:
+        child.start()
+    for i in range(400):
+        log.append({"event": "decision", "pid": os.getpid(), "i": i})
+    for child in children:
+        child.join(60)
+        assert child.exitcode == 0
+    log.close()
+    report = verify_log(path)
+    assert report.ok and report.n_records == 1 + 4 * 400, str(report)
 
 
 # ---------------------------------------------------------------- several real processes, each a plain Guard
@@ -408,6 +441,20 @@ def test_read_trail_merges_by_time_and_keeps_each_segments_order(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no audit segments"):
         list(read_trail(tmp_path / "empty"))
+
+
+def test_read_trail_opens_a_segment_only_while_its_time_span_is_being_merged(tmp_path):
+    folder = tmp_path / "t"
+    folder.mkdir()
+    for hour in range(40):  # forty short-lived writers, one after another
+        write(folder / f"w{hour:02d}.jsonl", [{"event": "decision", "timestamp": f"2024-01-02T{hour % 24:02d}:0{i}:00Z"
+                                              .replace("2024-01-02", f"2024-01-{2 + hour // 24:02d}"), "seq": i + 1}
+                                             for i in range(3)])
+    baseline = len(os.listdir("/proc/self/fd"))
+    most = 0
+    for _ in read_trail(folder):
+        most = max(most, len(os.listdir("/proc/self/fd")) - baseline)
+    assert most <= 2  # not forty
 
 
 def test_cli_verify_a_trail_lists_writers_and_reports_each_problem_on_its_own_line(tmp_path, keys):
