@@ -91,8 +91,10 @@ class AuditLog:
     ``path`` naming a directory (it exists, or ends with ``/``; or ``trail=True``) makes a **trail**
     (``guard.audit.trail``): this process appends to ``<dir>/<writer>.jsonl`` only, every record carries
     ``writer``, the segment starts with a ``segment`` record, and checkpoints witness the other segments. That
-    is what many processes or machines sharing a network file system should use. A forked child continues in
-    its own segment (its writer id is new unless ``$MEMGUARD_AUDIT_WRITER`` fixes it).
+    is what many processes or machines sharing a network file system should use. ``writer`` fixes the writer
+    id (else ``guard.audit.trail.writer_id()``). A forked child continues in its own segment: its writer id is
+    new unless it is fixed (``writer``, or ``$MEMGUARD_AUDIT_WRITER`` without ``{pid}`` or ``{random}``), and a
+    single file is reopened, so that ``flock`` keeps parent and child apart.
 
     With ``fsync``, each record is on disk before ``append`` returns; inside ``with log.batch():`` the records
     are written at once and flushed together when the block ends (one ``fsync``), before the caller acts on any.
