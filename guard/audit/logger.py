@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, MutableMapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from types import MappingProxyType
@@ -22,9 +22,9 @@ from guard.errors import MemguardError
 from guard.policy.decision import Decision
 from guard.policy.schema import Policy
 
+from .chain import SINK_EVENTS
 from .record import (
     RECORD_MODELS,
-    SINK_EVENTS,
     DecisionOutcome,
     ModelRef,
     Outcome,
@@ -192,10 +192,13 @@ class AuditLogger:
         model_class: str | None = None,
     ) -> AuditLogger:
         """A logger as ``policy.audit`` says; ``path``, then ``$MEMGUARD_AUDIT_PATH``, override its path, and
-        ``$MEMGUARD_AUDIT_SIGNING_KEY`` its ``signing_key``. An unusable signing key raises ``SigningKeyError``."""
+        ``$MEMGUARD_AUDIT_SIGNING_KEY`` its ``signing_key``. An unusable signing key raises ``SigningKeyError``.
+
+        A path that is a directory, or ends with ``/``, is a trail: this process writes its own segment in it
+        (``guard.audit.trail``), named by ``$MEMGUARD_AUDIT_WRITER`` or host, pid and a random part."""
         settings = policy.audit
         sink = AuditLog(
-            resolve_audit_path(policy, path),
+            _audit_target(policy, path),
             fsync=settings.fsync,
             signer=resolve_signer(settings.signing_key),
             checkpoint_every=settings.checkpoint_every,
@@ -214,6 +217,17 @@ class AuditLogger:
         clone.sink, clone.prompt_mode, clone.hash_salt = self.sink, self.prompt_mode, self.hash_salt
         clone._log = self._log.bind(**context)
         return clone
+
+    def batch(self) -> AbstractContextManager[None]:
+        """Write several records with one ``fsync`` at the end (``AuditLog.batch``)::
+
+            with logger.batch():
+                records = [logger.log_decision(d, ...) for d in decisions]
+            act_on(records)   # only after the block: every record of the batch is on disk
+
+        With ``audit.fsync`` off it changes nothing. A failed flush raises ``AuditWriteError`` when the block ends.
+        """
+        return self.sink.batch()
 
     def log(self, event: str, **fields: Any) -> dict[str, Any]:
         """Validate and write one record; returns it as written (with ``seq``, ``prev_hash``, ``hash``)."""
@@ -292,9 +306,15 @@ class AuditLogger:
         self.sink.close()
 
 
-def resolve_audit_path(policy: Policy, override: str | os.PathLike[str] | None = None) -> Path:
-    """Where records go: ``override`` (a Guard argument), else ``$MEMGUARD_AUDIT_PATH``, else the policy."""
+def _audit_target(policy: Policy, override: str | os.PathLike[str] | None = None) -> str | os.PathLike[str]:
+    """``resolve_audit_path`` as given (a trailing ``/``, which ``Path`` drops, says "a trail directory")."""
     if override is not None:
-        return Path(override)
-    env = os.environ.get(AUDIT_PATH_ENV)
-    return Path(env) if env else Path(policy.audit.path)
+        return override
+    return os.environ.get(AUDIT_PATH_ENV) or policy.audit.path
+
+
+def resolve_audit_path(policy: Policy, override: str | os.PathLike[str] | None = None) -> Path:
+    """Where records go: ``override`` (a Guard argument), else ``$MEMGUARD_AUDIT_PATH``, else the policy.
+
+    A directory (or a path ending with ``/``) is a trail of segments, one per writer (``guard.audit.trail``)."""
+    return Path(_audit_target(policy, override))

@@ -8,6 +8,8 @@
 * ``policy_loaded``, ``calibration_loaded``, ``service_started``: which rules and calibration were in
   force from then on, where they came from and who started them (process user; API key id in the service).
 * ``checkpoint``: a signature over the chain so far (``guard.audit.signing``), written by the sink only.
+* ``segment``: the first record of each writer's segment in a trail (``guard.audit.trail``), written by the
+  sink only. In a trail the sink adds ``writer`` to every record.
 
 Records never hold prompt text unless the policy says ``audit.prompt: plain``.
 """
@@ -21,13 +23,15 @@ import os
 import socket
 import uuid
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from guard.policy import Action, Decision, Policy
 from guard.scoring import Measurement
+
+from .chain import utc_timestamp
 
 __all__ = [
     "Actor",
@@ -45,6 +49,7 @@ __all__ = [
     "PolicyRef",
     "PromptMode",
     "RECORD_MODELS",
+    "SegmentRecord",
     "ServiceStartedRecord",
     "current_actor",
     "decision_fields",
@@ -231,8 +236,27 @@ class CheckpointRecord(_Model):
     prev_checkpoint_seq: int = Field(ge=0)
     prev_signature: str | None
     reason: Literal["count", "interval", "close", "exit", "open"]
-    writer: dict[str, Any] = Field(default_factory=dict)
+    #: The process that signed (``pid``, ``host``); in a trail, the writer id (the process is then in ``process``).
+    writer: dict[str, Any] | str = Field(default_factory=dict)
+    process: dict[str, Any] | None = None
+    #: In a trail: its name, and ``{writer: [seq, hash]}`` of the other segments' heads as this writer saw them.
+    trail: str | None = None
+    witness: dict[str, tuple[int, str]] | None = None
     signature: str
+
+
+class SegmentRecord(_Model):
+    """The first record of a writer's segment in a trail (written by the sink only; ``guard.audit.trail``): the
+    trail it belongs to, the writer (added by the sink, like to every record of a trail), the process, and the
+    head (``[seq, hash]``) of every other segment it found, which ``memguard audit verify`` holds them to."""
+
+    event: Literal["segment"]
+    v: Literal[1]
+    timestamp: str
+    trail: str
+    writer: str
+    process: dict[str, Any]
+    witness: dict[str, tuple[int, str]] = Field(default_factory=dict)
 
 
 #: The record model of each ``event``.
@@ -244,9 +268,8 @@ RECORD_MODELS: dict[str, type[_Model]] = {
     "calibration_loaded": CalibrationLoadedRecord,
     "service_started": ServiceStartedRecord,
     "checkpoint": CheckpointRecord,
+    "segment": SegmentRecord,
 }
-#: Events only the sink writes (the logger refuses them).
-SINK_EVENTS = frozenset({"checkpoint"})
 
 
 def current_actor(key_id: str | None = None) -> dict[str, Any]:
@@ -274,11 +297,6 @@ class CalibrationEventRecord(_Record):
 
 
 RECORD_MODELS.update({kind: CalibrationEventRecord for kind in ("calibration", "calibration_mismatch", "drift")})
-
-
-def utc_timestamp() -> str:
-    """Now, as UTC ISO 8601 with microseconds and a ``Z``."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def new_request_id() -> str:

@@ -1,4 +1,4 @@
-"""A self-contained HTML report of an audit log (``memguard audit report``).
+"""A self-contained HTML report of an audit log or trail (``memguard audit report``).
 
 One file: inline CSS and inline SVG charts, no scripts and no network resources, so it can be mailed,
 archived next to the log, and opened offline. Every string from the log is HTML-escaped.
@@ -14,6 +14,7 @@ from typing import Any
 
 from .drift import drift_svg
 from .review import ACTIONS, AuditSummary
+from .trail_verify import TrailReport
 from .verify import VerifyReport
 
 __all__ = ["render_html", "write_report"]
@@ -161,12 +162,40 @@ def _highlighted(prompt: Any, explanation: Any) -> str | None:
             f"{top}</div>")
 
 
-def render_html(summary: AuditSummary, verify: VerifyReport | None, *, bucket: str = "auto") -> str:
+def _trail_section(summary: AuditSummary, verify: VerifyReport | TrailReport | None) -> str:
+    """Per writer: its segment, records, time span and (verified) chain and signature state; then the problems."""
+    if summary.segments <= 1 and not summary.trail:
+        return ""
+    states = {s.writer: s for s in verify.segments} if isinstance(verify, TrailReport) else {}
+    rows = []
+    for writer, tally in sorted(summary.writers.items()):
+        state = states.get(writer)
+        if state is None:
+            verdict = "not verified"
+        elif not state.report.ok:
+            verdict = f"FAILED at line {state.report.first_bad_line}: {state.report.reason}"
+        else:
+            verdict = (f"intact, {state.report.checkpoints} checkpoint(s), {state.report.unsigned_tail} after the "
+                       f"last, {'closed' if state.report.closed else 'open'}")
+        rows.append([_td(writer), _td(Path(tally.segment).name), _td(tally.records, True), _td(tally.decisions, True),
+                     _td(tally.first), _td(tally.last), _td(verdict)])
+    problems = ""
+    if isinstance(verify, TrailReport) and verify.problems:
+        problems = '<ul id="trail-problems">' + "".join(f"<li>{_e(p)}</li>" for p in verify.problems) + "</ul>"
+    headers = ["writer", "segment", "records", "decisions", "first", "last", "chain"]
+    return f'<h2>Writers</h2>{_table("writers", headers, rows, "No records.")}{problems}'
+
+
+def render_html(summary: AuditSummary, verify: VerifyReport | TrailReport | None, *, bucket: str = "auto") -> str:
     """The report as one HTML document (no scripts, no external resources)."""
     data = summary.to_dict(bucket)
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
     if verify is None:
         chain = '<div id="chain-status" class="status bad">Chain not verified.</div>'
+    elif isinstance(verify, TrailReport):
+        state = "ok" if verify.ok else "bad"
+        text = verify.headline() if verify.ok else f"Trail BROKEN: {verify.one_line()}"
+        chain = f'<div id="chain-status" class="status {state}">{_e(text)}</div>'
     elif verify.ok:
         chain = (f'<div id="chain-status" class="status ok">Hash chain intact: {verify.n_records} records '
                  f'verified.</div>')
@@ -210,7 +239,7 @@ def render_html(summary: AuditSummary, verify: VerifyReport | None, *, bucket: s
 <h1>memguard audit report</h1>
 <div class="meta"><code>{_e(summary.path)}</code> · generated {generated} · {total} of {data["records"]} records
 ({_e(data["filter"])}) · {_e(data["first"])} to {_e(data["last"])}</div>
-<section id="chain"><h2>Chain verification</h2>{chain}{warning}</section>
+<section id="chain"><h2>Chain verification</h2>{chain}{warning}{_trail_section(summary, verify)}</section>
 <section id="decisions"><h2>Decisions</h2><div class="cards">{cards}</div>
 <h2>Rules</h2>{_table("rules", ["rule", "action", "count"], rules, "No records.")}
 <h2>Rewrites</h2><p class="meta">A rewrite is released only when its generation passed verification; otherwise
@@ -275,7 +304,7 @@ def _drift_section(data: dict[str, Any]) -> str:
             f'<p class="meta">{_e(how)}</p>{table}<h2>Calibration findings</h2>{findings}</section>')
 
 
-def write_report(summary: AuditSummary, verify: VerifyReport | None, out: str | os.PathLike[str], *,
+def write_report(summary: AuditSummary, verify: VerifyReport | TrailReport | None, out: str | os.PathLike[str], *,
                  bucket: str = "auto") -> Path:
     """Write the report, creating its folder; returns its path."""
     target = Path(out)

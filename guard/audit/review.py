@@ -1,4 +1,7 @@
-"""Reviewing an audit log: one streaming pass into bounded-memory statistics (``memguard audit summary``).
+"""Reviewing an audit log or trail: one streaming pass into bounded-memory statistics (``memguard audit summary``).
+
+A trail (a directory of segments, or several files) is read as one: records merged by time
+(``guard.audit.trail.read_trail``), every writer counted on its own as well.
 
 Memory does not grow with the number of records: counts are counters; score quantiles come from a
 sample that holds every score up to ``sample_size`` (exact quantiles) and beyond that is a uniform
@@ -10,20 +13,19 @@ only the most recent ``keep_flagged`` blocked/rewritten requests and ``keep_erro
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from .drift import DriftCounters, drift_text
-from .verify import SignatureTally, VerifyReport
+from .trail import TrailPaths, TrailStats, iter_trail, writer_of
+from .verify import SignatureTally
 
-__all__ = ["AuditFilter", "AuditSummary", "ScoreSample", "parse_time", "render_text", "summarize"]
+__all__ = ["AuditFilter", "AuditSummary", "ScoreSample", "WriterTally", "parse_time", "render_text", "summarize"]
 
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0)
 ACTIONS = ("allow", "warn", "rewrite", "block")
@@ -145,8 +147,31 @@ class ScoreSample:
 
 
 @dataclass
+class WriterTally:
+    """One writer's share of a trail: its segment, records, decisions, first and last time."""
+
+    segment: str
+    records: int = 0
+    decisions: int = 0
+    first: str | None = None
+    last: str | None = None
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.records += 1
+        if record.get("event") in ("decision", "error"):
+            self.decisions += 1
+        stamp = record.get("timestamp")
+        if isinstance(stamp, str):
+            if self.first is None or stamp < self.first:
+                self.first = stamp
+            if self.last is None or stamp > self.last:
+                self.last = stamp
+
+
+@dataclass
 class AuditSummary:
-    """What a log says, filtered: counts, score statistics, hourly timeline, recent flagged requests and errors."""
+    """What a log (or trail) says, filtered: counts, score statistics, hourly timeline, recent flagged requests and
+    errors, and the writers."""
 
     path: str
     filter: AuditFilter
@@ -172,7 +197,10 @@ class AuditSummary:
     recent_errors: deque = field(default_factory=lambda: deque(maxlen=50))
     events: Counter = field(default_factory=Counter)
     signing: SignatureTally = field(default_factory=SignatureTally)
-    verification: VerifyReport | None = None  # set when the log was also verified (with or without keys)
+    verification: Any = None  # a VerifyReport (or a trail's TrailReport) when the log was also verified
+    writers: dict[str, WriterTally] = field(default_factory=dict)
+    segments: int = 1
+    trail: bool = False  # records carry writer ids (trail segments)
     drift: DriftCounters = field(default_factory=DriftCounters)
     findings: deque = field(default_factory=lambda: deque(maxlen=20))
 
@@ -307,6 +335,8 @@ class AuditSummary:
             "flagged_recent": list(self.flagged),
             "events": {str(k): v for k, v in self.events.most_common()},
             "signature": self.signing.to_dict(self.verification),
+            "segments": self.segments,
+            "writers": [{"writer": w, **vars(t)} for w, t in self.writers.items()],
             "calibration_findings": list(self.findings),
             "drift": {"computed": not self.filter.actions, "confidence": self.drift.confidence,
                       "rows": self.drift.rows() if not self.filter.actions else []},
@@ -324,6 +354,7 @@ def _brief(record: dict[str, Any]) -> dict[str, Any]:
         "prompt_mode": record.get("prompt_mode"), "reason": record.get("reason"),
         "error": f"{error.get('type')}: {error.get('message')}" if error else None,
         "prompt_index": record.get("prompt_index"),
+        "writer": record.get("writer"),
         "score_after": _score_after(extras),
         "explanation": record.get("explanation"),
     }
@@ -336,32 +367,36 @@ def _score_after(extras: dict[str, Any]) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def summarize(path: str | os.PathLike[str], filters: AuditFilter | None = None, *, sample_size: int = 100_000,
+def summarize(path: TrailPaths, filters: AuditFilter | None = None, *, sample_size: int = 100_000,
               keep_flagged: int = 200, keep_errors: int = 50) -> AuditSummary:
-    """Read a log once, line by line; unreadable lines are counted, not fatal. Raises ``OSError`` if unreadable."""
+    """Read a log, or a trail (directories and/or files, merged by time), once; unreadable lines are counted, not
+    fatal. Raises ``OSError`` if a path is unreadable (or a directory holds no segments)."""
     filters = filters or AuditFilter()
-    summary = AuditSummary(str(path), filters, scores=ScoreSample(sample_size),
+    if not isinstance(path, (str, os.PathLike)):
+        path = list(path)
+    shown = os.fspath(path) if isinstance(path, (str, os.PathLike)) else ", ".join(os.fspath(p) for p in path)
+    summary = AuditSummary(shown, filters, scores=ScoreSample(sample_size),
                            flagged=deque(maxlen=keep_flagged), recent_errors=deque(maxlen=keep_errors))
-    loads, matches, active = json.loads, filters.matches, filters.active
-    with Path(path).open("rb") as handle:
-        for raw in handle:
-            summary.lines += 1
-            try:
-                record = loads(raw)
-            except ValueError:
-                summary.unreadable += 1
-                continue
-            if not isinstance(record, dict):
-                summary.unreadable += 1
-                continue
-            summary.records += 1
-            summary.signing.note(record)
-            if active and not matches(record):
-                if record.get("event") == "calibration":  # thresholds of the calibrations, whatever the window
-                    summary.drift.add_event(record)
-                continue
-            summary.matched += 1
-            summary.add(record)
+    matches, active = filters.matches, filters.active
+    stats = TrailStats()
+    writers = summary.writers
+    for segment, record in iter_trail(path, stats=stats):
+        summary.records += 1
+        writer = writer_of(record, segment) or "-"
+        if not summary.trail and isinstance(record.get("writer"), str):
+            summary.trail = True
+        tally = writers.get(writer)
+        if tally is None:
+            tally = writers[writer] = WriterTally(str(segment.path))
+        tally.add(record)
+        summary.signing.note(record, segment.path)
+        if active and not matches(record):
+            if record.get("event") == "calibration":  # thresholds of the calibrations, whatever the window
+                summary.drift.add_event(record)
+            continue
+        summary.matched += 1
+        summary.add(record)
+    summary.lines, summary.unreadable, summary.segments = stats.lines, stats.unreadable, len(stats.segments)
     return summary
 
 
@@ -399,6 +434,10 @@ def render_text(summary: AuditSummary, bucket: str = "auto") -> str:
     if data["first"]:
         out.append(f"  from {data['first']} to {data['last']}")
     out.append("  " + summary.signing.line(summary.verification))
+    if summary.segments > 1 or summary.trail:
+        out += ["", f"writers ({len(summary.writers)}, {summary.segments} segment(s))"] + _table(
+            ["writer", "records", "decisions", "first", "last"],
+            [[w, t.records, t.decisions, t.first, t.last] for w, t in sorted(summary.writers.items())])
     if data["events"]:
         out.append("  events: " + ", ".join(f"{k} {v}" for k, v in data["events"].items()))
     total = max(sum(data["actions"].values()), 1)

@@ -9,7 +9,11 @@ signatures. Records after the last checkpoint are not signed yet (``memguard aud
 
 A checkpoint signs ``DOMAIN + canonical_json(record without signature, seq, prev_hash, hash)``: every
 field of the record except the chain fields (which ``signed_seq``/``signed_hash`` pin down: a checkpoint
-always directly follows the record it signs) and the signature itself.
+always directly follows the record it signs) and the signature itself. In a trail that includes the trail's
+name, the writer and its witnesses of the other segments (``guard.audit.trail``).
+
+``CheckpointSigner`` is the ``guard.audit.sink.Signer`` memguard ships: the sink only asks it for a checkpoint
+(``seal``) and whether a record is one (``is_checkpoint``); the format is known here and in the verifier.
 """
 
 from __future__ import annotations
@@ -21,13 +25,12 @@ import os
 import socket
 import stat
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from guard.errors import MemguardError
 
-from .sink import AuditWriteError, canonical_json
+from .chain import AuditWriteError, canonical_json, utc_timestamp
 
 __all__ = [
     "CHECKPOINT_EVENT",
@@ -174,15 +177,23 @@ class CheckpointSigner:
     def from_file(cls, path: str | os.PathLike[str]) -> CheckpointSigner:
         return cls(load_private_key(path), source=str(path))
 
+    #: Every checkpoint line contains these bytes (canonical JSON): what the sink filters lines by.
+    marker = b'"event":"checkpoint"'
+
     def checkpoint(self, *, signed_seq: int, signed_hash: str, prev_checkpoint_seq: int,
-                   prev_signature: str | None, reason: str) -> dict[str, Any]:
-        """A signed checkpoint record for the head ``(signed_seq, signed_hash)``; the sink chains it."""
+                   prev_signature: str | None, reason: str, **fields: Any) -> dict[str, Any]:
+        """A signed checkpoint record for the head ``(signed_seq, signed_hash)``; the sink chains it.
+
+        ``fields`` are signed into it too: a trail's ``trail``, ``writer`` (then the process goes in ``process``,
+        not ``writer``) and ``witness``. They cannot replace the fields above.
+        """
         if reason not in CHECKPOINT_REASONS:
             raise ValueError(f"checkpoint reason must be one of {CHECKPOINT_REASONS}, not {reason!r}")
+        process = {**self._writer, "pid": os.getpid()}
         record: dict[str, Any] = {
             "event": CHECKPOINT_EVENT,
             "v": CHECKPOINT_VERSION,
-            "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "timestamp": utc_timestamp(),
             "alg": "ed25519",
             "key_id": self.key_id,
             "signed_seq": signed_seq,
@@ -190,10 +201,30 @@ class CheckpointSigner:
             "prev_checkpoint_seq": prev_checkpoint_seq,
             "prev_signature": prev_signature,
             "reason": reason,
-            "writer": {**self._writer, "pid": os.getpid()},
         }
+        clash = sorted(set(fields) & (set(record) | {"signature", "process"}))
+        if clash:
+            raise ValueError(f"checkpoint fields {clash} are the signer's own")
+        record.update(fields)
+        if isinstance(record.get("writer"), str):
+            record["process"] = process
+        else:
+            record["writer"] = process
         record["signature"] = base64.b64encode(self._key.sign(checkpoint_payload(record))).decode("ascii")
         return record
+
+    def is_checkpoint(self, record: Mapping[str, Any]) -> bool:
+        """Whether ``record`` is a checkpoint (signed by any key: the next one chains to it whoever signed it)."""
+        return record.get("event") == CHECKPOINT_EVENT and isinstance(record.get("signature"), str)
+
+    def seal(self, *, head_seq: int, head_hash: str, previous: Mapping[str, Any] | None, reason: str,
+             fields: Mapping[str, Any]) -> dict[str, Any]:
+        """The sink's ``Signer.seal``: a checkpoint for the head, chained to the file's previous checkpoint."""
+        return self.checkpoint(
+            signed_seq=head_seq, signed_hash=head_hash,
+            prev_checkpoint_seq=int(previous["seq"]) if previous is not None else 0,
+            prev_signature=previous.get("signature") if previous is not None else None,
+            reason=reason, **fields)
 
     def __repr__(self) -> str:
         return f"CheckpointSigner(key_id={self.key_id!r}, source={self.source!r})"

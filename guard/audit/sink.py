@@ -1,9 +1,13 @@
-"""The append-only, hash-chained JSONL audit sink, with signed checkpoints when given a signing key."""
+"""The append-only, hash-chained JSONL audit sink: one file, or one writer's segment of a trail directory.
+
+It signs checkpoints through any ``Signer`` (``guard.audit.signing.CheckpointSigner`` is the one memguard
+ships) and knows nothing of what a checkpoint holds: it decides when to sign and where the previous
+checkpoint is, the signer makes the record.
+"""
 
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import os
 import threading
@@ -13,61 +17,95 @@ import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, runtime_checkable
 
-from guard.errors import MemguardError
-
-if TYPE_CHECKING:
-    from .signing import CheckpointSigner
+from .chain import (
+    CHAIN_FIELDS,
+    GENESIS_HASH,
+    SINK_EVENTS,
+    AuditWriteError,
+    canonical_json,
+    last_complete_line,
+    record_hash,
+)
+from .trail import TrailSegment, is_trail_path
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - non-POSIX: thread safety only
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["GENESIS_HASH", "AuditLog", "AuditWriteError", "canonical_json", "record_hash"]
+__all__ = ["GENESIS_HASH", "AuditLog", "AuditWriteError", "Signer", "canonical_json", "record_hash"]
 
-GENESIS_HASH = "0" * 64
-_CHAIN_FIELDS = ("seq", "prev_hash", "hash")
-_TAIL_CHUNK = 64 * 1024
 _SCAN_CHUNK = 1024 * 1024
-#: How a checkpoint line starts its ``event`` field in canonical JSON (a cheap filter before parsing).
-_CHECKPOINT_MARK = b'"event":"checkpoint"'
 #: Signing sinks with records not yet covered by a checkpoint: signed at interpreter exit.
 _PENDING: set[AuditLog] = set()
+#: Every sink of this process: a forked child drops what it inherited (descriptor, locks, writer id).
+_SINKS: weakref.WeakSet[AuditLog] = weakref.WeakSet()
+#: One lock per file for all sinks of this process: ``flock`` on a network file system is a POSIX lock, which
+#: does not keep two descriptors of one process apart.
+_FILE_LOCKS: dict[str, threading.Lock] = {}
+_FILE_LOCKS_GUARD = threading.Lock()
 
 
-class AuditWriteError(MemguardError, OSError):
-    """The audit log could not be written; the guard then applies the policy's ``on_error``."""
+@runtime_checkable
+class Signer(Protocol):
+    """What a sink needs from whoever signs its chain.
+
+    The sink decides *when* to sign (``count``, ``interval``, ``open``, ``close``, ``exit``) and appends what
+    ``seal`` returns as the next chained record; it never looks inside a checkpoint.
+    """
+
+    key_id: str
+    #: Bytes every line holding one of this signer's checkpoints contains (a cheap filter while scanning).
+    marker: bytes
+
+    def is_checkpoint(self, record: Mapping[str, Any]) -> bool:
+        """Whether ``record`` is a checkpoint the next one must chain to."""
+        ...
+
+    def seal(self, *, head_seq: int, head_hash: str, previous: Mapping[str, Any] | None, reason: str,
+             fields: Mapping[str, Any]) -> dict[str, Any]:
+        """A checkpoint signing the head ``(head_seq, head_hash)``, chained to ``previous`` (the file's last
+        checkpoint as written, or None), with ``fields`` signed into it."""
+        ...
 
 
-def canonical_json(data: Mapping[str, Any]) -> str:
-    """The one serialization records are hashed and written in (sorted keys, no spaces, UTF-8)."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def record_hash(record: Mapping[str, Any]) -> str:
-    """SHA-256 of a record's canonical JSON without its ``hash`` field."""
-    body = {k: v for k, v in record.items() if k != "hash"}
-    return hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
+def _file_lock(path: Path) -> threading.Lock:
+    key = os.path.abspath(path)
+    with _FILE_LOCKS_GUARD:
+        lock = _FILE_LOCKS.get(key)
+        if lock is None:
+            lock = _FILE_LOCKS[key] = threading.Lock()
+        return lock
 
 
 class AuditLog:
     """Appends records to a JSONL file as a hash chain: ``seq``, ``prev_hash``, ``hash`` per line.
 
-    Each record is one ``os.write`` of a whole line on an ``O_APPEND`` descriptor, under a thread
-    lock and an exclusive ``flock``, so threads and processes sharing the file never interleave and
-    the chain continues across writers and restarts (the tail is re-read whenever the file changed
-    since this writer's last append). A log whose last line is incomplete is refused: its chain is
+    Each record is one ``os.write`` of a whole line on an ``O_APPEND`` descriptor, under a thread lock and an
+    exclusive ``flock``, so threads and processes sharing the file on one machine never interleave and the
+    chain continues across writers and restarts. A log whose last line is incomplete is refused: its chain is
     broken and ``memguard audit verify`` reports where.
 
+    ``path`` naming a directory (it exists, or ends with ``/``; or ``trail=True``) makes a **trail**
+    (``guard.audit.trail``): this process appends to ``<dir>/<writer>.jsonl`` only, every record carries
+    ``writer``, the segment starts with a ``segment`` record, and checkpoints witness the other segments. That
+    is what many processes or machines sharing a network file system should use. ``writer`` fixes the writer
+    id (else ``guard.audit.trail.writer_id()``). A forked child continues in its own segment: its writer id is
+    new unless it is fixed (``writer``, or ``$MEMGUARD_AUDIT_WRITER`` without ``{pid}`` or ``{random}``), and a
+    single file is reopened, so that ``flock`` keeps parent and child apart.
+
+    With ``fsync``, each record is on disk before ``append`` returns; inside ``with log.batch():`` the records
+    are written at once and flushed together when the block ends (one ``fsync``), before the caller acts on any.
+
     With a ``signer``, the sink also appends signed checkpoint records (``docs/audit.md``): after every
-    ``checkpoint_every`` records, ``checkpoint_seconds`` after a record that is not yet signed, on
-    ``close()`` and at interpreter exit; and on opening a log whose last record is not a checkpoint, one
-    that signs the head it found. Checkpoints chain to the previous checkpoint in the *file* (found by
-    scanning what other writers appended), so any number of signing processes keep one signature chain.
-    ``checkpoint_copy`` names a second file every checkpoint is also appended to (best effort), to keep
-    them somewhere an editor of the log cannot reach.
+    ``checkpoint_every`` records, ``checkpoint_seconds`` after a record that is not yet signed, on ``close()``
+    and at interpreter exit; and on opening a log whose last record is not a checkpoint, one that signs the
+    head it found. Checkpoints chain to the previous checkpoint in the *file* (found by scanning what other
+    writers appended), so any number of signing processes keep one signature chain. ``checkpoint_copy`` names
+    a second file (or, for a trail, a directory: one file per writer) every checkpoint is also appended to
+    (best effort), to keep them somewhere an editor of the log cannot reach.
     """
 
     def __init__(
@@ -75,50 +113,103 @@ class AuditLog:
         path: str | os.PathLike[str],
         *,
         fsync: bool = False,
-        signer: CheckpointSigner | None = None,
+        signer: Signer | None = None,
         checkpoint_every: int = 100,
         checkpoint_seconds: float = 60.0,
         checkpoint_copy: str | os.PathLike[str] | None = None,
+        trail: bool | None = None,
+        writer: str | None = None,
     ):
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         if not checkpoint_seconds > 0:
             raise ValueError(f"checkpoint_seconds must be > 0, got {checkpoint_seconds}")
-        self.path = Path(path)
+        if signer is not None and not isinstance(signer, Signer):
+            raise TypeError(f"signer must implement guard.audit.sink.Signer, got {type(signer).__name__}")
         self.fsync = fsync
         self.signer = signer
         self.checkpoint_every = checkpoint_every
         self.checkpoint_seconds = float(checkpoint_seconds)
-        self.checkpoint_copy = Path(checkpoint_copy) if checkpoint_copy is not None else None
+        self._copy_target = os.fspath(checkpoint_copy) if checkpoint_copy is not None else None
+        self.trail_dir = Path(path) if (is_trail_path(path) if trail is None else trail) else None
+        self._writer_template = writer
+        self.segment: TrailSegment | None = None
+        self.path = Path(path)
+        self.checkpoint_copy: Path | None = None
+        self._reset_state()
+        self._bind_segment()
+        _SINKS.add(self)
+        with self._lock:
+            self._ensure_open()
+
+    def _reset_state(self) -> None:
         self._lock = threading.Lock()
+        self._local = threading.local()
+        self._pid = os.getpid()
         self._fd: int | None = None
         self._ino: int | None = None
         self._state: tuple[int, int] | None = None
         self._seq = 0
         self._prev = GENESIS_HASH
-        self._cp_seq = 0
-        self._cp_sig: str | None = None
+        self._cp: dict[str, Any] | None = None
+        self._sealed: tuple[int, str] | None = None  # (seq, reason) of the last checkpoint this sink wrote
         self._scanned: tuple[int, int] | None = None
         self._unsigned_since: float | None = None
+        self._unsynced = False
         self._timer_pid: int | None = None
-        self._timer_generation = 0
+        self._timer_generation = getattr(self, "_timer_generation", 0) + 1
         self._wake = threading.Event()
-        with self._lock:
-            self._open()
-            if self.signer is not None:
-                try:
-                    self._checkpoint_head("open")
-                except BaseException:
-                    self._close_fd()
-                    raise
+
+    def _bind_segment(self) -> None:
+        """In a trail: this process's segment (a new one after a fork unless the writer id is fixed)."""
+        copy = self._copy_target
+        if self.trail_dir is None:
+            self.checkpoint_copy = Path(copy) if copy is not None else None
+            return
+        self.segment = TrailSegment(self.trail_dir, self._writer_template)
+        self.path = self.segment.path
+        if copy is not None and is_trail_path(copy):
+            self.checkpoint_copy = Path(copy) / self.path.name
+        else:
+            self.checkpoint_copy = Path(copy) if copy is not None else None
+        if self.checkpoint_copy is not None and \
+                os.path.abspath(self.checkpoint_copy.parent) == os.path.abspath(self.trail_dir):
+            raise ValueError(f"checkpoint_copy {copy} is inside the trail {self.trail_dir}: it would be read as a "
+                             "segment, and it must be somewhere an editor of the trail cannot reach")
+
+    @property
+    def writer(self) -> str | None:
+        """This sink's writer id in a trail (None for a single file)."""
+        return self.segment.writer if self.segment is not None else None
+
+    @property
+    def _cp_seq(self) -> int:
+        return int(self._cp["seq"]) if self._cp is not None else 0
+
+    def _ensure_open(self) -> None:
+        """Open the file if closed; a signing sink then signs the head it found if that is not a checkpoint."""
+        if self._pid != os.getpid():  # pragma: no cover - the at-fork hook resets first; a safety net
+            _after_fork_in_child()
+        if self._fd is not None:
+            return
+        self._open()
+        if self.signer is not None:
+            try:
+                self._checkpoint_head("open")
+            except BaseException:
+                self._close_fd()
+                raise
 
     def _open(self) -> None:
         try:
-            if self.path.parent and not self.path.parent.exists():
+            created = not self.path.parent.exists()
+            if created:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(
                 self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644
             )
+            if self.fsync and self.trail_dir is not None:
+                _fsync_dir(self.path.parent)  # the new segment's name survives a crash too
         except OSError as err:
             raise AuditWriteError(
                 err.errno, f"cannot open audit log {self.path}: {err.strerror or err}"
@@ -128,15 +219,15 @@ class AuditLog:
         self._state = None
 
     def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        """Chain and write one record; returns it with ``seq``, ``prev_hash`` and ``hash`` filled in."""
-        clash = [k for k in _CHAIN_FIELDS if k in record]
+        """Chain and write one record; returns it with ``seq``, ``prev_hash`` and ``hash`` filled in (and
+        ``writer`` in a trail)."""
+        clash = [k for k in (*CHAIN_FIELDS, *(self.segment.stamp() if self.segment else ())) if k in record]
         if clash:
-            raise ValueError(f"record must not set chain fields {clash}")
-        if record.get("event") == "checkpoint":
-            raise ValueError("checkpoint records are written by the sink itself, from its signing key")
+            raise ValueError(f"record must not set fields the sink sets: {clash}")
+        if record.get("event") in SINK_EVENTS:
+            raise ValueError(f"{record.get('event')} records are written by the sink itself")
         with self._lock:
-            if self._fd is None:
-                self._open()
+            self._ensure_open()
             self._reopen_if_replaced()
             fd = self._fd
             assert fd is not None
@@ -148,29 +239,76 @@ class AuditLog:
                 return chained
 
     @contextmanager
-    def _flocked(self, fd: int) -> Iterator[None]:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    def batch(self) -> Iterator[None]:
+        """Records this thread appends inside the block are flushed to disk with one ``fsync`` when it ends.
+
+        The write-ahead rule holds for the batch as a whole: act on none of its records before the block has
+        ended without an error. Each record is written (``os.write``) at once, so other readers and writers see
+        it immediately; only the ``fsync`` is deferred, and only with ``fsync`` on. A flush that fails raises
+        ``AuditWriteError`` at the end of the block (then none of the batch's records may be relied on).
+        Batches nest (the outermost flushes).
+        """
+        depth = getattr(self._local, "depth", 0)
+        self._local.depth = depth + 1
         try:
             yield
-        finally:
+        except BaseException:
+            self._local.depth = depth
+            if depth == 0:
+                try:
+                    self.flush()
+                except AuditWriteError:
+                    pass  # the block's own error is the one to report
+            raise
+        self._local.depth = depth
+        if depth == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        """``fsync`` what was written and not yet synced (records of a batch); a no-op when nothing waits."""
+        with self._lock:
+            fd = self._fd
+            if not self._unsynced or fd is None:
+                return
+            self._sync_to_disk(fd)
+
+    def _sync_to_disk(self, fd: int) -> None:
+        try:
+            os.fsync(fd)
+        except OSError as err:
+            raise AuditWriteError(f"cannot flush audit log {self.path} to disk: {err}") from err
+        self._unsynced = False
+
+    @contextmanager
+    def _flocked(self, fd: int) -> Iterator[None]:
+        lock = _file_lock(self.path)
+        with lock:
             if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _sync(self, fd: int) -> None:
-        """Catch up with what other writers appended since this one's last write (under the flock)."""
+        """Catch up with what other writers appended since this one's last write (under the flock); in a trail,
+        an empty segment first gets its ``segment`` record."""
         stat = os.fstat(fd)
         if self._state == (stat.st_size, stat.st_ino):
             return
-        self._seq, self._prev = self._read_tail(fd, stat.st_size)
+        self._seq, self._prev = self._read_tail(stat.st_size)
         if self.signer is not None:
             self._sync_checkpoints(stat.st_size, stat.st_ino)
         self._state = (stat.st_size, stat.st_ino)
+        if self.segment is not None and self._seq == 0:
+            self._write(fd, self.segment.header())
 
     def _write(self, fd: int, record: Mapping[str, Any]) -> dict[str, Any]:
         assert self._state is not None
         size, ino = self._state
-        chained = {**record, "seq": self._seq + 1, "prev_hash": self._prev}
+        stamp = self.segment.stamp() if self.segment is not None else {}
+        chained = {**record, **stamp, "seq": self._seq + 1, "prev_hash": self._prev}
         try:
             chained["hash"] = record_hash(chained)
             line = (canonical_json(chained) + "\n").encode("utf-8")
@@ -180,8 +318,6 @@ class AuditLog:
             written = os.write(fd, line)
             if written != len(line):
                 raise OSError(f"short write ({written} of {len(line)} bytes)")
-            if self.fsync:
-                os.fsync(fd)
         except OSError as err:
             self._state = None
             raise AuditWriteError(f"cannot write audit log {self.path}: {err}") from err
@@ -189,6 +325,10 @@ class AuditLog:
         self._state = (size + len(line), ino)
         if self._scanned == (ino, size):
             self._scanned = (ino, size + len(line))
+        if self.fsync:
+            self._unsynced = True
+            if not getattr(self._local, "depth", 0):
+                self._sync_to_disk(fd)
         return chained
 
     # ------------------------------------------------------------------ checkpoints
@@ -218,23 +358,30 @@ class AuditLog:
 
     def _write_checkpoint(self, fd: int, reason: str) -> dict[str, Any]:
         assert self.signer is not None
-        record = self.signer.checkpoint(signed_seq=self._seq, signed_hash=self._prev,
-                                        prev_checkpoint_seq=self._cp_seq, prev_signature=self._cp_sig, reason=reason)
+        fields = self.segment.checkpoint_fields() if self.segment is not None else {}
+        record = self.signer.seal(head_seq=self._seq, head_hash=self._prev, previous=self._cp, reason=reason,
+                                  fields=fields)
         chained = self._write(fd, record)
-        self._cp_seq, self._cp_sig, self._unsigned_since = chained["seq"], record["signature"], None
+        self._cp, self._unsigned_since, self._sealed = chained, None, (chained["seq"], reason)
+        if self.segment is not None:
+            self.segment.witnessed(fields.get("witness") or {})
         _PENDING.discard(self)
         if self.checkpoint_copy is not None:
             self._copy_checkpoint(chained)
         return chained
 
     def _checkpoint_head(self, reason: str) -> dict[str, Any] | None:
-        """Sign the head now if it is not already a checkpoint (the caller holds the thread lock)."""
+        """Sign the head now if it is not already a checkpoint (the caller holds the thread lock). A trail
+        segment is always sealed on ``close`` and at ``exit``, even right after another checkpoint: its writer's
+        signed word that the segment ends there (``memguard audit verify`` shows it as closed)."""
         fd = self._fd
         if fd is None:
             return None
         with self._flocked(fd):
             self._sync(fd)
-            if self._seq > self._cp_seq:
+            finishing = self.segment is not None and reason in ("close", "exit")
+            if self._seq > self._cp_seq or (finishing and self._sealed not in ((self._seq, "close"),
+                                                                             (self._seq, "exit"))):
                 return self._write_checkpoint(fd, reason)
         return None
 
@@ -243,14 +390,14 @@ class AuditLog:
         if self.signer is None:
             raise ValueError("this audit log has no signing key")
         with self._lock:
-            if self._fd is None:
-                self._open()
+            self._ensure_open()
             self._reopen_if_replaced()
             return self._checkpoint_head(reason)
 
     def _copy_checkpoint(self, chained: Mapping[str, Any]) -> None:
         assert self.checkpoint_copy is not None
         try:
+            self.checkpoint_copy.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.checkpoint_copy, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
                          0o644)
             try:
@@ -309,16 +456,29 @@ class AuditLog:
         else:
             found = self._scan_backward(size)
             if found is None:
-                self._cp_seq, self._cp_sig = 0, None
+                self._cp = None
         if found is not None:
-            self._cp_seq, self._cp_sig = found
+            self._cp = found
         self._scanned = (ino, size)
         if self._seq <= self._cp_seq:
             self._unsigned_since = None
         elif self._unsigned_since is None:
             self._unsigned_since = time.monotonic()
 
-    def _scan_forward(self, start: int, end: int) -> tuple[int, str] | None:
+    def _checkpoint_of(self, line: bytes) -> dict[str, Any] | None:
+        """The record on ``line`` if it is one of the signer's checkpoints with a chain position."""
+        assert self.signer is not None
+        if self.signer.marker not in line:
+            return None
+        try:
+            data = json.loads(line)
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("seq"), int) or not self.signer.is_checkpoint(data):
+            return None
+        return data
+
+    def _scan_forward(self, start: int, end: int) -> dict[str, Any] | None:
         found = None
         with self._reader() as handle:
             handle.seek(start)
@@ -331,10 +491,10 @@ class AuditLog:
                 lines = (carry + chunk).split(b"\n")
                 carry = lines.pop()
                 for line in lines:
-                    found = _checkpoint_of(line) or found
+                    found = self._checkpoint_of(line) or found
         return found
 
-    def _scan_backward(self, end: int) -> tuple[int, str] | None:
+    def _scan_backward(self, end: int) -> dict[str, Any] | None:
         with self._reader() as handle:
             carry, position = b"", end
             while position > 0:
@@ -344,7 +504,7 @@ class AuditLog:
                 position = start
                 carry = lines.pop(0) if start > 0 else b""
                 for line in reversed(lines):
-                    found = _checkpoint_of(line)
+                    found = self._checkpoint_of(line)
                     if found is not None:
                         return found
         return None
@@ -386,7 +546,7 @@ class AuditLog:
         except (AuditWriteError, OSError) as err:
             warnings.warn(f"memguard: the replaced audit log was not signed at its end: {err}", stacklevel=3)
 
-    def _read_tail(self, fd: int, size: int) -> tuple[int, str]:
+    def _read_tail(self, size: int) -> tuple[int, str]:
         """``(seq, hash)`` of the last record on disk; genesis for an empty file."""
         if size == 0:
             return 0, GENESIS_HASH
@@ -398,12 +558,7 @@ class AuditLog:
                         f"audit log {self.path} ends with an incomplete line (truncated write?): chain "
                         f"is broken; run `memguard audit verify {self.path}` and rotate the log"
                     )
-                end, start, buf = size - 1, size - 1, b""
-                while start > 0 and b"\n" not in buf:
-                    start = max(0, start - _TAIL_CHUNK)
-                    handle.seek(start)
-                    buf = handle.read(end - start)
-                last = buf.rsplit(b"\n", 1)[-1]
+                last = last_complete_line(handle, size) or b""
         except OSError as err:
             if isinstance(err, AuditWriteError):
                 raise
@@ -421,9 +576,16 @@ class AuditLog:
         return seq, prev
 
     def _close_fd(self) -> None:
-        if self._fd is not None:
+        """Close the descriptor; records written in a batch and not yet flushed are flushed first."""
+        fd = self._fd
+        if fd is None:
+            return
+        try:
+            if self._unsynced:
+                self._sync_to_disk(fd)
+        finally:
             try:
-                os.close(self._fd)
+                os.close(fd)
             finally:
                 self._fd = None
                 self._state = None
@@ -442,8 +604,22 @@ class AuditLog:
                     warnings.warn(f"memguard: audit log {self.path} closed without a final checkpoint: {err}",
                                   stacklevel=2)
             self._stop_timer()
-            self._close_fd()
+            try:
+                self._close_fd()
+            except AuditWriteError as err:
+                warnings.warn(f"memguard: audit log {self.path}: {err}", stacklevel=2)
             _PENDING.discard(self)
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: drop the parent's descriptor, locks, timer and (unless fixed) segment."""
+        fd = self._fd
+        if fd is not None:
+            try:
+                os.close(fd)  # the parent's copy stays open; this one would share its flock
+            except OSError:
+                pass
+        self._reset_state()
+        self._bind_segment()
 
     def __enter__(self) -> AuditLog:
         return self
@@ -453,23 +629,21 @@ class AuditLog:
 
     def __repr__(self) -> str:
         signed = f", signer={self.signer.key_id!r}" if self.signer is not None else ""
-        return f"AuditLog({str(self.path)!r}, fsync={self.fsync}{signed})"
+        where = f", writer={self.writer!r}" if self.segment is not None else ""
+        return f"AuditLog({str(self.path)!r}, fsync={self.fsync}{where}{signed})"
 
 
-def _checkpoint_of(line: bytes) -> tuple[int, str] | None:
-    """``(seq, signature)`` if ``line`` is a checkpoint record."""
-    if _CHECKPOINT_MARK not in line:
-        return None
+def _fsync_dir(folder: Path) -> None:
     try:
-        data = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(data, dict) or data.get("event") != "checkpoint":
-        return None
-    seq, signature = data.get("seq"), data.get("signature")
-    if not isinstance(seq, int) or not isinstance(signature, str):
-        return None
-    return seq, signature
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _interval_loop(ref: weakref.ref[AuditLog], generation: int) -> None:
@@ -489,12 +663,15 @@ def _interval_loop(ref: weakref.ref[AuditLog], generation: int) -> None:
 
 
 def _checkpoint_at_exit() -> None:
-    for sink in list(_PENDING):
-        if not sink._lock.acquire(timeout=5):
+    """Sign what is unsigned, and seal every open signed trail segment, of this process."""
+    segments = {s for s in list(_SINKS) if s.segment is not None and s.signer is not None and s._fd is not None}
+    for sink in list(_PENDING | segments):
+        if sink._pid != os.getpid() or not sink._lock.acquire(timeout=5):
             continue
         try:
             if sink._fd is not None:
                 sink._checkpoint_head("exit")
+                sink._close_fd()
         except (AuditWriteError, OSError) as err:
             warnings.warn(f"memguard: audit log {sink.path} left unsigned at exit: {err}", stacklevel=1)
         finally:
@@ -502,4 +679,15 @@ def _checkpoint_at_exit() -> None:
         _PENDING.discard(sink)
 
 
+def _after_fork_in_child() -> None:
+    global _FILE_LOCKS_GUARD
+    _FILE_LOCKS_GUARD = threading.Lock()
+    _FILE_LOCKS.clear()
+    _PENDING.clear()
+    for sink in list(_SINKS):
+        sink._forget_after_fork()
+
+
 atexit.register(_checkpoint_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .sink import GENESIS_HASH, record_hash
+from .chain import GENESIS_HASH, record_hash
+from .signing import KeyRing, checkpoint_problem
 
 __all__ = ["SignatureTally", "VerifyReport", "load_anchors", "verify_log"]
+
+#: Called with (line number, record) for every record that passed the chain checks; a string fails that line.
+LineCheck = Callable[[int, dict[str, Any]], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,10 @@ class VerifyReport:
     signers: tuple[str, ...] = ()
     anchors: int = 0
     strict: bool = False
+    #: The log ends with a checkpoint written on ``close`` or at ``exit``: its writer finished it.
+    closed: bool = False
+    #: Every line passed the chain checks (a failure is then about signing, ``strict`` or shipped checkpoints).
+    complete: bool = False
 
     def __bool__(self) -> bool:
         return self.ok
@@ -66,6 +74,9 @@ class VerifyReport:
         if self.adopted:
             parts.append(f"{self.adopted} record(s) first signed by a later writer's opening checkpoint")
         return "; ".join(parts)
+
+    def one_line(self) -> str:
+        return str(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__} | {"signers": list(self.signers)}
@@ -99,6 +110,7 @@ def verify_log(
     public_keys: Any = None,
     strict: bool = False,
     anchors: Mapping[int, Mapping[str, Any]] | None = None,
+    check: LineCheck | None = None,
 ) -> VerifyReport:
     """Check every line of a log: complete, JSON, its own hash, and chained to the line before.
 
@@ -111,13 +123,13 @@ def verify_log(
     reordered or foreign checkpoints. A log without any checkpoint fails (nothing in it is signed).
     ``strict`` fails on records after the last checkpoint. ``anchors`` (``load_anchors``) are checkpoints
     kept elsewhere: each must be in the log, unchanged, so a cut-off log fails down to the last one shipped.
+    ``check`` is called for every record that passed the chain checks, in order (``verify_trail`` checks a
+    segment's writer and trail with it); a string it returns fails that line.
     Raises ``OSError`` if the file cannot be read, ``KeyFileError`` if a key file is unusable.
     """
     keys = _key_ring(public_keys)
     anchors = dict(anchors or {})
     if anchors and keys is not None:
-        from .signing import checkpoint_problem
-
         for seq, anchor in sorted(anchors.items()):
             problem = checkpoint_problem(anchor, keys)
             if problem is not None:
@@ -126,13 +138,16 @@ def verify_log(
     prev_hash, prev_seq, count = GENESIS_HASH, 0, 0
     checkpoints, cp_seq, cp_sig, cp_line, adopted, matched = 0, 0, None, 0, 0, 0
     signers: list[str] = []
+    closed = complete = False
+    first_event = None
 
     def report(ok: bool, line_no: int | None = None, reason: str | None = None) -> VerifyReport:
         return VerifyReport(
             name, ok, count, line_no, reason, prev_hash if count else None, key_checked=keys is not None,
             signed=keys is not None and checkpoints > 0, checkpoints=checkpoints,
             last_checkpoint_seq=cp_seq if checkpoints else None, unsigned_tail=count - cp_line if checkpoints
-            else count, adopted=adopted, signers=tuple(signers), anchors=matched, strict=strict,
+            else count, adopted=adopted, signers=tuple(signers), anchors=matched, strict=strict, closed=closed,
+            complete=complete,
         )
 
     with Path(path).open("rb") as handle:
@@ -163,6 +178,12 @@ def verify_log(
             if record["prev_hash"] != prev_hash:
                 where = "the genesis hash" if line_no == 1 else f"the hash of line {line_no - 1}"
                 return report(False, line_no, f"prev_hash is not {where}: records deleted, reordered or inserted")
+            if check is not None:
+                problem = check(line_no, record)
+                if problem is not None:
+                    return report(False, line_no, problem)
+            if line_no == 1:
+                first_event = record.get("event")
             anchor = anchors.pop(seq, None)
             if anchor is not None:
                 if anchor.get("hash") != record["hash"]:
@@ -177,9 +198,13 @@ def verify_log(
                     if record["key_id"] not in signers:
                         signers.append(record["key_id"])
                 if record.get("reason") == "open" and isinstance(record.get("signed_seq"), int):
-                    adopted += max(0, record["signed_seq"] - cp_seq)
+                    # a trail segment's own first record, signed as the segment opens, was not left by anyone else
+                    own = 1 if cp_seq == 0 and first_event == "segment" else 0
+                    adopted += max(0, record["signed_seq"] - cp_seq - own)
                 checkpoints, cp_seq, cp_sig, cp_line = checkpoints + 1, seq, record.get("signature"), count + 1
+            closed = record.get("event") == "checkpoint" and record.get("reason") in ("close", "exit")
             prev_hash, prev_seq, count = record["hash"], seq, count + 1
+    complete = True
     if anchors:
         first = min(anchors)
         return report(False, count + 1, f"the log ends at seq {prev_seq}, but a shipped checkpoint has seq {first}: "
@@ -195,11 +220,9 @@ def verify_log(
     return report(True)
 
 
-def _key_ring(public_keys: Any) -> Any:
+def _key_ring(public_keys: Any) -> KeyRing | None:
     if public_keys is None:
         return None
-    from .signing import KeyRing
-
     if isinstance(public_keys, KeyRing):
         return public_keys
     if isinstance(public_keys, (str, os.PathLike)):
@@ -212,8 +235,6 @@ def _key_ring(public_keys: Any) -> Any:
 
 def _checkpoint_problem(record: Mapping[str, Any], keys: Any, cp_seq: int, cp_sig: str | None) -> str | None:
     """Why a checkpoint does not verify where it stands, or None."""
-    from .signing import checkpoint_problem
-
     seq = record["seq"]
     if record.get("prev_checkpoint_seq") != cp_seq or record.get("prev_signature") != cp_sig:
         before = f"the checkpoint at seq {cp_seq}" if cp_seq else "no checkpoint"
@@ -227,25 +248,32 @@ def _checkpoint_problem(record: Mapping[str, Any], keys: Any, cp_seq: int, cp_si
 
 class SignatureTally:
     """What a reading pass (``audit summary``) sees of signing, unverified: checkpoints, their key ids, and
-    the records after the last one; with a ``VerifyReport`` it also says whether a key verified them."""
+    the records after the last one (of each segment, in a trail); with a ``VerifyReport`` (or a trail's
+    ``TrailReport``) it also says whether a key verified them."""
 
     def __init__(self) -> None:
         self.checkpoints = 0
         self.last_checkpoint_seq: int | None = None
-        self.after_checkpoint = 0
         self.signers: set[str] = set()
+        self._after: dict[Any, int] = {}
 
-    def note(self, record: Mapping[str, Any]) -> None:
+    @property
+    def after_checkpoint(self) -> int:
+        """Records after the last checkpoint, summed over segments."""
+        return sum(self._after.values())
+
+    def note(self, record: Mapping[str, Any], segment: Any = None) -> None:
+        """Count one record of ``segment`` (any key naming it; None for a single log)."""
         if record.get("event") != "checkpoint":
-            self.after_checkpoint += 1
+            self._after[segment] = self._after.get(segment, 0) + 1
             return
         self.checkpoints += 1
         self.last_checkpoint_seq = record.get("seq")
-        self.after_checkpoint = 0
+        self._after[segment] = 0
         if len(self.signers) < 100:
             self.signers.add(str(record.get("key_id")))
 
-    def to_dict(self, verified: VerifyReport | None = None) -> dict[str, Any]:
+    def to_dict(self, verified: Any = None) -> dict[str, Any]:
         return {
             "checkpoints": self.checkpoints, "signers": sorted(self.signers),
             "last_checkpoint_seq": self.last_checkpoint_seq, "records_after_last_checkpoint": self.after_checkpoint,
@@ -253,10 +281,11 @@ class SignatureTally:
                                                        "summary": str(verified)},
         }
 
-    def line(self, verified: VerifyReport | None = None) -> str:
-        """One line: signed or not, and whether a key verified it."""
+    def line(self, verified: Any = None) -> str:
+        """One line: signed or not, and whether a key verified it (``verified``: a ``VerifyReport`` or
+        ``TrailReport``)."""
         if verified is not None and not verified.ok:
-            return f"signature: verification FAILED: {verified}"
+            return f"signature: verification FAILED: {verified.one_line()}"
         if verified is not None and verified.key_checked:
             return (f"signature: verified with key {', '.join(verified.signers)}: {verified.checkpoints} "
                     f"checkpoint(s), {verified.unsigned_tail} record(s) after the last one not yet signed")
