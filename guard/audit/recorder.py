@@ -46,21 +46,29 @@ class RequestRecorder:
         self.model_class = model_class
         self.source = source
         self._logger: AuditLogger | None = None
+        self._writer: str | None = None
         self._lock = threading.RLock()
 
     @property
     def logger(self) -> AuditLogger:
-        """The audit logger; raises what opening it raises (``AuditWriteError``, ``SigningKeyError``, ...)."""
+        """The audit logger; raises what opening it raises (``AuditWriteError``, ``SigningKeyError``, ...).
+
+        A ``policy_loaded`` record opens every chain this guard writes to: the log itself, and in a trail each
+        writer's segment (a forked worker writes a segment of its own, which then starts with it too)."""
         with self._lock:
             if self._logger is None:
-                logger = AuditLogger.for_policy(self.policy, path=self.path, model_id=self.model_id,
-                                                model_class=self.model_class)
+                self._logger = AuditLogger.for_policy(self.policy, path=self.path, model_id=self.model_id,
+                                                      model_class=self.model_class)
+                self._writer = None
+            writer = self._logger.sink.writer or ""
+            if self._writer != writer:
                 try:
-                    logger.log_policy_loaded(self.policy, source=self.source)
+                    self._logger.log_policy_loaded(self.policy, source=self.source)
                 except BaseException:
-                    logger.close()
+                    self._logger.close()
+                    self._logger = None
                     raise
-                self._logger = logger
+                self._writer = writer
             return self._logger
 
     def decisions(
@@ -77,12 +85,14 @@ class RequestRecorder:
         measured = measurement.compared() if measurement is not None else None
         written: dict[int, dict[str, Any]] = {}
         try:
-            for decision in decisions:
-                written[decision.prompt_index] = self.logger.log_decision(
-                    decision, prompt=prompts[decision.prompt_index], outcome=outcome, request_id=request_id,
-                    latency_scoring_ms=latency_scoring_ms, source=self.source, context=dict(context),
-                    measurement=measured if decision.score is not None else None,
-                )
+            logger = self.logger
+            with logger.batch():  # one fsync for the request's records, all on disk before any is acted on
+                for decision in decisions:
+                    written[decision.prompt_index] = logger.log_decision(
+                        decision, prompt=prompts[decision.prompt_index], outcome=outcome, request_id=request_id,
+                        latency_scoring_ms=latency_scoring_ms, source=self.source, context=dict(context),
+                        measurement=measured if decision.score is not None else None,
+                    )
         except Exception as error:
             raise AuditUnavailable(f"audit log not writable: {type(error).__name__}: {error}") from error
         return written
@@ -96,20 +106,29 @@ class RequestRecorder:
         decision's as it stands now (a rewrite that fell back names its fallback, and says why); ``errors`` names
         what failed while acting on a prompt (``{type, message}``)."""
         try:
-            for decision in decisions:
-                index = decision.prompt_index
-                record = written.get(index)
-                changed = record is not None and record.get("action") != decision.action
-                rewrite = rewrites.get(index)
-                error = errors.get(index)
-                self.logger.log_outcome(
-                    request_id=request_id, prompt_index=index, action=decision.action, outcome=outcomes[index],
-                    decision_record=record, reason=decision.reason if changed or error is not None else None,
-                    latency_generation_ms=latency_generation_ms, error=error, source=self.source,
-                    context=dict(context), extras={"mitigation": rewrite.to_dict()} if rewrite is not None else {},
-                )
+            logger = self.logger
+            with logger.batch():
+                for decision in decisions:
+                    self._outcome(logger, request_id, decision, outcomes, written, rewrites, latency_generation_ms,
+                                  errors, context)
         except Exception as failure:
             raise AuditUnavailable(f"outcome not audited: {type(failure).__name__}: {failure}") from failure
+
+    def _outcome(self, logger: AuditLogger, request_id: str, decision: Decision, outcomes: Mapping[int, Outcome],
+                 written: Mapping[int, Mapping[str, Any]], rewrites: Mapping[int, RewriteResult],
+                 latency_generation_ms: float | None, errors: Mapping[int, Mapping[str, str]],
+                 context: Mapping[str, Any]) -> None:
+        index = decision.prompt_index
+        record = written.get(index)
+        changed = record is not None and record.get("action") != decision.action
+        rewrite = rewrites.get(index)
+        error = errors.get(index)
+        logger.log_outcome(
+            request_id=request_id, prompt_index=index, action=decision.action, outcome=outcomes[index],
+            decision_record=record, reason=decision.reason if changed or error is not None else None,
+            latency_generation_ms=latency_generation_ms, error=error, source=self.source,
+            context=dict(context), extras={"mitigation": rewrite.to_dict()} if rewrite is not None else {},
+        )
 
     def event(self, kind: str, fields: Mapping[str, Any]) -> None:
         """Any other record (the monitor's calibration findings); a failure is logged, never raised."""
