@@ -29,7 +29,7 @@ from common import MEMORIZER_PROMPTS, SHIPPED_MODEL, load, prompts_from, setup, 
 from sampling import HEADERS, compare_sampling
 
 from guard.calibration import Features, fit_weights
-from guard.metrics import roc_auc, tpr_at_fpr
+from guard.roc import roc_auc, tpr_at_fpr
 from guard.scoring import ModelProfile, Scorer
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from guard.calibration import calibrate
-from guard.metrics import roc_auc, tpr_at_fpr
+from guard.roc import roc_auc, tpr_at_fpr
 from guard.scoring import AdaptiveScorer, DecisionLimits, Scorer
 
 

@@ -69,3 +69,16 @@ def test_a_calibration_that_does_not_fit_is_refused_and_not_recorded(sd_pipe, tm
         guarded.core.use_calibration(other_seed)
     assert guarded.check(PROMPTS[1]).calibration_id == kept
     assert sum(r["event"] == "calibration_loaded" for r in records(log)) == 1
+
+
+def test_the_record_module_names_every_record_kind():
+    """``guard/audit/record.py``'s docstring and docs/architecture.md are where a reader learns the kinds: they
+    must list every kind a log can hold (0.2 listed 6 of 9)."""
+    from pathlib import Path
+
+    import guard.audit.record as record
+
+    architecture = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text(encoding="utf-8")
+    for kind in record.RECORD_MODELS:
+        assert f"``{kind}``" in record.__doc__, kind
+        assert f"`{kind}`" in architecture, kind

@@ -8,9 +8,9 @@ import torch
 from guard import (
     CalibrationProfile,
     Guard,
+    GuardedOutput,
     MemorizationBlocked,
     MemorizationWarning,
-    WithheldOutput,
     score_prompts,
     verify_log,
 )
@@ -87,7 +87,7 @@ def test_withhold_mode_returns_no_images(sd_pipe, tmp_path):
     guard = Guard(sd_pipe, policy(block_mode="withhold", lists={"always_block": [CAT]}),
                   audit_path=tmp_path / "a.jsonl")
     out = generate(guard, CAT)
-    assert isinstance(out, WithheldOutput) and out.images == [] and out.output is None
+    assert type(out) is GuardedOutput and out.withheld and out.images == [] and out.output is None
     assert out.memguard.withheld and out.memguard.blocked
     assert outcome_records(tmp_path / "a.jsonl")[0]["outcome"] == "withheld"
 

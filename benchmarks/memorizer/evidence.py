@@ -138,7 +138,7 @@ def dc_diagnostic(pipe: DiffusionPipeline, t: int = 981, n: int = 32) -> dict[st
 def detector_auroc(pipe: DiffusionPipeline, mem: list[str], nmem: list[str]) -> dict:
     """memguard's current detector (default settings) on memorized vs unseen captions: AUROC per statistic."""
     from guard import score_prompts
-    from guard.metrics import roc_auc
+    from guard.roc import roc_auc
 
     try:
         pos = score_prompts(pipe, mem)

@@ -10,6 +10,9 @@
 * ``checkpoint``: a signature over the chain so far (``guard.audit.signing``), written by the sink only.
 * ``segment``: the first record of each writer's segment in a trail (``guard.audit.trail``), written by the
   sink only. In a trail the sink adds ``writer`` to every record.
+* ``calibration``, ``calibration_mismatch``, ``drift``: the running guard's calibration findings
+  (``guard.monitor``): a profile taken into use with its relative thresholds, a failed fit check, a rule whose
+  observed rate left the calibration's promise.
 
 Records never hold prompt text unless the policy says ``audit.prompt: plain``.
 """

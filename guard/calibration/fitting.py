@@ -47,7 +47,7 @@ class WeightReport:
 
 
 def _metrics(pos: list[float], neg: list[float]) -> dict[str, float]:
-    from guard.metrics import roc_auc, tpr_at_fpr
+    from guard.roc import roc_auc, tpr_at_fpr
 
     out = {"auroc": roc_auc(pos, neg)}
     out.update({f"tpr@{f:g}": tpr_at_fpr(pos, neg, f) for f in _REPORT_FPRS})

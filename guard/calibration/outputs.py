@@ -66,7 +66,7 @@ def plot_calibration(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from guard.metrics import roc_curve
+    from guard.roc import roc_curve
 
     panels = 2 if curves else 1
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)

@@ -1,9 +1,9 @@
-"""guard.metrics against hand-computed cases (and scikit-learn where it is installed)."""
+"""guard.roc against hand-computed cases (and scikit-learn where it is installed)."""
 
 import numpy as np
 import pytest
 
-from guard.metrics import roc_auc, roc_curve, tpr_at_fpr
+from guard.roc import roc_auc, roc_curve, tpr_at_fpr
 
 
 def test_perfect_separation():
