@@ -41,8 +41,8 @@ from memorizers import Sampler, cosine_rows, data_for, unseen_level  # noqa: E40
 
 from guard import Guard, MemorizationBlocked  # noqa: E402
 from guard.calibration import CalibrationProfile  # noqa: E402
-from guard.roc import roc_auc  # noqa: E402
 from guard.policy import load_policy  # noqa: E402
+from guard.roc import roc_auc  # noqa: E402
 from guard.scoring import Scorer  # noqa: E402
 
 RUNGS = ("guidance_schedule", "prompt_embedding", "initial_noise", "combined")
