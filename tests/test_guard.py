@@ -294,3 +294,21 @@ def test_shipped_policy_by_name_on_the_fixture(sd_pipe, tmp_path, monkeypatch):
         out = generate(guard, CAT)
     assert out.memguard.decisions[0].action in ("allow", "warn")
     assert guard.policy.name == "monitor"
+
+
+def test_calibration_argument_speaks_the_policy_modes(sd_pipe, tmp_path):
+    """The failure this replaced: `Guard(calibration="auto")` was read as a file named auto, while the policy's
+    `calibration: auto` is a mode. One vocabulary: a profile, its file, or auto / auto-strict / off."""
+    from guard import Scorer, calibrate
+
+    profile = calibrate(Scorer(sd_pipe), [CAT, DOG, CITY, "a dog", "a cat", "old man", "blue sky", "green tree"])
+    path = profile.save(tmp_path / "profile.json")
+    relative = policy(calibration=str(path), rules=[{"when": {"score": {"above_fpr": 0.2}}, "action": "warn"}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the automatic calibration's caption-fit warning on this tiny vocabulary
+        auto = Guard(sd_pipe, relative, calibration="auto", audit_path=tmp_path / "a.jsonl").check(CAT)
+    assert auto.calibration_id is not None and auto.calibration_id != profile.id  # the automatic profile
+    off = Guard(sd_pipe, relative, calibration="off", audit_path=tmp_path / "b.jsonl").check(CAT)
+    assert off.rule == "on_error" and "no calibration" in off.reason
+    from_file = Guard(sd_pipe, relative, audit_path=tmp_path / "c.jsonl").check(CAT)
+    assert from_file.calibration_id == profile.id
