@@ -123,3 +123,11 @@ def test_every_command_reports_errors_in_one_form(model_dir, tmp_path):
         assert result.exit_code != 0
         errors = [line for line in result.output.splitlines() if "rror" in line and not line.startswith("Try ")]
         assert errors and all(line.startswith("memguard: error: ") for line in errors), result.output
+
+
+@pytest.mark.parametrize("command", ["summary", "verify", "report"])
+def test_audit_commands_report_errors_in_the_same_form(tmp_path, command):
+    extra = ["--out", str(tmp_path / "r.html")] if command == "report" else []
+    result = CliRunner().invoke(main, ["audit", command, str(tmp_path / "missing.jsonl"), *extra])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines()[-1].startswith("memguard: error: "), result.output

@@ -66,7 +66,8 @@ def _verify(paths: tuple[Path, ...], public_keys, strict: bool = False, anchors=
     except KeyFileError as err:
         raise click.ClickException(str(err)) from None
     except OSError as err:
-        click.echo(f"{err.filename or ', '.join(map(str, paths))}: cannot read: {err.strerror or err}", err=True)
+        click.echo(f"memguard: error: {err.filename or ', '.join(map(str, paths))}: cannot read: "
+                   f"{err.strerror or err}", err=True)
         raise SystemExit(2) from None
     except ValueError as err:
         raise click.ClickException(str(err)) from None
