@@ -300,3 +300,17 @@ def test_profile_calibration_takes_the_weights_the_calibration_was_made_with(sd_
         _ = Guard(sd_pipe, policy(rules=rules), audit_path=tmp_path / "b.jsonl", calibration=path).core.calibration
     with Guard(sd_pipe, policy(profile="calibration"), audit_path=tmp_path / "c.jsonl") as family:
         assert (family.scorer.profile.g_norm, family.scorer.profile.g_cos) == (1.0, 2.0)  # sd1
+
+
+def test_the_guard_says_which_calibration_is_in_force_and_why(sd_pipe, tmp_path):
+    from guard import Scorer, calibrate
+
+    profile = calibrate(Scorer(sd_pipe), ["a dog", "a cat", "old man", "blue sky"], progress=False)
+    path = profile.save(tmp_path / "p.json")
+    relative = {"name": "r", "calibration": "off", "rules": [{"when": {"score": {"above_fpr": 0.5}}, "action": "warn"}]}
+    none = Guard(sd_pipe, relative, audit_path=tmp_path / "a.jsonl")
+    none.check("a dog")
+    assert none.core.calibrations.describe() == "no calibration (calibration: off)"
+    given = Guard(sd_pipe, relative, calibration=path, audit_path=tmp_path / "b.jsonl")
+    given.check("a dog")
+    assert given.core.calibrations.describe() == f"calibration {profile.id}, from {path} (4 prompts)"

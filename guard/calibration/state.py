@@ -64,6 +64,18 @@ class CalibrationInForce:
         self._verification: dict[Hashable, VerificationCalibration] = {}
         self.lock = threading.RLock()
 
+    def describe(self) -> str:
+        """Which calibration is in force and why, in one line (for reports and error messages)."""
+        if self._error is not None:
+            return f"no usable calibration: {self._error}"
+        if not self._loaded or self._profile is None:
+            reason = ("the policy needs none" if not self.needed else "calibration: off" if self.mode == "off" else
+                      "not loaded yet")
+            return f"no calibration ({reason})"
+        where = {"object": "given to the guard", "file": f"from {self.label}",
+                 "auto": "made automatically from memguard's generic captions"}[self.origin or "auto"]
+        return f"calibration {self._profile.id}, {where} ({self._profile.n_prompts} prompts)"
+
     @property
     def automatic(self) -> bool:
         """Whether the profile in force is (or would be) the automatic one."""

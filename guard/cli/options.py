@@ -7,20 +7,9 @@ from typing import Any
 
 import click
 
-from ..scoring import DEFAULT_INFERENCE_STEPS, DEFAULT_SEED, Scorer, make_scorer
+from ..scoring import Scorer, ScoringSettings, make_scorer
 
 __all__ = ["policy_scoring_option", "scorer_from_options", "scoring_settings"]
-
-_DEFAULTS = {
-    "samples": 1,
-    "max_samples": None,
-    "seed": DEFAULT_SEED,
-    "steps": DEFAULT_INFERENCE_STEPS,
-    "batch_size": 16,
-    "profile": None,
-    "prediction_space": "auto",
-}
-
 
 def policy_scoring_option(command: Callable) -> Callable:
     """``--policy`` and the scoring options it provides defaults for."""
@@ -48,36 +37,30 @@ def policy_scoring_option(command: Callable) -> Callable:
 
 
 def scoring_settings(options: dict[str, Any]) -> dict[str, Any]:
-    """``Scorer`` keyword arguments: each option as given, else the policy's setting, else the default."""
+    """``make_scorer`` keyword arguments: each option as given, else the policy's setting, else the default; the
+    settings are a ``ScoringSettings`` (the policy's own model), so they are validated the way a policy is."""
+    from pydantic import ValidationError
+
     from ..policy import load_policy
 
-    resolved = dict(_DEFAULTS)
-    policy_name = options.get("scoring_policy")
-    if policy_name:
-        policy = load_policy(policy_name)
-        scoring = policy.scoring
-        resolved.update(samples=scoring.samples, seed=scoring.noise_seed, steps=scoring.inference_steps,
-                        prediction_space=scoring.prediction_space,
-                        max_samples=scoring.max_samples if scoring.samples == "adaptive" else None)
-        if scoring.batch_size:
-            resolved["batch_size"] = scoring.batch_size
-        weights = policy.score_weights()
-        if weights is not None:
-            resolved["profile"] = weights
-    resolved.update({k: v for k, v in options.items() if k in _DEFAULTS and v is not None})
-    if resolved["samples"] != "adaptive":
+    base = ScoringSettings()
+    profile = None
+    if options.get("scoring_policy"):
+        policy = load_policy(options["scoring_policy"])
+        base, profile = policy.scoring, policy.score_weights()
+    given = {"noise_seed": options.get("seed"), "samples": options.get("samples"),
+             "max_samples": options.get("max_samples"), "inference_steps": options.get("steps"),
+             "prediction_space": options.get("prediction_space"), "batch_size": options.get("batch_size")}
+    update = {name: value for name, value in given.items() if value is not None}
+    if update.get("samples", base.samples) != "adaptive":
         if options.get("max_samples") is not None:
             raise click.UsageError("--max-samples is only for --samples adaptive")
-        resolved["max_samples"] = None
-    return {
-        "samples": resolved["samples"],
-        "max_samples": resolved["max_samples"],
-        "seed": resolved["seed"],
-        "inference_steps": resolved["steps"],
-        "batch_size": resolved["batch_size"],
-        "profile": resolved["profile"],
-        "prediction_space": resolved["prediction_space"],
-    }
+        update.update(max_samples=None, band_quantile=None)
+    try:
+        settings = ScoringSettings.model_validate({**base.model_dump(), **update})
+    except ValidationError as error:
+        raise click.UsageError(f"scoring options: {error.errors()[0]['msg']}") from None
+    return settings.scorer_kwargs(options.get("profile") or profile)
 
 
 def scorer_from_options(pipe: Any, options: dict[str, Any]) -> Scorer:
