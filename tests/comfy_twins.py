@@ -429,3 +429,38 @@ class GraphRunner:
             messages=self.executor.status_messages)
         self.queue.task_done(item_id, self.executor.history_result, status=status)
         return self.queue.get_history(prompt_id=prompt_id)[prompt_id]
+
+
+#: The KSampler settings the memorizer graphs use (its 16x16 latents: 128 px in EmptyLatentImage).
+MEMORIZER_CALL = {"steps": 20, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal"}
+
+
+def memorizer_calibration(memorizer: dict[str, Any], prompts: list[str], verification_prompts: int, out: str,
+                          audit_path: str) -> str:
+    """A calibration profile of the memorizer *as ComfyUI runs it*, saved to ``out``: the node's own scorer (the
+    ComfyUI adapter, seed 51, one draw, 50 DDIM steps, detection latent 16) on ``prompts`` (the memorizer's own
+    unseen captions, as its shipped diffusers profile was made from), plus verification values measured with the
+    guarded sampler's generator (``ComfySampler``) at ``MEMORIZER_CALL`` on the first ``verification_prompts`` of
+    them. (The shipped profile fits the diffusers pipeline's fingerprint, not ComfyUI's network.)"""
+    from memguard_comfy.nodes import UNCOND_EMPTY, core_for
+    from memguard_comfy.sampling import ComfySampler, KSamplerSettings
+
+    from guard.actions.verification import measure_verification
+    from guard.calibration import calibrate
+    from guard.policy import VerifySettings, load_policy
+
+    policy = load_policy("strict").model_copy(update={"calibration": "off"})
+    core = core_for(memorizer["model"], memorizer["clip"], None, policy=policy, unconditional=UNCOND_EMPTY,
+                    latent_size=16, audit_path=audit_path)
+    profile = calibrate(core.scorer, prompts, source=f"memorizer-calib-{len(prompts)}", progress=False)
+    clip = memorizer["clip"]
+    empty = [[clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)[0], {}]]
+    generator = ComfySampler(memorizer["model"], empty, empty, {"samples": torch.zeros(1, 4, 16, 16)},
+                             KSamplerSettings(seed=0, **MEMORIZER_CALL), entry_rows=[1], clip=clip, family="sd1")
+    settings = VerifySettings(probes=2, probe_steps=25)
+    verification = measure_verification(generator, core.scorer.encode(prompts[:verification_prompts]), settings,
+                                        seed=core.scorer.seed, source=f"memorizer-calib-{verification_prompts}",
+                                        progress=False)
+    profile = profile.with_verification(verification)
+    profile.save(out)
+    return out
