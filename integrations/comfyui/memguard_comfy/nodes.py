@@ -486,10 +486,10 @@ def run_guarded_sampler(
         generator.inference_mode = not mutation  # tensors made under inference mode cannot be mutated there
     with autograd:
         release = core.act(report, scored, generator, images_per_prompt=generator.images_per_prompt)
-    notes = [f"sampled here: seed {settings.seed}, {settings.steps} steps, cfg {settings.cfg:g}, "
+    notes = [f"sampler: seed {settings.seed}, {settings.steps} steps, cfg {settings.cfg:g}, "
              f"{settings.sampler_name}/{settings.scheduler}, {generator.batch} image(s) of "
-             f"{generator.latent_shape[1]}x{generator.latent_shape[2]} latents; {len(generator.calls)} sampler "
-             "call(s)", *request.notes]
+             f"{generator.latent_shape[1]}x{generator.latent_shape[2]} latents (read from latent_image); "
+             f"{len(generator.calls)} sampler call(s) made for this request", *request.notes]
     return release.output, report, request.texts_known, notes, generator
 
 

@@ -252,10 +252,10 @@ class ComfySampler:
             if cond.mask is not None:
                 embeds = embeds[:, : int(cond.mask[k].sum())]
             pooled = cond.pooled[k : k + 1] if cond.pooled is not None else None
-            options = self._options(job.prompts[k] if job.prompts is not None else None)
-            rows[k] = (embeds, pooled, options)
-            groups.setdefault((int(embeds.shape[1]), repr(sorted(options.items(), key=lambda kv: kv[0]))),
-                              []).append(k)
+            prompt = job.prompts[k] if job.prompts is not None else None
+            rows[k] = (embeds, pooled, self._options(prompt))
+            entry = self._entry_of(prompt) if prompt is not None else 0  # rows of one entry share its options
+            groups.setdefault((int(embeds.shape[1]), entry), []).append(k)
         out = []
         for members in groups.values():
             embeds = torch.cat([rows[k][0] for k in members]).repeat_interleave(per, dim=0)
