@@ -324,6 +324,9 @@ def memorizer_in_comfyui(path: str | None = None) -> dict[str, Any]:
 
     pipe = StableDiffusionPipeline.from_pretrained(path or SHIPPED_MODEL)
     pipe.set_progress_bar_config(disable=True)
+    if pipe.unet.config.norm_num_groups != 32:  # its weights would load, into another function (NOTES.md)
+        groups = pipe.unet.config.norm_num_groups
+        raise ValueError(f"ComfyUI's ldm UNet normalises in 32 groups; this UNet uses {groups}")
     cpu = torch.device("cpu")
     config = comfy.supported_models.SD15(dict(MEMORIZER_UNET_CONFIG))
     config.latent_format = comfy.latent_formats.SD15(scale_factor=float(pipe.vae.config.scaling_factor))

@@ -204,6 +204,21 @@ def test_pack_is_loaded_by_comfyuis_own_loader(comfy):
     assert any(path.endswith("comfyui-memguard") for path in nodes.LOADED_MODULE_DIRS.values())
 
 
+def test_the_memorizer_in_comfyui_is_the_diffusers_model(memorizer):
+    """ComfyUI's network with the memorizer's weights computes its function: the ComfyUI adapter's scores equal
+    the diffusers pipeline's (same prompt embeddings, detection noise and steps)."""
+    from memguard_comfy.adapter import comfy_adapter
+
+    from guard.scoring import Scorer
+
+    prompts = [MEMORIZED, ORDINARY]
+    reference = Scorer(memorizer["pipe"]).score(prompts)
+    comfy = Scorer(comfy_adapter(memorizer["model"], memorizer["clip"], latent_size=16)).score(prompts)
+    for expected, got in zip(reference, comfy, strict=True):
+        assert abs(expected.score - got.score) < 1e-5 and abs(expected.norm - got.norm) < 1e-5
+    assert reference[0].score > reference[1].score + 0.5  # the memorized caption stands out
+
+
 @pytest.mark.parametrize("policy", ["balanced", "strict"])
 def test_allowed_prompt_is_pixel_identical_and_audited(runner, memorizer, policies, scratch, policy):
     audit = scratch / f"allowed-{policy}.jsonl"

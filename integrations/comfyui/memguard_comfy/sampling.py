@@ -186,7 +186,7 @@ class ComfySampler:
             part_latent = latent_image if whole else latent_image[images]
             samples_parts.append(self._sample(positive, negative, part_noise, part_latent, steps=steps,
                                               denoise=denoise, seed=seed, guidance=guidance,
-                                              own_call=release and whole and job.latents is None))
+                                              caller_latent=release and whole))
             order.extend(images)
         samples = samples_parts[0] if whole else _reorder(torch.cat(samples_parts), order)
         latents = None
@@ -283,10 +283,10 @@ class ComfySampler:
 
     def _sample(
         self, positive: list[list[Any]], negative: list[list[Any]], noise: torch.Tensor, latent_image: torch.Tensor,
-        *, steps: int, denoise: float, seed: int, guidance: Mapping[int, Sequence[GuidanceStage]], own_call: bool,
+        *, steps: int, denoise: float, seed: int, guidance: Mapping[int, Sequence[GuidanceStage]], caller_latent: bool,
     ) -> torch.Tensor:
-        """``comfy.sample.sample`` as ``common_ksampler`` calls it; ``own_call``: the caller's exact call (noise
-        mask and progress previews included)."""
+        """``comfy.sample.sample`` as ``common_ksampler`` calls it; ``caller_latent``: a release on the caller's own
+        latent (its noise mask and KSampler's progress previews apply), not a probe or calibration job."""
         import comfy.sample
         import comfy.utils
 
@@ -295,15 +295,15 @@ class ComfySampler:
             model = model.clone()
             model.set_model_sampler_cfg_function(
                 scheduled_cfg(guidance, model.model_options.get("sampler_cfg_function")))
-        callback = _preview_callback(model, steps) if own_call else None
-        noise_mask = self.latent.get("noise_mask") if own_call else None
-        self.calls.append({"images": int(noise.shape[0]), "steps": steps, "own": own_call,
+        callback = _preview_callback(model, steps) if caller_latent else None
+        noise_mask = self.latent.get("noise_mask") if caller_latent else None
+        self.calls.append({"images": int(noise.shape[0]), "steps": steps, "release": caller_latent,
                            "guidance": sorted(guidance)})
         with torch.inference_mode() if self.inference_mode else torch.no_grad():
             samples = comfy.sample.sample(
                 model, noise, steps, self.settings.cfg, self.settings.sampler_name, self.settings.scheduler,
                 positive, negative, latent_image, denoise=denoise, noise_mask=noise_mask, callback=callback,
-                disable_pbar=not own_call or not getattr(comfy.utils, "PROGRESS_BAR_ENABLED", True), seed=seed,
+                disable_pbar=not caller_latent or not getattr(comfy.utils, "PROGRESS_BAR_ENABLED", True), seed=seed,
             )
         return samples.clone()  # outside inference mode: an ordinary tensor the core may compute with
 
