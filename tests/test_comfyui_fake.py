@@ -1062,3 +1062,19 @@ def test_generator_samples_a_rewritten_row_with_the_entry_options(comfy):
                                    kind="internal"))
     assert result.output is None and result.latents.shape == (2, 16, 8, 8)
     assert sampler._job_positive(GenerationJob(cond=row, images_per_prompt=1))[0][1][0][1]["guidance"] == 2.5
+
+
+def test_block_mode_withhold_withholds_without_an_error(comfy, objects, pipe, tmp_path):
+    """``block_mode: withhold``: the guarded output is blocked (nothing downstream runs) but the queue item is not
+    failed; the report says the images were withheld, and the outcome record is ``withheld``."""
+    expected = reference_score(pipe).score
+    policy = write_policy(tmp_path, "withhold", [{"when": {"score": {"gte": expected - 1.0}}, "action": "block"}],
+                          block_mode="withhold")
+    for node_id, values in (("MemguardGuardedKSampler", sampler_inputs(objects, tmp_path, policy)),
+                            ("MemguardMemorizationGuard", inputs(objects, tmp_path, policy))):
+        out = run_node(comfy, nodes(comfy)[node_id], **values)
+        from comfy_execution.graph_utils import ExecutionBlocker
+
+        assert isinstance(out.args[0], ExecutionBlocker) and out.expand is None
+        assert "withheld (block_mode: withhold)" in out.args[2]
+        assert decision_record(tmp_path)["outcome"] == "withheld"

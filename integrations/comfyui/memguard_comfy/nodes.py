@@ -578,10 +578,15 @@ def _execute(
             texts=texts,
             enforce=enforce,
         )
-    blocked_line = ("blocked: the sampler downstream does not run, and this queue item ends in an error naming the "
-                    "reason")
+    blocked_line = _blocked_line(report, "the sampler downstream does not run")
     text = _report(report, policy, blocked, texts_known, notes, blocked_line)
     return output, report, blocked, text, _explanations(report)
+
+
+def _blocked_line(report: GuardReport, what: str) -> str:
+    if report.withheld:
+        return f"withheld (block_mode: withhold): {what}; the queue item ends normally"
+    return f"blocked: {what}, and this queue item ends in an error naming the reason"
 
 
 def _always_run() -> float:
@@ -613,6 +618,16 @@ def _execution_blocker() -> Any:
     from comfy_execution.graph_utils import ExecutionBlocker
 
     return ExecutionBlocker(None)
+
+
+def _blocked_output(report: GuardReport, node_id: Any, score: float, text: str, explanation: str) -> io.NodeOutput:
+    """A blocked call's outputs: the guarded output (first) blocked, the others values; with the policy's
+    ``block_mode: raise`` (the shipped policies') the queue item then ends in an error naming the reason, with
+    ``withhold`` it ends normally with the images withheld (the report says so)."""
+    if report.withheld:
+        return io.NodeOutput(_execution_blocker(), score, text, explanation)
+    return io.NodeOutput(_execution_blocker(), score, text, explanation,
+                         expand=_blocking_expansion(node_id, blocked_message(report), 2))
 
 
 class MemorizationGuard(io.ComfyNode):
@@ -654,8 +669,7 @@ class MemorizationGuard(io.ComfyNode):
         if blocked:
             # Only the conditioning is blocked: the score, report and explanation reach their viewers, then the
             # expansion's MemguardBlocked ends the queue item in an error naming the reason.
-            return io.NodeOutput(_execution_blocker(), score, text, explanation,
-                                 expand=_blocking_expansion(cls.hidden.unique_id, blocked_message(report), 2))
+            return _blocked_output(report, cls.hidden.unique_id, score, text, explanation)
         if any(d.action == "warn" for d in report.decisions):
             logging.getLogger("memguard").warning("memguard: %s", text)
         return io.NodeOutput(output, score, text, explanation)
@@ -768,14 +782,12 @@ class GuardedKSampler(io.ComfyNode):
                 context=comfy_context(hidden), texts=texts,
             )
         blocked = report.blocked
-        text = _report(report, policy, blocked, texts_known, notes,
-                       "blocked: nothing was sampled, and this queue item ends in an error naming the reason")
+        text = _report(report, policy, blocked, texts_known, notes, _blocked_line(report, "nothing was sampled"))
         top = _top(report.decisions)
         score = float(top.score.score) if top is not None else float("nan")
         explanation = _explanations(report)
         if blocked:
-            return io.NodeOutput(_execution_blocker(), score, text, explanation,
-                                 expand=_blocking_expansion(hidden.unique_id, blocked_message(report), 2))
+            return _blocked_output(report, hidden.unique_id, score, text, explanation)
         if any(d.action == "warn" for d in report.decisions):
             logging.getLogger("memguard").warning("memguard: %s", text)
         return io.NodeOutput(latent, score, text, explanation)
