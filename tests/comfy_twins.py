@@ -231,3 +231,239 @@ class StandInCLIP:
         cond = out.pop("cond")
         out.update(add_dict or {})
         return [[cond, out]]
+
+
+# ------------------------------------------------------------------------------------ whole graphs in real ComfyUI
+
+#: memguard's shipped memorizer (guard/assets/memorizer) in ComfyUI's ldm UNet: SD 1.x layout, 32 groups, 16x16
+#: latents, 64-wide context, 8 heads, attention only at the lower resolution and in the middle.
+MEMORIZER_UNET_CONFIG: dict[str, Any] = {
+    "image_size": 16, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+    "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+    "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1], "transformer_depth_middle": 1,
+    "context_dim": 64, "num_heads": 8, "num_head_channels": -1, "use_linear_in_transformer": False,
+    "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None,
+    "use_temporal_attention": False, "use_temporal_resblock": False, "disable_self_attentions": None,
+}
+#: The memorizer's VAE (diffusers block_out_channels (32, 64, 64), one layer per block) as ComfyUI's ldm autoencoder.
+MEMORIZER_VAE_CONFIG: dict[str, Any] = {
+    "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+                 "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
+    "embed_dim": 4,
+}
+#: The x4 spatial factor of that VAE (16x16 latents are 64x64 images): EmptyLatentImage takes 128x128 (its //8).
+MEMORIZER_IMAGE_PX = 128
+
+
+def import_comfyui(path: str) -> dict[str, Any]:
+    """Real ComfyUI imported on the CPU, as ``main.py --cpu`` does before it imports anything of comfy."""
+    import sys
+
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    argv = sys.argv
+    sys.argv = ["main.py", "--cpu"]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.model_management  # noqa: F401
+        import comfy.model_patcher  # noqa: F401
+        import comfy.supported_models  # noqa: F401
+        import comfy.utils  # noqa: F401
+        import execution
+        import nodes
+        from comfy_api.latest import io
+    finally:
+        sys.argv = argv
+    return {"nodes": nodes, "execution": execution, "io": io, "comfy": comfy}
+
+
+_LOADED_BY_COMFY: dict[str, Any] = {}
+
+
+def load_pack_like_comfyui(comfy: dict[str, Any], pack: str, scratch: str) -> list[str]:
+    """ComfyUI's own start-up loading: the pack symlinked into a ``custom_nodes`` folder registered with
+    ``folder_paths``, then ``nodes.init_extra_nodes(init_custom_nodes=True)`` (ComfyUI's built-in extra nodes, such
+    as PreviewAny, and every custom node folder). Once per process; returns the extra nodes that failed to import."""
+    import asyncio
+    import os
+
+    import folder_paths
+
+    if "failed" in _LOADED_BY_COMFY:
+        return _LOADED_BY_COMFY["failed"]
+    folder = os.path.join(scratch, "custom_nodes")
+    os.makedirs(folder, exist_ok=True)
+    link = os.path.join(folder, "comfyui-memguard")
+    if not os.path.exists(link):
+        os.symlink(pack, link)
+    folder_paths.add_model_folder_path("custom_nodes", folder)
+    failed = asyncio.run(comfy["nodes"].init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    _LOADED_BY_COMFY["failed"] = failed
+    return failed
+
+
+def memorizer_in_comfyui(path: str | None = None) -> dict[str, Any]:
+    """The shipped memorizer (or another diffusers pipeline of its layout) as ComfyUI MODEL, CLIP and VAE, built in
+    ComfyUI's own classes with the pipeline's weights, loaded under inference mode as ComfyUI's loaders load them.
+
+    MODEL: ``supported_models.SD15`` -> ``BaseModel`` (ldm UNet) with weights renamed by
+    ``comfy.utils.unet_to_diffusers``, latent format SD15 with the memorizer's scaling factor 1 (its latents are
+    unit-variance), in a ``ModelPatcher``. VAE: ``comfy.sd.VAE`` from the diffusers weights with an explicit ldm
+    config (x4). CLIP: ``StandInCLIP`` over the pipeline's own text encoder (a word-level tokenizer ComfyUI's CLIP
+    classes cannot hold)."""
+    import comfy.latent_formats
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+    from diffusers import StableDiffusionPipeline
+
+    from guard.assets import SHIPPED_MODEL
+
+    pipe = StableDiffusionPipeline.from_pretrained(path or SHIPPED_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    if pipe.unet.config.norm_num_groups != 32:  # its weights would load, into another function (NOTES.md)
+        groups = pipe.unet.config.norm_num_groups
+        raise ValueError(f"ComfyUI's ldm UNet normalises in 32 groups; this UNet uses {groups}")
+    cpu = torch.device("cpu")
+    config = comfy.supported_models.SD15(dict(MEMORIZER_UNET_CONFIG))
+    config.latent_format = comfy.latent_formats.SD15(scale_factor=float(pipe.vae.config.scaling_factor))
+    mapping = comfy.utils.unet_to_diffusers(config.unet_config)
+    weights = pipe.unet.state_dict()
+    renamed = {ldm: weights[name] for name, ldm in mapping.items() if name in weights}
+    if len(renamed) != len(weights):
+        raise ValueError(f"{len(weights) - len(renamed)} UNet weights have no ComfyUI name (layout differs)")
+    with torch.inference_mode():
+        base = config.get_model({}, "", cpu)
+        result = base.diffusion_model.load_state_dict(renamed, strict=False)
+        vae = comfy.sd.VAE(sd=_vae_weights_for_comfyui(pipe.vae), config={"params": MEMORIZER_VAE_CONFIG})
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"ComfyUI's UNet does not take the weights: {result}")
+    vae.downscale_ratio = vae.upscale_ratio = 4
+    model = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    return {"pipe": pipe, "model": model, "clip": StandInCLIP(pipe), "vae": vae}
+
+
+def _vae_weights_for_comfyui(vae: Any) -> dict[str, torch.Tensor]:
+    """The diffusers VAE's weights in ComfyUI's ldm names, by ComfyUI's own converter (``convert_vae_state_dict``),
+    decoder up blocks renumbered first: the converter maps diffusers' ``up_blocks.i`` to ldm's ``up.{3 - i}`` (four
+    levels, as every SD VAE has); the memorizer's has three."""
+    from comfy.diffusers_convert import convert_vae_state_dict
+
+    levels = len(vae.config.block_out_channels)
+    out = {}
+    for key, value in vae.state_dict().items():
+        if key.startswith("decoder.up_blocks."):
+            index, rest = key[len("decoder.up_blocks."):].split(".", 1)
+            key = f"decoder.up_blocks.{int(index) + 4 - levels}.{rest}"
+        out[key] = value.clone()
+    return convert_vae_state_dict(out)
+
+
+class TestModelLoader:
+    """A loader node of the tests' own (ComfyUI's checkpoint loaders only recognise full-size models): MODEL, CLIP
+    and VAE of a model registered in ``MODELS`` under a name."""
+
+    MODELS: dict[str, tuple[Any, Any, Any]] = {}
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:  # noqa: N802 (ComfyUI's name)
+        return {"required": {"name": (sorted(cls.MODELS) or ["none"],)}}
+
+    def load(self, name: str) -> tuple[Any, Any, Any]:
+        return self.MODELS[name]
+
+
+class ServerStub:
+    """What ComfyUI's ``PromptExecutor`` and ``PromptQueue`` need of the server (main.py's ``prompt_worker``), and
+    the events an API client would receive over its websocket."""
+
+    def __init__(self) -> None:
+        self.client_id: str | None = None
+        self.last_node_id: str | None = None
+        self.last_prompt_id: str | None = None
+        self.events: list[tuple[str, dict]] = []
+
+    def send_sync(self, event: str, data: dict, sid: str | None = None) -> None:
+        self.events.append((event, data))
+
+    def queue_updated(self) -> None:
+        """Nothing listens."""
+
+
+class GraphRunner:
+    """Queues API-format graphs as ``POST /prompt`` does (``execution.validate_prompt``, then ``PromptQueue.put``)
+    and runs them as ``main.py``'s ``prompt_worker`` does (one ``PromptExecutor`` for all queue items, so its caches
+    persist between them; ``PromptQueue.task_done`` files the result in the history ``GET /history`` serves)."""
+
+    def __init__(self, comfy: dict[str, Any]) -> None:
+        execution = comfy["execution"]
+        self.execution = execution
+        self.server = ServerStub()
+        self.queue = execution.PromptQueue(self.server)
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
+        self.number = 0
+
+    def validate(self, graph: dict[str, Any], prompt_id: str = "validate") -> tuple:
+        import asyncio
+
+        return asyncio.run(self.execution.validate_prompt(prompt_id, graph, None))
+
+    def run(self, graph: dict[str, Any], prompt_id: str, client_id: str = "test-client") -> dict[str, Any]:
+        """Queue and execute one graph; returns its ``/history`` entry (``status``, ``outputs``, ...)."""
+        import json
+
+        graph = json.loads(json.dumps(graph))  # as POST /prompt parses it: a fresh object per queue item
+        valid = self.validate(graph, prompt_id)
+        if not valid[0]:
+            raise ValueError(f"the graph does not validate: {valid[1]} {valid[3]}")
+        self.number += 1
+        self.queue.put((self.number, prompt_id, graph, {"client_id": client_id}, valid[2]))
+        item, item_id = self.queue.get(timeout=1)
+        self.server.last_prompt_id = prompt_id
+        self.executor.execute(item[2], prompt_id, item[3], item[4])
+        status = self.execution.PromptQueue.ExecutionStatus(
+            status_str="success" if self.executor.success else "error", completed=self.executor.success,
+            messages=self.executor.status_messages)
+        self.queue.task_done(item_id, self.executor.history_result, status=status)
+        return self.queue.get_history(prompt_id=prompt_id)[prompt_id]
+
+
+#: The KSampler settings the memorizer graphs use (its 16x16 latents: 128 px in EmptyLatentImage).
+MEMORIZER_CALL = {"steps": 20, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal"}
+
+
+def memorizer_calibration(memorizer: dict[str, Any], prompts: list[str], verification_prompts: int, out: str,
+                          audit_path: str) -> str:
+    """A calibration profile of the memorizer *as ComfyUI runs it*, saved to ``out``: the node's own scorer (the
+    ComfyUI adapter, seed 51, one draw, 50 DDIM steps, detection latent 16) on ``prompts`` (the memorizer's own
+    unseen captions, as its shipped diffusers profile was made from), plus verification values measured with the
+    guarded sampler's generator (``ComfySampler``) at ``MEMORIZER_CALL`` on the first ``verification_prompts`` of
+    them. (The shipped profile fits the diffusers pipeline's fingerprint, not ComfyUI's network.)"""
+    from memguard_comfy.nodes import UNCOND_EMPTY, core_for
+    from memguard_comfy.sampling import ComfySampler, KSamplerSettings
+
+    from guard.actions.verification import measure_verification
+    from guard.calibration import calibrate
+    from guard.policy import VerifySettings, load_policy
+
+    policy = load_policy("strict").model_copy(update={"calibration": "off"})
+    core = core_for(memorizer["model"], memorizer["clip"], None, policy=policy, unconditional=UNCOND_EMPTY,
+                    latent_size=16, audit_path=audit_path)
+    profile = calibrate(core.scorer, prompts, source=f"memorizer-calib-{len(prompts)}", progress=False)
+    clip = memorizer["clip"]
+    empty = [[clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)[0], {}]]
+    generator = ComfySampler(memorizer["model"], empty, empty, {"samples": torch.zeros(1, 4, 16, 16)},
+                             KSamplerSettings(seed=0, **MEMORIZER_CALL), entry_rows=[1], clip=clip, family="sd1")
+    settings = VerifySettings(probes=2, probe_steps=25)
+    verification = measure_verification(generator, core.scorer.encode(prompts[:verification_prompts]), settings,
+                                        seed=core.scorer.seed, source=f"memorizer-calib-{verification_prompts}",
+                                        progress=False)
+    profile = profile.with_verification(verification)
+    profile.save(out)
+    return out

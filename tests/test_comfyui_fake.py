@@ -150,6 +150,24 @@ def decision_record(tmp_path: Path) -> dict:
             "extras": done[0]["extras"] if done else decided["extras"]}
 
 
+def block_message(out) -> str | None:
+    """The error a guarding node's block ends the queue item with (None when it did not block): its first output is
+    ComfyUI's silent ``ExecutionBlocker``, the others are values, and the node expands into a ``MemguardBlocked``
+    node that waits for the report output and raises the message."""
+    from comfy_execution.graph_utils import ExecutionBlocker
+
+    if out.expand is None:
+        assert not isinstance(out.args[0], ExecutionBlocker)
+        return None
+    assert out.block_execution is None  # a V3 block_execution would block the report too
+    assert isinstance(out.args[0], ExecutionBlocker) and out.args[0].message is None
+    assert isinstance(out.args[2], str) and "blocked" in out.args[2]  # the report still reaches its viewers
+    ((node_id, node),) = out.expand.items()
+    assert node["class_type"] == "MemguardBlocked" and node["inputs"]["report"][1] == 2
+    assert node_id.startswith(f"{node['inputs']['report'][0]}.")
+    return node["inputs"]["message"]
+
+
 def reference_score(pipe, seed: int = 51, samples: int = 1):
     from guard.scoring import Scorer
 
@@ -159,7 +177,8 @@ def reference_score(pipe, seed: int = 51, samples: int = 1):
 def test_pack_is_v3_only(comfy):
     assert not hasattr(comfy["pack"], "NODE_CLASS_MAPPINGS"), "ComfyUI would ignore comfy_entrypoint"
     found = nodes(comfy)
-    assert set(found) == {"MemguardMemorizationGuard", "MemguardMemorizationScore"}
+    assert set(found) == {"MemguardMemorizationGuard", "MemguardGuardedKSampler", "MemguardMemorizationScore",
+                          "MemguardBlocked"}
     schema = found["MemguardMemorizationGuard"].GET_SCHEMA()
     assert [o.io_type for o in schema.outputs] == ["CONDITIONING", "FLOAT", "STRING", "STRING"]
     assert comfy["io"].Hidden.unique_id in schema.hidden
@@ -237,7 +256,7 @@ def test_allow_and_warn_pass_through(comfy, objects, pipe, tmp_path, action):
         nodes(comfy)["MemguardMemorizationGuard"],
         **inputs(objects, tmp_path, _action_policy(tmp_path, action, expected)),
     )
-    assert out.block_execution is None
+    assert block_message(out) is None
     positive, score, report, _ = out.args
     assert positive is not objects["positive"]  # a copy, never ComfyUI's cached object
     assert torch.equal(positive[0][0], objects["positive"][0][0])
@@ -256,7 +275,7 @@ def test_block_stops_the_branch(comfy, objects, pipe, tmp_path):
         node_id="12",
         **inputs(objects, tmp_path, policy),
     )
-    assert out.block_execution is not None and "memguard blocked" in out.block_execution
+    assert "memguard blocked" in (block_message(out) or "")
     assert out.result is not None and len(out.args) == 4  # ComfyUI v0.3.64 drops a block without results
     record = decision_record(tmp_path)
     assert (record["action"], record["outcome"]) == ("block", "blocked")
@@ -276,7 +295,7 @@ def test_rewrite_returns_mitigated_conditioning(comfy, objects, pipe, tmp_path):
         rewrite={"target": {"score": target}, "max_steps": 30, "lr": 0.05, "fallback": "block", "verify": None},
     )
     out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"], **inputs(objects, tmp_path, policy))
-    assert out.block_execution is None, out.args[2]
+    assert block_message(out) is None, out.args[2]
     positive, _, report, _ = out.args
     assert not torch.equal(positive[0][0], objects["positive"][0][0])
     assert "rewritten by prompt_embedding, unverified" in report
@@ -294,7 +313,7 @@ def test_a_verified_rewrite_falls_back_in_a_conditioning_node(comfy, objects, pi
     expected = reference_score(pipe).score
     policy = _action_policy(tmp_path, "rewrite", expected, rewrite={"target": {"score": expected - 1e-3}})
     out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"], **inputs(objects, tmp_path, policy))
-    assert out.block_execution is not None and "cannot generate" in out.block_execution
+    assert "cannot generate" in (block_message(out) or "")
     assert decision_record(tmp_path)["outcome"] == "blocked"
 
 
@@ -307,14 +326,14 @@ def test_rewrite_missing_target_takes_fallback(comfy, objects, pipe, tmp_path):
         rewrite={"target": {"score": expected - 1e6}, "max_steps": 1, "fallback": "block", "verify": None},
     )
     out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"], **inputs(objects, tmp_path, policy))
-    assert out.block_execution is not None and "no rung passed" in out.block_execution
+    assert "no rung passed" in (block_message(out) or "")
 
 
 def test_unscorable_model_fails_closed(comfy, objects, tmp_path):
     policy = write_policy(tmp_path, "closed", [{"when": {"score": {"gte": 0.0}}, "action": "warn"}])
     bad = inputs(objects, tmp_path, policy, clip=None)  # no CLIP and the empty prompt asked for
     out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"], **bad)
-    assert out.block_execution is not None and "on_error" in out.block_execution
+    assert "on_error" in (block_message(out) or "")
     record = decision_record(tmp_path)
     assert record["event"] == "error" and record["context"]["comfyui"]["prompt_id"] == "prompt-1"
 
@@ -371,7 +390,7 @@ def test_every_conditioning_entry_is_scored_and_drop_blocked_drops_entries(comfy
         policy = write_policy(tmp_path, f"p-{batch}", rules, batch=batch, audit={"prompt": "plain"})
         out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"], graph=workflow("7", *texts),
                        **inputs(objects, tmp_path, policy, positive=entries))
-        assert (out.block_execution is not None) == blocked
+        assert (block_message(out) is not None) == blocked
         records = [r for r in audit_records(tmp_path) if r["event"] == "decision"][-2:]
         assert [r["prompt"] for r in records] == texts  # read from the workflow's text-encode nodes
         assert [r["action"] for r in records] == ["block" if i == high else "allow" for i in range(2)]
@@ -552,9 +571,9 @@ def test_family_warn_and_block(comfy, family, tmp_path, action):
                    **family_inputs(family, tmp_path, policy, latent_size=LATENT))
     record = decision_record(tmp_path)
     if action == "block":
-        assert out.block_execution is not None and (record["action"], record["outcome"]) == ("block", "blocked")
+        assert block_message(out) is not None and (record["action"], record["outcome"]) == ("block", "blocked")
     else:
-        assert out.block_execution is None and (record["action"], record["outcome"]) == ("warn", "generated")
+        assert block_message(out) is None and (record["action"], record["outcome"]) == ("warn", "generated")
         assert torch.equal(out.args[0][0][0], family_inputs(family, tmp_path, policy)["positive"][0][0])
 
 
@@ -570,7 +589,7 @@ def test_family_rewrite_returns_mitigated_conditioning(comfy, family, tmp_path):
     original = entry(family, PROMPT)
     out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"],
                    **family_inputs(family, tmp_path, policy, latent_size=LATENT, positive=[original]))
-    assert out.block_execution is None, out.args[2]
+    assert block_message(out) is None, out.args[2]
     (rewritten,) = out.args[0]
     assert rewritten[0].shape == original[0].shape and not torch.equal(rewritten[0], original[0])
     pooled = rewritten[1]["pooled_output"]
@@ -630,7 +649,7 @@ def test_sdxl_unconditional_is_zeros_and_pooled_is_required(comfy, tmp_path):
     bare = [[entry(sdxl, PROMPT)[0], {}]]
     out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"],
                    **family_inputs(sdxl, tmp_path, policy, latent_size=LATENT, positive=bare))
-    assert out.block_execution is not None  # the policy's on_error is block
+    assert block_message(out) is not None  # the policy's on_error is block
     record = decision_record(tmp_path)
     assert record["event"] == "error" and "pooled_output" in record["reason"]
 
@@ -699,7 +718,7 @@ def test_unsupported_models_are_refused_clearly(comfy, tmp_path, kind):
     out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"],
                    **inputs({"model": model, "clip": clip, "positive": positive, "negative": positive}, tmp_path,
                             policy))
-    assert out.block_execution is not None and message in decision_record(tmp_path)["reason"]
+    assert block_message(out) is not None and message in decision_record(tmp_path)["reason"]
 
 
 def test_sdxl_cores_are_kept_per_size(comfy, tmp_path):
@@ -735,7 +754,7 @@ def test_flow_rewrite_of_padded_rows_keeps_each_entry_length(comfy, tmp_path):
     policy = write_policy(tmp_path, "rw", [rule])
     out = run_node(comfy, nodes(comfy)["MemguardMemorizationGuard"],
                    **family_inputs(sd3, tmp_path, policy, latent_size=LATENT, positive=[full, short]))
-    assert out.block_execution is None, out.args[2]
+    assert block_message(out) is None, out.args[2]
     for rewritten, original in zip(out.args[0], (full, short), strict=True):
         assert rewritten[0].shape == original[0].shape and not torch.equal(rewritten[0], original[0])
         cond = TextConditioning(rewritten[0], rewritten[1]["pooled_output"])
@@ -824,3 +843,238 @@ def test_adaptive_policy_through_the_node(comfy, objects, pipe, tmp_path):
     assert record["samples"] == 1 and record["rule"] == "default"
     fixed = run_node(comfy, nodes(comfy)["MemguardMemorizationScore"], **inputs(objects, tmp_path, policy, samples=4))
     assert abs(fixed.args[0] - Scorer(pipe, samples=4).score([PROMPT])[0].score) < 1e-5  # the node's override
+
+
+# ---------------------------------------------------------------------------------------------- guarded KSampler
+
+SAMPLER_STEPS = 6
+
+
+def sampler_inputs(objects, tmp_path: Path, policy_path: str, batch: int = 1, **overrides) -> dict:
+    values = {
+        "model": objects["model"], "clip": objects["clip"], "positive": objects["positive"],
+        "negative": objects["negative"], "latent_image": {"samples": torch.zeros(batch, 4, LATENT, LATENT)},
+        "seed": 11, "steps": SAMPLER_STEPS, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
+        "denoise": 1.0, "policy": "monitor", "policy_path": policy_path, "unconditional": "empty prompt (reference)",
+        "detection_seed": 51, "samples": 1, "latent_size": LATENT, "audit_path": str(tmp_path / "audit.jsonl"),
+    }
+    values.update(overrides)
+    return values
+
+
+def ksampler(objects, batch: int = 1, seed: int = 11, cfg_function=None, positive=None) -> torch.Tensor:
+    """What ComfyUI's own KSampler node returns for the same inputs (``nodes.common_ksampler``'s steps)."""
+    import comfy.sample
+
+    model = objects["model"]
+    if cfg_function is not None:
+        model = model.clone()
+        model.set_model_sampler_cfg_function(cfg_function)
+    latent_image = comfy.sample.fix_empty_latent_channels(model, torch.zeros(batch, 4, LATENT, LATENT))
+    noise = comfy.sample.prepare_noise(latent_image, seed, None)
+    return comfy.sample.sample(model, noise, SAMPLER_STEPS, 7.5, "euler", "normal", positive or objects["positive"],
+                               objects["negative"], latent_image, denoise=1.0, seed=seed)
+
+
+def sampler_calls(comfy) -> list[dict]:
+    import comfy.sample
+
+    return comfy.sample.calls
+
+
+def test_guarded_sampler_schema_has_ksampler_inputs(comfy):
+    schema = nodes(comfy)["MemguardGuardedKSampler"].GET_SCHEMA()
+    ids = [i.id for i in schema.inputs]
+    assert ids[:11] == ["model", "clip", "positive", "negative", "latent_image", "seed", "steps", "cfg",
+                        "sampler_name", "scheduler", "denoise"]
+    assert {"policy", "policy_path", "detection_seed", "latent_size", "audit_path"} <= set(ids)
+    assert [o.io_type for o in schema.outputs] == ["LATENT", "FLOAT", "STRING", "STRING"]
+    assert schema.enable_expand and nodes(comfy)["MemguardMemorizationGuard"].GET_SCHEMA().enable_expand
+
+
+def test_guarding_nodes_run_on_every_queue_item(comfy):
+    """ComfyUI re-runs a node whose fingerprint differs from the last run's; NaN never equals itself."""
+    for node_id in ("MemguardMemorizationGuard", "MemguardGuardedKSampler", "MemguardBlocked"):
+        value = nodes(comfy)[node_id].fingerprint_inputs(seed=1)
+        assert value != value, node_id
+
+
+def test_guarded_sampler_allows_exactly_as_ksampler(comfy, objects, pipe, tmp_path, monkeypatch):
+    """An allowed prompt is sampled as KSampler samples it (bit-identical, two images of one seed), after its
+    decision record is on disk; the outcome record follows."""
+    import comfy.sample as comfy_sample
+
+    expected = ksampler(objects, batch=2)
+    policy = write_policy(tmp_path, "observe", OBSERVE)
+    seen: list[list[str]] = []
+    sample = comfy_sample.sample
+
+    def recording(*args, **kwargs):
+        seen.append([r["event"] for r in audit_records(tmp_path)])
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(comfy_sample, "sample", recording)
+    out = run_node(comfy, nodes(comfy)["MemguardGuardedKSampler"], graph=workflow("7", PROMPT),
+                   **sampler_inputs(objects, tmp_path, policy, batch=2))
+    assert block_message(out) is None
+    latent, score, report, _ = out.args
+    assert torch.equal(latent["samples"], expected)
+    assert abs(score - reference_score(pipe).score) < 1e-5 and "outcome: generated" in report
+    assert seen == [["policy_loaded", "decision"]]  # one sampler call, after the decision record
+    record = decision_record(tmp_path)
+    assert (record["action"], record["outcome"]) == ("allow", "generated")
+    assert record["prompt"] == hashlib.sha256(PROMPT.encode()).hexdigest()
+    assert record["context"]["comfyui"]["prompt_id"] == "prompt-1"
+
+
+def test_guarded_sampler_block_samples_nothing_and_raises_the_reason(comfy, objects, pipe, tmp_path):
+    expected = reference_score(pipe).score
+    policy = _action_policy(tmp_path, "block", expected, message="memorized")
+    before = len(sampler_calls(comfy))
+    out = run_node(comfy, nodes(comfy)["MemguardGuardedKSampler"], node_id="31",
+                   **sampler_inputs(objects, tmp_path, policy))
+    message = block_message(out)
+    assert message is not None and "memorized" in message and len(sampler_calls(comfy)) == before
+    assert out.expand["31.memguard_blocked"]["inputs"]["report"] == ["31", 2]
+    record = decision_record(tmp_path)
+    assert (record["action"], record["outcome"]) == ("block", "blocked")
+    assert record["request_id"] in message
+    blocked = nodes(comfy)["MemguardBlocked"]
+    with pytest.raises(comfy["pack"].memguard_comfy.nodes.GuardBlocked, match="memorized"):
+        blocked.execute(message=message, report=out.args[2])
+
+
+def _schedule_reference(objects, until: float, scale: float):
+    """An independent CFG hook for ``ksampler``: ``scale`` while the step's position among the sigmas is below
+    ``until``, the call's cfg after."""
+    def cfg(args):
+        sigmas = args["model_options"]["transformer_options"]["sample_sigmas"]
+        position = int((sigmas[:-1] - args["sigma"][0]).abs().argmin())
+        s = scale if position / (len(sigmas) - 1) < until else args["cond_scale"]
+        return args["uncond"] + (args["cond"] - args["uncond"]) * s
+
+    return cfg
+
+
+def test_guarded_sampler_rewrites_by_guidance_schedule_and_verifies(comfy, objects, pipe, tmp_path):
+    """The guidance rung runs through ComfyUI's CFG hook: the released image is KSampler's with opposite guidance
+    for the first half of the steps; the probes are sampled first (2 images, probe_steps), the rung once, and the
+    verified generation itself is released."""
+    expected = reference_score(pipe).score
+    rewrite = {"ladder": ["guidance_schedule"], "guidance": [{"until": 0.5, "scale": -2.0}],
+               "target": {"score": expected - 1.0}, "verify": {"max_similarity": 1.0, "probes": 2, "probe_steps": 4},
+               "fallback": "block"}
+    policy = _action_policy(tmp_path, "rewrite", expected, rewrite=rewrite)
+    before = len(sampler_calls(comfy))
+    out = run_node(comfy, nodes(comfy)["MemguardGuardedKSampler"], **sampler_inputs(objects, tmp_path, policy))
+    assert block_message(out) is None, out.args[2]
+    latent, _, report, _ = out.args
+    assert torch.equal(latent["samples"], ksampler(objects, cfg_function=_schedule_reference(objects, 0.5, -2.0)))
+    assert not torch.equal(latent["samples"], ksampler(objects))
+    calls = sampler_calls(comfy)[before:]
+    assert [(c["images"], c["steps"], c["cfg_function"]) for c in calls[:2]] == [(2, 4, False),
+                                                                                  (1, SAMPLER_STEPS, True)]
+    assert len(calls) == 4  # + the reference computations of this test, nothing else
+    record = decision_record(tmp_path)
+    assert (record["action"], record["outcome"]) == ("rewrite", "rewritten")
+    mitigation = record["extras"]["mitigation"]
+    assert mitigation["released"] == "guidance_schedule" and mitigation["verified"] is True
+    assert "rewritten by guidance_schedule, verified" in report
+
+
+def test_guarded_sampler_unverified_rewrite_takes_the_fallback(comfy, objects, pipe, tmp_path):
+    """No rung gets below the similarity threshold: the rule's fallback (block) ends the item with the reason."""
+    expected = reference_score(pipe).score
+    rewrite = {"ladder": ["guidance_schedule", "prompt_embedding"], "target": {"score": expected - 1e-3},
+               "max_steps": 3, "verify": {"max_similarity": 0.0, "probes": 1, "probe_steps": 3}, "fallback": "block"}
+    policy = _action_policy(tmp_path, "rewrite", expected, rewrite=rewrite)
+    out = run_node(comfy, nodes(comfy)["MemguardGuardedKSampler"], **sampler_inputs(objects, tmp_path, policy))
+    assert "no rung passed verification" in (block_message(out) or "")
+    record = decision_record(tmp_path)  # the decision as written before acting, the outcome after
+    assert (record["action"], record["outcome"]) == ("rewrite", "blocked")
+    rungs = record["extras"]["mitigation"]["rungs"]
+    assert [r["rung"] for r in rungs] == ["guidance_schedule", "prompt_embedding"]
+    assert all(r["ran"] and r["verified"] is False and r["similarity"] for r in rungs)
+
+
+def test_a_mixture_of_prompts_cannot_be_rewritten_but_is_sampled_as_mixed(comfy, objects, pipe, tmp_path):
+    """Two entries (ConditioningCombine) are mixed into every image: no prompt can be rewritten alone, so the rule's
+    fallback applies (here warn) and the release is KSampler's own mixture of both."""
+    clip = objects["clip"]
+    other = [clip.encode_from_tokens(clip.tokenize("a red car"), return_pooled=True)[0], {}]
+    positive = [objects["positive"][0], other]
+    rewrite = {"ladder": ["guidance_schedule"], "target": {"score": -10.0}, "fallback": "warn"}
+    policy = write_policy(tmp_path, "mix", [{"when": {"score": {"gte": -1e9}}, "action": "rewrite",
+                                             "rewrite": rewrite}])
+    out = run_node(comfy, nodes(comfy)["MemguardGuardedKSampler"], graph=workflow("7", PROMPT, "a red car"),
+                   **sampler_inputs(objects, tmp_path, policy, positive=positive))
+    assert block_message(out) is None, out.args[2]
+    assert torch.equal(out.args[0]["samples"], ksampler(objects, positive=positive))
+    decisions = [r for r in audit_records(tmp_path) if r["event"] == "decision"]
+    outcomes = [r for r in audit_records(tmp_path) if r["event"] == "outcome"]
+    assert len(decisions) == 2 and [r["outcome"] for r in outcomes] == ["generated", "generated"]
+    assert all("mixes into every image" in r["reason"] for r in outcomes)
+
+
+def test_scheduled_cfg_applies_stages_per_image_row(comfy):
+    from memguard_comfyui_pack.memguard_comfy.sampling import scheduled_cfg
+
+    from guard.policy import GuidanceStage
+
+    sigmas = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.0])
+    cond, uncond = torch.full((3, 1), 2.0), torch.full((3, 1), 1.0)
+    args = {"cond": cond, "uncond": uncond, "cond_scale": 7.0, "model_options":
+            {"transformer_options": {"sample_sigmas": sigmas}}}
+    cfg = scheduled_cfg({1: [GuidanceStage(until=0.5, scale=-2.0)]})
+    early = cfg({**args, "sigma": torch.tensor([5.0] * 3)})  # step 1 of 4: fraction 0.25
+    late = cfg({**args, "sigma": torch.tensor([2.0] * 3)})  # step 2 of 4: fraction 0.5, past the stage
+    assert early.flatten().tolist() == [8.0, -1.0, 8.0] and late.flatten().tolist() == [8.0, 8.0, 8.0]
+    seen = []
+
+    def previous(a):
+        seen.append(a["cond_scale"])
+        return a["uncond"] * 0 + a["cond_scale"]
+
+    chained = scheduled_cfg({0: [GuidanceStage(until=1.0, scale=3.0)]}, previous)({**args, "sigma": sigmas[:1]})
+    assert chained.flatten().tolist() == [3.0, 7.0, 7.0] and sorted(seen) == [3.0, 7.0]
+
+
+def test_generator_samples_a_rewritten_row_with_the_entry_options(comfy):
+    """A rewritten FLUX row keeps its entry's options (FluxGuidance) with its own pooled output, one batch row per
+    image; a calibration row (not the caller's) takes the call's first entry's options."""
+    from memguard_comfyui_pack.memguard_comfy.sampling import ComfySampler, KSamplerSettings
+
+    from guard.actions.generation import GenerationJob
+    from guard.scoring import TextConditioning
+
+    flux = build_family(comfy, "flux")
+    positive = [entry(flux, PROMPT, guidance=2.5)]
+    sampler = ComfySampler(flux["model"], positive, [entry(flux, "")], {"samples": torch.zeros(2, 4, 8, 8)},
+                           KSamplerSettings(seed=3, steps=3, cfg=1.0, sampler_name="euler", scheduler="simple"),
+                           entry_rows=[1], clip=flux["clip"], family="flux")
+    assert sampler.latent_shape == (16, 8, 8) and sampler.images_per_prompt == 2
+    assert "guidance-distilled" in sampler.guidance_unavailable
+    row = TextConditioning(positive[0][0] + 1.0, positive[0][1]["pooled_output"] * 2)
+    ((rows, (made,)),) = sampler._job_positive(GenerationJob(cond=row, images_per_prompt=2, prompts=[0]))
+    assert rows == [0] and made[1]["guidance"] == 2.5 and made[0].shape[0] == 2
+    assert torch.equal(made[1]["pooled_output"], (positive[0][1]["pooled_output"] * 2).repeat(2, 1))
+    result = sampler(GenerationJob(cond=row, latents=torch.randn(2, 16, 8, 8), images_per_prompt=2, prompts=[0],
+                                   kind="internal"))
+    assert result.output is None and result.latents.shape == (2, 16, 8, 8)
+    assert sampler._job_positive(GenerationJob(cond=row, images_per_prompt=1))[0][1][0][1]["guidance"] == 2.5
+
+
+def test_block_mode_withhold_withholds_without_an_error(comfy, objects, pipe, tmp_path):
+    """``block_mode: withhold``: the guarded output is blocked (nothing downstream runs) but the queue item is not
+    failed; the report says the images were withheld, and the outcome record is ``withheld``."""
+    expected = reference_score(pipe).score
+    policy = write_policy(tmp_path, "withhold", [{"when": {"score": {"gte": expected - 1.0}}, "action": "block"}],
+                          block_mode="withhold")
+    for node_id, values in (("MemguardGuardedKSampler", sampler_inputs(objects, tmp_path, policy)),
+                            ("MemguardMemorizationGuard", inputs(objects, tmp_path, policy))):
+        out = run_node(comfy, nodes(comfy)[node_id], **values)
+        from comfy_execution.graph_utils import ExecutionBlocker
+
+        assert isinstance(out.args[0], ExecutionBlocker) and out.expand is None
+        assert "withheld (block_mode: withhold)" in out.args[2]
+        assert decision_record(tmp_path)["outcome"] == "withheld"

@@ -136,8 +136,32 @@ def execute(comfy, node_id: str | type, inputs: dict, unique_id: str = "5", prom
 
     with torch.inference_mode():
         results = asyncio.run(run())
-    output, _, _ = execution.get_output_from_returns(results, node)
-    return output
+    output, _, expanded = execution.get_output_from_returns(results, node)
+    if not expanded:
+        return Outputs(output)
+    ((graph, values),) = output  # a node expansion: the values its outputs resolve to, and the nodes it adds
+    return Outputs([[value] for value in values], expand=graph)
+
+
+class Outputs(list):
+    """A node call's outputs (one list per output) and the graph it expanded into, if any."""
+
+    def __init__(self, values: list, expand: dict | None = None) -> None:
+        super().__init__(values)
+        self.expand = expand
+
+
+def blocked_by_guard(output: Outputs) -> str:
+    """The reason a guarding node's block raises (through the ``MemguardBlocked`` node it expands into): only the
+    guarded output is ComfyUI's silent ``ExecutionBlocker``; the score and report are values."""
+    from comfy_execution.graph_utils import ExecutionBlocker
+
+    assert isinstance(output[0][0], ExecutionBlocker) and output[0][0].message is None
+    assert not any(isinstance(value[0], ExecutionBlocker) for value in output[1:])
+    assert isinstance(output[2][0], str) and output.expand is not None
+    ((_, node),) = output.expand.items()
+    assert node["class_type"] == "MemguardBlocked" and node["inputs"]["report"][1] == 2
+    return node["inputs"]["message"]
 
 
 def policy_file(tmp_path: Path, rule: dict, **settings) -> str:
@@ -199,14 +223,10 @@ def test_prompt_text_is_read_from_the_workflow(comfy, objects, pipe, tmp_path):
     assert record["prompt"] == hashlib.sha256(PROMPT.encode()).hexdigest()
 
 
-def test_block_gives_execution_blocker(comfy, objects, pipe, tmp_path):
-    from comfy_execution.graph_utils import ExecutionBlocker
-
+def test_block_blocks_the_conditioning_and_raises_after_the_report(comfy, objects, pipe, tmp_path):
     policy = policy_file(tmp_path, {"when": {"score": {"gte": reference(pipe) - 1.0}}, "action": "block"})
     output = execute(comfy, "MemguardMemorizationGuard", node_inputs(objects, tmp_path, policy))
-    blockers = [value[0] for value in output]
-    assert len(blockers) == 4 and all(isinstance(b, ExecutionBlocker) for b in blockers)  # incl. explanation
-    assert "memguard blocked" in blockers[0].message
+    assert "memguard blocked" in blocked_by_guard(output) and "[0] block:" in output[2][0]
     assert last_record(tmp_path)["event"] == "outcome" and last_record(tmp_path)["outcome"] == "blocked"
 
 
@@ -425,7 +445,6 @@ def test_sd3_shift_patched_by_model_sampling_sd3(comfy, tmp_path):
 def test_edm_patched_sdxl_is_refused_and_fails_closed(comfy, tmp_path):
     """An SDXL model switched to EDM sampling by ComfyUI's ModelSamplingContinuousEDM node (Playground v2.5 style)
     is not a model the score is defined for: the node takes the policy's on_error (block), audited."""
-    from comfy_execution.graph_utils import ExecutionBlocker
     from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM
 
     sdxl = _family(comfy, "sdxl")
@@ -434,7 +453,7 @@ def test_edm_patched_sdxl_is_refused_and_fails_closed(comfy, tmp_path):
     policy = policy_file(tmp_path, {"when": {"score": {"gte": 0.0}}, "action": "warn"})
     output = execute(comfy, "MemguardMemorizationGuard",
                      {**family_node_inputs(sdxl, tmp_path, policy, positive), "model": patched})
-    assert all(isinstance(value[0], ExecutionBlocker) for value in output)
+    assert "on_error" in blocked_by_guard(output)
     records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     (record,) = [r for r in records if r["event"] in ("decision", "error")]
     assert record["event"] == "error" and "EDM sampling" in record["reason"]
@@ -470,3 +489,76 @@ def test_sd2_v_prediction_in_real_comfyui(comfy, tmp_path):
     output = execute(comfy, "MemguardMemorizationScore", inputs)
     expected = Scorer(pipe).score([PROMPT])[0]
     assert abs(output[0][0] - expected.score) < 1e-5 and last_record(tmp_path)["profile"] == "sd2"
+
+
+# ---------------------------------------------------------------------------------------------- guarded KSampler
+
+SAMPLER = {"seed": 5, "steps": 4, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
+
+
+def sampler_call(comfy, family: dict, tmp_path: Path, policy: str, positive: list, **extra) -> tuple[dict, dict]:
+    """The guarded sampler's inputs, and ComfyUI's own KSampler's for the same call (empty 64 px latents, 2 images;
+    cfg 1 for the guidance-distilled FLUX, 4 otherwise)."""
+    (latent,) = execute(comfy, "EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 2}, unique_id="l")[0]
+    (negative,) = execute(comfy, comfy["nodes"].CLIPTextEncode, {"clip": family["clip"], "text": ""}, unique_id="n")[0]
+    cfg = 1.0 if family["name"].startswith("flux") else 4.0
+    plain = {"model": family["model"], "positive": positive, "negative": negative, "latent_image": latent,
+             "cfg": cfg, **SAMPLER}
+    guarded = {**plain, "clip": family["clip"], "policy": "monitor", "policy_path": policy,
+               "unconditional": "empty prompt (reference)", "detection_seed": 51, "samples": 1, "latent_size": 8,
+               "audit_path": str(tmp_path / "audit.jsonl"), **extra}
+    return guarded, plain
+
+
+def test_family_guarded_sampler_allows_exactly_as_ksampler(comfy, family, tmp_path):
+    """SDXL (sizes from CLIPTextEncodeSDXL), SD3, FLUX dev (FluxGuidance 3.5, ModelSamplingFlux patch) and schnell:
+    an allowed prompt's latents are ComfyUI's own KSampler's, bit for bit."""
+    positive, text_node = encode_node(comfy, family, PROMPT)
+    policy = policy_file(tmp_path, {"when": {"score": {"gte": 1e9}}, "action": "warn"})
+    guarded, plain = sampler_call(comfy, family, tmp_path, policy, positive)
+    (expected,) = execute(comfy, comfy["nodes"].KSampler, plain, unique_id="k")[0]
+    graph = {"3": text_node, "5": {"class_type": "MemguardGuardedKSampler", "inputs": {"positive": ["3", 0]}}}
+    output = execute(comfy, "MemguardGuardedKSampler", guarded, workflow=graph)
+    assert output.expand is None
+    assert torch.equal(output[0][0]["samples"], expected["samples"])
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [r["outcome"] for r in records if r["event"] in ("decision", "outcome")] == ["pending", "generated"]
+    assert abs(output[1][0] - family["reference"][0].score) < 1e-5
+
+
+def test_family_guarded_sampler_rewrites_through_comfyui_sampling(comfy, family, tmp_path):
+    """A rewrite runs through ComfyUI's own sampler: with classifier-free guidance (SDXL, SD3) the guidance rung's
+    image is KSampler's with a CFG hook that gives opposite guidance for the first half of the steps; FLUX (cfg 1,
+    no guidance to schedule) takes the prompt-embedding rung through its inference-mode weights. Both verified
+    against probes sampled by ComfyUI, and the verified latents are released."""
+    positive, _ = encode_node(comfy, family, PROMPT)
+    score = family["reference"][0].score
+    distilled = family["name"].startswith("flux")
+    rewrite = {"ladder": ["guidance_schedule", "prompt_embedding"], "guidance": [{"until": 0.5, "scale": -2.0}],
+               "target": {"score": score - 1e-3}, "max_steps": 20,
+               "verify": {"max_similarity": 1.0, "probes": 1, "probe_steps": 3}, "fallback": "block"}
+    policy = policy_file(tmp_path, {"when": {"score": {"gte": score - 1.0}}, "action": "rewrite", "rewrite": rewrite})
+    guarded, plain = sampler_call(comfy, family, tmp_path, policy, positive)
+    output = execute(comfy, "MemguardGuardedKSampler", guarded)
+    assert output.expand is None, output[2][0]
+    record = last_record(tmp_path)
+    assert record["outcome"] == "rewritten", output[2][0]
+    mitigation = record["extras"]["mitigation"]
+    assert mitigation["released"] == ("prompt_embedding" if distilled else "guidance_schedule")
+    (own,) = execute(comfy, comfy["nodes"].KSampler, plain, unique_id="k")[0]
+    assert not torch.equal(output[0][0]["samples"], own["samples"])
+    if distilled:
+        assert mitigation["rungs"][0]["ran"] is False and "cfg" in mitigation["rungs"][0]["note"]
+        assert all(p.is_inference() for p in family["model"].model.diffusion_model.parameters())  # restored
+        return
+
+    def opposite_first_half(args):
+        sigmas = args["model_options"]["transformer_options"]["sample_sigmas"]
+        position = int((sigmas[:-1] - args["sigma"][0]).abs().argmin())
+        scale = -2.0 if position / (len(sigmas) - 1) < 0.5 else args["cond_scale"]
+        return args["uncond"] + (args["cond"] - args["uncond"]) * scale
+
+    hooked = family["model"].clone()
+    hooked.set_model_sampler_cfg_function(opposite_first_half)
+    (expected,) = execute(comfy, comfy["nodes"].KSampler, {**plain, "model": hooked}, unique_id="k")[0]
+    assert torch.equal(output[0][0]["samples"], expected["samples"])

@@ -1,4 +1,4 @@
-"""memguard for ComfyUI: the Memorization Guard and Memorization Score nodes.
+"""memguard for ComfyUI: the Memorization-Guarded KSampler, Memorization Guard and Memorization Score nodes.
 
 ComfyUI loads this folder from ``custom_nodes/`` and calls ``comfy_entrypoint`` (V3 node API). There is
 deliberately no ``NODE_CLASS_MAPPINGS``: ComfyUI would then take the V1 path and ignore the entry point.

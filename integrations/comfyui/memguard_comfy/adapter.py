@@ -40,6 +40,7 @@ __all__ = [
     "ComfyUISD3Adapter",
     "ComfyUISDXLAdapter",
     "SizeConditioning",
+    "assumed_native",
     "cat_token_lengths",
     "comfy_adapter",
     "comfy_family",
@@ -57,10 +58,17 @@ _FLOW_SAMPLINGS = ("ModelSamplingFlux", "ModelSamplingDiscreteFlow")
 #: ``SDXL_instructpix2pix``, ``SDXLRefiner`` or ``Chroma`` (a FLUX derivative) are other models and are refused.
 _FAMILIES = {"BaseModel": "sd", "SDXL": "sdxl", "SD3": "sd3", "Flux": "flux"}
 
-# Native latent sides (diffusers' ``sample_size`` / ``default_sample_size``) by ComfyUI model config class;
-# SDXL, SD3 and FLUX configs are all 1024 px models.
-_NATIVE_LATENT = {"SD15": 64, "SD20": 64, "SD21UnclipL": 96, "SD21UnclipH": 96}
-_NATIVE_BY_FAMILY = {"sdxl": 128, "sd3": 128, "flux": 128}
+#: What ComfyUI does not record about a model: the resolution it was trained at. When the node's ``latent_size`` is
+#: 0, the detection latent's side is assumed from what the model does say (its family and prediction type), and
+#: the report says so: 512 px for SD 1.x and SD 2.x-base (eps), 768 px for SD 2.x v-prediction, 1024 px for SDXL,
+#: SD3 and FLUX (latent sides at the x8 VAE factor all of them use).
+_ASSUMED_NATIVE: dict[Any, tuple[int, str]] = {
+    ("sd", "EPS"): (64, "512 px, SD 1.x / SD 2.x-base"),
+    ("sd", "V_PREDICTION"): (96, "768 px, SD 2.x-v"),
+    "sdxl": (128, "1024 px, SDXL"),
+    "sd3": (128, "1024 px, SD3"),
+    "flux": (128, "1024 px, FLUX.1"),
+}
 
 #: FLUX.1-dev's ``__call__`` default guidance scale: the guidance input of the score (docs/scoring.md).
 FLUX_GUIDANCE = 3.5
@@ -87,14 +95,17 @@ def comfy_family(model: Any) -> str | None:
 
 
 def native_latent_size(base_model: Any, kind: str, family: str = "sd") -> int:
-    """The latent side the model was trained at, so scores (and calibrations) do not drift with the
-    resolution a workflow generates at; SD 2.x v-prediction checkpoints are 768 px models."""
-    if family in _NATIVE_BY_FAMILY:
-        return _NATIVE_BY_FAMILY[family]
-    name = type(getattr(base_model, "model_config", None)).__name__
-    if name == "SD20" and kind == "V_PREDICTION":
-        return 96
-    return _NATIVE_LATENT.get(name, 64)
+    """The detection latent's side when the workflow does not set one (see ``assumed_native``)."""
+    return assumed_native(kind, family)[0]
+
+
+def assumed_native(kind: str, family: str = "sd") -> tuple[int, str]:
+    """The latent side a model is assumed to have been trained at, and what that assumption is, from the model's
+    family and prediction type (ComfyUI records no training resolution): so scores and calibrations do not drift
+    with the resolution a workflow generates at."""
+    if family in _ASSUMED_NATIVE:
+        return _ASSUMED_NATIVE[family]
+    return _ASSUMED_NATIVE.get(("sd", kind), _ASSUMED_NATIVE[("sd", "EPS")])
 
 
 def conditioning_from_comfy(conditioning: Sequence[Sequence[Any]]) -> TextConditioning:
@@ -203,10 +214,22 @@ class ComfyUIModelAdapter(ModelAdapter):
         self.sampling_kind = _prediction_kind(self.sampling)
         channels = int(getattr(getattr(self.base_model, "latent_format", None), "latent_channels", 4))
         self._check_inputs(channels)
-        side = int(latent_size) if latent_size else native_latent_size(self.base_model, self.sampling_kind,
-                                                                       self.family)
+        if latent_size:
+            side = int(latent_size)
+            self.latent_source = f"detection latent {side}x{side} (the node's latent_size)"
+        else:
+            side, assumption = assumed_native(self.sampling_kind, _FAMILIES.get(type(self.base_model).__name__, "sd"))
+            self.latent_source = (f"detection latent {side}x{side} assumed ({assumption}: ComfyUI does not record a "
+                                  "model's training resolution; set latent_size if it differs)")
         self.latent_shape = (channels, side, side)
         self._fingerprint: str | None = None
+
+    def reading(self) -> list[str]:
+        """What the score took from the model and what it assumed, for the node's report."""
+        latent_format = type(getattr(self.base_model, "latent_format", None)).__name__
+        return [f"read from the model: {type(self.base_model).__name__}, {type(self.sampling).__name__} with "
+                f"{self.sampling_kind} predictions, latent format {latent_format} ({self.latent_shape[0]} channels)",
+                self.latent_source]
 
     def _check_inputs(self, channels: int) -> None:
         """Refuse models that need more than text (inpainting and edit models take a concatenated image)."""

@@ -1,8 +1,15 @@
-"""The Memorization Guard and Memorization Score nodes (ComfyUI V3 node API, ``comfy_api.latest``).
+"""memguard's ComfyUI nodes (V3 node API, ``comfy_api.latest``): Memorization Guard, Memorization-Guarded KSampler,
+Memorization Score, and the error node a block ends in.
 
-Both are thin front ends of memguard's judging core (``guard.GuardCore``): the score, the policy, the
-rewrite and the audit are the ones a diffusers ``Guard`` uses. One core is kept per model (as patched) and
-settings, so the model fingerprint and the cache of unconditional predictions survive between runs.
+All are thin front ends of memguard's judging core (``guard.GuardCore``): the score, the policy, the
+rewrite and the audit are the ones a diffusers ``Guard`` uses. The guarded KSampler gives the core ComfyUI's own
+sampling as its generator (``sampling.ComfySampler``), so it can rewrite and verify; the guard node passes
+conditioning on and can only allow or block. Both run on every queue item (their fingerprint never repeats), so
+every generation through them is judged and audited whatever ComfyUI caches, and a block ends the queue item in an
+error whose message is the reason (after the report output has reached its viewers).
+
+One core is kept per model (as patched) and settings, so the model fingerprint and the cache of unconditional
+predictions survive between runs.
 
 Every entry of the positive CONDITIONING is scored (each row of each entry is one prompt); with the
 policy's ``batch: drop_blocked`` blocked entries are dropped from the conditioning, otherwise any blocked
@@ -18,12 +25,15 @@ import hashlib
 import logging
 import weakref
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from comfy_api.latest import io
 
 from guard import GuardCore, GuardReport
+from guard.actions import MemorizationBlocked
+from guard.errors import MemguardError
 from guard.policy import Decision, Policy, load_policy, shipped_policies
 from guard.scoring import TextConditioning
 
@@ -36,6 +46,7 @@ from .adapter import (
     conditioning_from_comfy,
     native_latent_size,
 )
+from .sampling import ComfySampler, KSamplerSettings
 
 CATEGORY = "memguard"
 UNCOND_EMPTY = "empty prompt (reference)"
@@ -91,7 +102,7 @@ def comfy_context(hidden: Any) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def autograd_weights(module: torch.nn.Module) -> Iterator[None]:
+def autograd_weights(module: torch.nn.Module, mutation: bool = True) -> Iterator[None]:
     """Let autograd run through a ComfyUI network, for the prompt-embedding rewrite.
 
     Two things stand in the way in ComfyUI: its loaders create the weights under ``torch.inference_mode``, and
@@ -99,7 +110,9 @@ def autograd_weights(module: torch.nn.Module) -> Iterator[None]:
     ordinary copies, more memory for a few steps, and restored); and its networks update activations in place
     (FLUX's blocks do ``x += ...``), which autograd refuses when the tensor was saved for backward (under
     ``allow_mutation_on_saved_tensors`` a saved tensor is cloned when mutated, so the backward pass is exact).
-    Parameters are swapped through torch's public ``register_parameter``.
+    Parameters are swapped through torch's public ``register_parameter``. ``mutation=False`` leaves out the
+    latter (only FLUX's networks need it; under it every op is dispatched through Python, and inference tensors,
+    which ComfyUI's sampling makes under ``inference_mode``, cannot be mutated).
     """
     swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
     try:
@@ -108,7 +121,7 @@ def autograd_weights(module: torch.nn.Module) -> Iterator[None]:
                 if param.is_inference():
                     swapped.append((sub, name, param))
                     sub.register_parameter(name, torch.nn.Parameter(param.clone(), requires_grad=False))
-        with torch.autograd.graph.allow_mutation_on_saved_tensors():
+        with torch.autograd.graph.allow_mutation_on_saved_tensors() if mutation else contextlib.nullcontext():
             yield
     finally:
         for sub, name, param in swapped:
@@ -282,7 +295,8 @@ def _output_conditioning(
     return out
 
 
-def _report(report: GuardReport, policy: Policy, blocked: bool, texts_known: bool, notes: Sequence[str] = ()) -> str:
+def _report(report: GuardReport, policy: Policy, blocked: bool, texts_known: bool, notes: Sequence[str] = (),
+            blocked_line: str = "blocked: the downstream branch does not run") -> str:
     lines = [f"memguard policy {policy.name} v{policy.version}; request {report.request_id}"]
     lines.extend(note for note in notes if note)
     for decision in report.decisions:
@@ -293,12 +307,14 @@ def _report(report: GuardReport, policy: Policy, blocked: bool, texts_known: boo
         mitigation = report.mitigations.get(decision.prompt_index)
         if mitigation is not None:
             lines.append(f"    {mitigation.describe()}")
+        if decision.prompt_index in report.outcomes:
+            lines.append(f"    outcome: {report.outcomes[decision.prompt_index]}")
     if not texts_known:
         lines.append("prompt text not found in the workflow: the audit record holds no prompt hash")
     if report.audit_error:
         lines.append(f"audit: {report.audit_error}")
     if blocked:
-        lines.append("blocked: the downstream branch does not run")
+        lines.append(blocked_line)
     return "\n".join(lines)
 
 
@@ -344,6 +360,56 @@ def _flux_note(adapter: Any) -> str:
             "ModelSamplingFlux settings are the sampler's)")
 
 
+#: What the Memorization Guard node says about itself in every report: it passes conditioning on, it never samples.
+GUARD_NODE_NOTE = ("this node does not sample, so it can only allow or block (and pass on rewrites that need no "
+                   "verification); a rewrite that must be verified takes its rule's fallback here: use the "
+                   "Memorization-Guarded KSampler to rewrite and verify")
+
+
+@dataclass
+class _Request:
+    """One node call's request as the core sees it: the core, the scored rows, the prompts behind them."""
+
+    core: GuardCore
+    adapter: ComfyUIModelAdapter | None
+    cond: TextConditioning | None
+    sizes: list[int]
+    prompts: list[str | None]
+    texts_known: bool
+    context: dict[str, Any]
+    unscorable: str | None
+    notes: list[str]
+
+
+def _request(
+    *, model: Any, clip: Any, positive: Sequence[Sequence[Any]], negative: Sequence[Sequence[Any]] | None,
+    policy: Policy, unconditional: str, latent_size: int, audit_path: str, context: dict[str, Any],
+    texts: list[str] | None,
+) -> _Request:
+    """The core for this model and settings, every row of the positive conditioning as one prompt (with its text
+    from the workflow where known), and what the report should say was read from the model or assumed."""
+    size, size_note = sdxl_size(model, positive, latent_size)
+    core = core_for(model, clip, negative, policy=policy, unconditional=unconditional, latent_size=latent_size,
+                    audit_path=audit_path, size=size)
+    adapter = core.scorer.adapter if core.scorer is not None else None
+    adapter = adapter if isinstance(adapter, ComfyUIModelAdapter) else None
+    unscorable = None
+    try:
+        cond, sizes = _conditioning_rows(positive, adapter)
+    except (ValueError, RuntimeError) as error:  # e.g. an SDXL entry without pooled output: on_error, audited
+        unscorable = f"the conditioning cannot be scored: {type(error).__name__}: {error}"
+        cond, sizes = None, [len(entry[0]) if isinstance(entry[0], torch.Tensor) else 1 for entry in positive]
+        adapter = None
+    prompts: list[str | None] = [None] * sum(sizes)
+    texts_known = texts is not None and len(texts) == len(positive)
+    if texts_known:
+        prompts = [text for text, size_ in zip(texts, sizes) for _ in range(size_)]
+    full_context = {"comfyui": {**context, "unconditional": "negative" if unconditional == UNCOND_NEGATIVE
+                                else "empty", **_context_notes(adapter)}}
+    notes = [*adapter.reading(), size_note, _flux_note(adapter)] if adapter is not None else []
+    return _Request(core, adapter, cond, sizes, prompts, texts_known, full_context, unscorable, notes)
+
+
 def run_guard(
     *,
     model: Any,
@@ -362,47 +428,74 @@ def run_guard(
     core gets no generator: prompts pass on as decided, and a rewrite that needs verification takes its fallback).
 
     Returns the conditioning to pass on, the report, whether the branch is blocked, whether the prompt texts were
-    known, and notes for the report (which size conditioning SDXL was scored with).
+    known, and notes for the report (what was read from the model or assumed).
     """
-    size, size_note = sdxl_size(model, positive, latent_size)
-    core = core_for(model, clip, negative, policy=policy, unconditional=unconditional, latent_size=latent_size,
-                    audit_path=audit_path, size=size)
-    adapter = core.scorer.adapter if core.scorer is not None else None
-    adapter = adapter if isinstance(adapter, ComfyUIModelAdapter) else None
-    unscorable = None
-    try:
-        cond, sizes = _conditioning_rows(positive, adapter)
-    except (ValueError, RuntimeError) as error:  # e.g. an SDXL entry without pooled output: on_error, audited
-        unscorable = f"the conditioning cannot be scored: {type(error).__name__}: {error}"
-        cond, sizes = None, [len(entry[0]) if isinstance(entry[0], torch.Tensor) else 1 for entry in positive]
-        adapter = None
-    rows = sum(sizes)
-    prompts: list[str | None] = [None] * rows
-    texts_known = texts is not None and len(texts) == len(positive)
-    if texts_known:
-        prompts = [text for text, size_ in zip(texts, sizes) for _ in range(size_)]
-    full_context = {"comfyui": {**context, "unconditional": "negative" if unconditional == UNCOND_NEGATIVE
-                                else "empty", **_context_notes(adapter)}}
-    report, cond = core.judge(prompts, cond=cond, mode="generate" if enforce else "check", context=full_context,
-                              unscorable=unscorable)
-    notes = [size_note, _flux_note(adapter)] if adapter is not None else []
+    request = _request(model=model, clip=clip, positive=positive, negative=negative, policy=policy,
+                       unconditional=unconditional, latent_size=latent_size, audit_path=audit_path, context=context,
+                       texts=texts)
+    core, adapter = request.core, request.adapter
+    report, cond = core.judge(request.prompts, cond=request.cond, mode="generate" if enforce else "check",
+                              context=request.context, unscorable=request.unscorable)
     if not enforce:
-        return list(positive), report, False, texts_known, notes
+        return list(positive), report, False, request.texts_known, request.notes
     weights = adapter.base_model.diffusion_model if adapter is not None else None
     with autograd_weights(weights if weights is not None else torch.nn.Module()):
         release = core.act(report, cond, None)
-    output = [] if report.blocked else _output_conditioning(positive, sizes, release.cond, report,
+    output = [] if report.blocked else _output_conditioning(positive, request.sizes, release.cond, report,
                                                            set(report.generated))
-    return output, report, report.blocked, texts_known, notes
+    return output, report, report.blocked, request.texts_known, [GUARD_NODE_NOTE, *request.notes]
 
 
-def _common_inputs() -> list[Any]:
+def run_guarded_sampler(
+    *,
+    model: Any,
+    clip: Any,
+    positive: Sequence[Sequence[Any]],
+    negative: Sequence[Sequence[Any]],
+    latent: dict[str, Any],
+    settings: KSamplerSettings,
+    policy: Policy,
+    unconditional: str,
+    latent_size: int,
+    audit_path: str,
+    context: dict[str, Any],
+    texts: list[str] | None,
+) -> tuple[Any, GuardReport, bool, list[str], ComfySampler]:
+    """Judge every row of the positive conditioning, then let the core act with ComfyUI's own sampling
+    (``ComfySampler``): it blocks, releases the call's own images, or climbs the rewrite ladder and releases only
+    verified latents; decision records are written before anything is sampled and outcome records after.
+
+    Returns the LATENT released (None when blocked), the report, whether the prompt texts were known, notes for
+    the report, and the generator (what it sampled, for the report).
+    """
+    request = _request(model=model, clip=clip, positive=positive, negative=negative, policy=policy,
+                       unconditional=unconditional, latent_size=latent_size, audit_path=audit_path, context=context,
+                       texts=texts)
+    core, adapter = request.core, request.adapter
+    generator = ComfySampler(model, positive, negative, latent, settings, entry_rows=request.sizes, clip=clip,
+                             family=adapter.family if adapter is not None else comfy_family(model))
+    report, scored = core.judge(request.prompts, cond=request.cond, mode="generate", context=request.context,
+                                unscorable=request.unscorable)
+    generator.cond = scored
+    rewriting = adapter is not None and any(d.action == "rewrite" for d in report.decisions)
+    autograd: Any = contextlib.nullcontext()
+    if rewriting:  # the optimising rungs back-propagate through ComfyUI's network: place it, then allow autograd
+        adapter.load()
+        mutation = adapter.family == "flux"
+        autograd = autograd_weights(adapter.base_model.diffusion_model, mutation=mutation)
+        generator.inference_mode = not mutation  # tensors made under inference mode cannot be mutated there
+    with autograd:
+        release = core.act(report, scored, generator, images_per_prompt=generator.images_per_prompt)
+    notes = [f"sampler: seed {settings.seed}, {settings.steps} steps, cfg {settings.cfg:g}, "
+             f"{settings.sampler_name}/{settings.scheduler}, {generator.batch} image(s) of "
+             f"{generator.latent_shape[1]}x{generator.latent_shape[2]} latents (read from latent_image); "
+             f"{len(generator.calls)} sampler call(s) made for this request", *request.notes]
+    return release.output, report, request.texts_known, notes, generator
+
+
+def _policy_inputs(seed_id: str = "seed") -> list[Any]:
+    """The guard's own inputs (after model, CLIP and conditionings), shared by the guard and the sampler."""
     return [
-        io.Model.Input("model"),
-        io.Clip.Input("clip", tooltip="the model's CLIP: encodes the empty prompt, the score's unconditional branch "
-                      "(SDXL: zeros shaped as its encoding), and calibration captions"),
-        io.Conditioning.Input("positive"),
-        io.Conditioning.Input("negative"),
         io.Combo.Input("policy", options=policy_choices(), default="balanced"),
         io.String.Input("policy_path", default="", tooltip="a policy YAML file; overrides the dropdown when set"),
         io.Combo.Input(
@@ -412,7 +505,7 @@ def _common_inputs() -> list[Any]:
             tooltip="what the prompt is compared with; calibrations assume the empty prompt",
         ),
         io.Int.Input(
-            "seed",
+            seed_id,
             default=-1,
             min=-1,
             max=2**31 - 1,
@@ -437,8 +530,8 @@ def _common_inputs() -> list[Any]:
             min=0,
             max=512,
             optional=True,
-            tooltip="latent side of the detection noise; 0: the model's native size (SD 1.x 64, SD 2.x 768-v 96, "
-            "SDXL, SD3 and FLUX 128)",
+            tooltip="latent side of the detection noise; 0: assumed from the model's family (SD 1.x 64, SD 2.x-v 96, "
+            "SDXL, SD3 and FLUX 128; ComfyUI records no training resolution, the report says what was assumed)",
         ),
         io.String.Input(
             "audit_path",
@@ -446,6 +539,17 @@ def _common_inputs() -> list[Any]:
             optional=True,
             tooltip="audit log file; empty: $MEMGUARD_AUDIT_PATH or the policy's path",
         ),
+    ]
+
+
+def _common_inputs() -> list[Any]:
+    return [
+        io.Model.Input("model"),
+        io.Clip.Input("clip", tooltip="the model's CLIP: encodes the empty prompt, the score's unconditional branch "
+                      "(SDXL: zeros shaped as its encoding), and calibration captions"),
+        io.Conditioning.Input("positive"),
+        io.Conditioning.Input("negative"),
+        *_policy_inputs(),
     ]
 
 
@@ -474,7 +578,56 @@ def _execute(
             texts=texts,
             enforce=enforce,
         )
-    return output, report, blocked, _report(report, policy, blocked, texts_known, notes), _explanations(report)
+    blocked_line = _blocked_line(report, "the sampler downstream does not run")
+    text = _report(report, policy, blocked, texts_known, notes, blocked_line)
+    return output, report, blocked, text, _explanations(report)
+
+
+def _blocked_line(report: GuardReport, what: str) -> str:
+    if report.withheld:
+        return f"withheld (block_mode: withhold): {what}; the queue item ends normally"
+    return f"blocked: {what}, and this queue item ends in an error naming the reason"
+
+
+def _always_run() -> float:
+    """``fingerprint_inputs`` of the guarding nodes: NaN never equals itself, so ComfyUI's cache never reuses a
+    guarding node's output (and with it the downstream sampler's) and every queue item that samples is judged
+    and audited again; the scores themselves come from the core's caches."""
+    return float("nan")
+
+
+def blocked_message(report: GuardReport) -> str:
+    """The error a blocked queue item ends with: the request id (to find its audit records) and each blocked
+    prompt's reason."""
+    return str(MemorizationBlocked(report))
+
+
+def _blocking_expansion(node_id: Any, message: str, report_output: int) -> dict[str, Any]:
+    """A one-node graph ComfyUI adds after a blocking node: ``MemguardBlocked`` waits for the blocking node's report
+    output (so the report reaches its viewers first) and then raises ``message``, which ends the queue item in an
+    error state with the reason in the UI, in ``/history`` and in the events API clients receive."""
+    return {f"{node_id}.memguard_blocked": {
+        "class_type": BLOCKED_NODE_ID,
+        "inputs": {"message": message, "report": [str(node_id), report_output]},
+    }}
+
+
+def _execution_blocker() -> Any:
+    """ComfyUI's ``ExecutionBlocker`` without a message: the nodes downstream of the blocked output do not run and
+    send no events of their own (the reason is the queue item's error, raised by ``MemguardBlocked``)."""
+    from comfy_execution.graph_utils import ExecutionBlocker
+
+    return ExecutionBlocker(None)
+
+
+def _blocked_output(report: GuardReport, node_id: Any, score: float, text: str, explanation: str) -> io.NodeOutput:
+    """A blocked call's outputs: the guarded output (first) blocked, the others values; with the policy's
+    ``block_mode: raise`` (the shipped policies') the queue item then ends in an error naming the reason, with
+    ``withhold`` it ends normally with the images withheld (the report says so)."""
+    if report.withheld:
+        return io.NodeOutput(_execution_blocker(), score, text, explanation)
+    return io.NodeOutput(_execution_blocker(), score, text, explanation,
+                         expand=_blocking_expansion(node_id, blocked_message(report), 2))
 
 
 class MemorizationGuard(io.ComfyNode):
@@ -488,7 +641,9 @@ class MemorizationGuard(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Scores how likely the positive prompt is to reproduce a training image (memguard) and applies "
-                "a policy: allow, warn, rewrite (mitigated conditioning) or block (stops this branch). Audited."
+                "a policy: allow, warn or block (the sampler downstream does not run and the queue item ends in an "
+                "error). It does not sample, so rewrites that must be verified fall back: use the "
+                "Memorization-Guarded KSampler for those. Every run is audited."
             ),
             inputs=_common_inputs(),
             outputs=[
@@ -499,7 +654,12 @@ class MemorizationGuard(io.ComfyNode):
             ],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             not_idempotent=True,
+            enable_expand=True,
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs: Any) -> float:
+        return _always_run()
 
     @classmethod
     def execute(cls, **kwargs: Any) -> io.NodeOutput:
@@ -507,11 +667,9 @@ class MemorizationGuard(io.ComfyNode):
         top = _top(report.decisions)
         score = float(top.score.score) if top is not None else float("nan")
         if blocked:
-            reasons = "; ".join(d.reason for d in report.decisions if d.blocked)
-            # The values are replaced by ComfyUI's ExecutionBlocker; they are given because a NodeOutput
-            # without results is dropped by v0.3.64's executor instead of blocking.
-            return io.NodeOutput(output, score, text, explanation,
-                                 block_execution=f"memguard blocked this prompt: {reasons}")
+            # Only the conditioning is blocked: the score, report and explanation reach their viewers, then the
+            # expansion's MemguardBlocked ends the queue item in an error naming the reason.
+            return _blocked_output(report, cls.hidden.unique_id, score, text, explanation)
         if any(d.action == "warn" for d in report.decisions):
             logging.getLogger("memguard").warning("memguard: %s", text)
         return io.NodeOutput(output, score, text, explanation)
@@ -552,6 +710,123 @@ class MemorizationScore(io.ComfyNode):
         return io.NodeOutput(float(top.score.score), float(top.score.norm), float(top.score.cos), text, explanation)
 
 
-NODES: list[type[io.ComfyNode]] = [MemorizationGuard, MemorizationScore]
+def _sampler_choices() -> tuple[list[str], list[str]]:
+    import comfy.samplers
 
-__all__ = ["NODES", "MemorizationGuard", "MemorizationScore"]
+    return list(comfy.samplers.KSampler.SAMPLERS), list(comfy.samplers.KSampler.SCHEDULERS)
+
+
+class GuardedKSampler(io.ComfyNode):
+    """KSampler with memguard inside: judges the positive prompt, then samples, rewriting and verifying by policy."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        samplers, schedulers = _sampler_choices()
+        return io.Schema(
+            node_id="MemguardGuardedKSampler",
+            display_name="Memorization-Guarded KSampler",
+            category=CATEGORY,
+            description=(
+                "KSampler that judges the positive prompt first (memguard): an allowed prompt is sampled exactly as "
+                "KSampler samples it; a rewritten one climbs the policy's ladder (guidance schedule, prompt "
+                "embedding, initial noise) through this sampler and is released only once verified against short "
+                "probe generations of the original prompt; a blocked one is not sampled and the queue item ends in "
+                "an error naming the reason. Every run is audited (decision before sampling, outcome after)."
+            ),
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip", tooltip="the model's CLIP: encodes the score's unconditional branch and "
+                              "calibration captions"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="the sampler's seed, as KSampler's"),
+                io.Int.Input("steps", default=20, min=1, max=10000),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=samplers),
+                io.Combo.Input("scheduler", options=schedulers),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                *_policy_inputs("detection_seed"),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="LATENT"),
+                io.Float.Output(display_name="score"),
+                io.String.Output(display_name="report"),
+                io.String.Output(display_name="explanation"),
+            ],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
+            not_idempotent=True,
+            enable_expand=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs: Any) -> float:
+        return _always_run()
+
+    @classmethod
+    def execute(cls, **kwargs: Any) -> io.NodeOutput:
+        policy = resolve_policy(kwargs["policy"], kwargs.get("policy_path") or "", kwargs.get("detection_seed", -1),
+                                kwargs.get("samples", 0), kwargs.get("explain") or EXPLAIN_POLICY)
+        hidden = cls.hidden
+        texts = workflow_texts(getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None))
+        settings = KSamplerSettings(seed=int(kwargs["seed"]), steps=int(kwargs["steps"]), cfg=float(kwargs["cfg"]),
+                                    sampler_name=kwargs["sampler_name"], scheduler=kwargs["scheduler"],
+                                    denoise=float(kwargs.get("denoise", 1.0)))
+        with torch.inference_mode(False):
+            latent, report, texts_known, notes, _ = run_guarded_sampler(
+                model=kwargs["model"], clip=kwargs.get("clip"), positive=_plain(kwargs["positive"]),
+                negative=_plain(kwargs["negative"]), latent=dict(kwargs["latent_image"]), settings=settings,
+                policy=policy, unconditional=kwargs.get("unconditional") or UNCOND_EMPTY,
+                latent_size=int(kwargs.get("latent_size") or 0), audit_path=kwargs.get("audit_path") or "",
+                context=comfy_context(hidden), texts=texts,
+            )
+        blocked = report.blocked
+        text = _report(report, policy, blocked, texts_known, notes, _blocked_line(report, "nothing was sampled"))
+        top = _top(report.decisions)
+        score = float(top.score.score) if top is not None else float("nan")
+        explanation = _explanations(report)
+        if blocked:
+            return _blocked_output(report, hidden.unique_id, score, text, explanation)
+        if any(d.action == "warn" for d in report.decisions):
+            logging.getLogger("memguard").warning("memguard: %s", text)
+        return io.NodeOutput(latent, score, text, explanation)
+
+
+#: The node id of the error a blocked queue item ends with (added by the guarding nodes' expansion, not by users).
+BLOCKED_NODE_ID = "MemguardBlocked"
+
+
+class GuardBlocked(MemguardError):
+    """The error a queue item blocked by memguard ends with; its message names the request and the reasons."""
+
+
+class MemguardBlocked(io.ComfyNode):
+    """Ends a blocked queue item in an error, after the blocking node's report has been delivered."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=BLOCKED_NODE_ID,
+            display_name="memguard: blocked (added by the guard)",
+            category=f"{CATEGORY}/internal",
+            description="Added by the Memorization Guard and the Memorization-Guarded KSampler when they block: "
+            "raises the reason, so the queue item ends in an error. Not meant to be placed by hand.",
+            inputs=[io.String.Input("message"), io.String.Input("report")],
+            outputs=[],
+            is_output_node=True,
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs: Any) -> float:
+        return _always_run()
+
+    @classmethod
+    def execute(cls, message: str, report: str) -> io.NodeOutput:
+        raise GuardBlocked(message)
+
+
+NODES: list[type[io.ComfyNode]] = [MemorizationGuard, GuardedKSampler, MemorizationScore, MemguardBlocked]
+
+__all__ = ["NODES", "GuardBlocked", "GuardedKSampler", "MemguardBlocked", "MemorizationGuard", "MemorizationScore"]

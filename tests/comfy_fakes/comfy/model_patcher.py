@@ -29,6 +29,13 @@ class ModelPatcher:
         clone.patches_uuid = self.patches_uuid
         return clone
 
+    def set_model_sampler_cfg_function(self, sampler_cfg_function: Any, disable_cfg1_optimization: bool = False
+                                       ) -> None:
+        """The CFG hook samplers call instead of ``uncond + (cond - uncond) * cfg`` (``samplers.cfg_function``)."""
+        self.model_options["sampler_cfg_function"] = sampler_cfg_function
+        if disable_cfg1_optimization:
+            self.model_options["disable_cfg1_optimization"] = True
+
     def add_object_patch(self, name: str, obj: Any) -> None:
         self.object_patches[name] = obj
 

@@ -6,6 +6,9 @@ import math
 
 import torch
 
+#: Whether samplers show progress bars (``comfy.utils.set_progress_bar_enabled``).
+PROGRESS_BAR_ENABLED = True
+
 
 def repeat_to_batch_size(tensor: torch.Tensor, batch_size: int, dim: int = 0) -> torch.Tensor:
     """Cut or repeat ``tensor`` along ``dim`` to ``batch_size`` rows (a no-op at the right size)."""
