@@ -411,7 +411,14 @@ def build_app(args: ServeArgs) -> Any:
 
     shared = serve.deployment(SharedState, name=SHARED_DEPLOYMENT, num_replicas=1, max_ongoing_requests=10_000,
                               ray_actor_options={"num_cpus": 0}, logging_config={"enable_access_log": False})
-    ingress = serve.deployment(serve.ingress()(MemguardReplica), name=INGRESS_DEPLOYMENT, **args.deployment_options())
+    try:  # the ingress app is built in the replica, after its guards (Serve's late-bound ingress, Ray >= 2.60)
+        replica = serve.ingress()(MemguardReplica)
+    except (TypeError, ValueError) as error:
+        import ray
+
+        raise RayServeError(f"memguard serve --engine ray needs Ray Serve 2.60 or later (installed: Ray "
+                            f"{ray.__version__}): {error}") from None
+    ingress = serve.deployment(replica, name=INGRESS_DEPLOYMENT, **args.deployment_options())
     return ingress.bind(args, shared.bind())
 
 
