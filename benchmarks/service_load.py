@@ -134,6 +134,10 @@ def main() -> None:
                              " instead of auth modes; --clients defaults to --max-batch there")
     parser.add_argument("--replicas", default="1,2", help="with --engines: Ray Serve replica counts to compare")
     parser.add_argument("--batches", type=int, default=40, help="with --engines: in-process batches per variant")
+    parser.add_argument("--device", default="cpu", help="with --engines: torch device of every engine (cuda on GPUs)")
+    parser.add_argument("--address", default=None,
+                        help="with --engines: Ray cluster to join (default: a local one on this machine's CPUs)")
+    parser.add_argument("--num-gpus-per-replica", type=float, default=0.0, help="with --engines: GPUs per replica")
     args = parser.parse_args()
     if args.engines:
         compare_engines(args)
@@ -224,7 +228,8 @@ def _prompts(count: int, offset: int = 0) -> list[str]:
             for i in range(count)]
 
 
-def in_process_rows(model: str, policy: Path, work: Path, batch: int, batches: int, rounds: int) -> list[dict]:
+def in_process_rows(model: str, policy: Path, work: Path, batch: int, batches: int, rounds: int, device: str
+                    ) -> list[dict]:
     """Prompts/s of the guard itself on ``batch`` prompts at a time, with fsync on: ``check_many`` (one request of
     ``batch`` prompts), ``judge_many`` of ``batch`` one-prompt requests as the service's micro-batch makes them (one
     fsync per micro-batch), and the same with one fsync per request (how ``judge_many`` wrote before; replayed here
@@ -237,7 +242,7 @@ def in_process_rows(model: str, policy: Path, work: Path, batch: int, batches: i
     from guard.loading import load_pipeline
 
     torch.set_num_threads(1)
-    guard = Guard(load_pipeline(model, device="cpu"), policy=str(policy), audit_path=str(work / "in-process") + "/")
+    guard = Guard(load_pipeline(model, device=device), policy=str(policy), audit_path=str(work / "in-process") + "/")
     prompts = _prompts(batch)
     guard.check_many(prompts)  # warm: caches, the log opened
     fsyncs = [0]
@@ -349,7 +354,7 @@ def compare_engines(args: argparse.Namespace) -> None:
     print(f"model {model}, {os.cpu_count()} CPUs, max_batch {args.max_batch}, max_wait {args.max_wait_ms} ms, "
           f"{clients} clients, fsync on")
 
-    rows = in_process_rows(model, policy, work, args.max_batch, args.batches, args.rounds)
+    rows = in_process_rows(model, policy, work, args.max_batch, args.batches, args.rounds, args.device)
     print(f"\nIn process, batches of B = {args.max_batch} prompts ({args.batches} batches per variant, "
           f"{args.rounds} interleaved rounds):\n")
     print("| in process | prompts/s | ms per batch | fsyncs per batch |")
@@ -363,21 +368,25 @@ def compare_engines(args: argparse.Namespace) -> None:
     port = _free_port()
     single = subprocess.Popen(
         [sys.executable, "-c", "from guard.cli import main; main()", "serve", "--model", model, "--policy",
-         str(policy), "--port", str(port), "--audit", str(work / "single") + "/", "--device", "cpu",
+         str(policy), "--port", str(port), "--audit", str(work / "single") + "/", "--device", args.device,
          "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)], env=env)
     servers = [{"name": "single process (uvicorn)", "replicas": 1, "base": f"http://127.0.0.1:{port}",
                 "trail": work / "single", "latencies": [], "errors": [], "wall": 0.0, "health": 0,
                 "health_wall": 0.0}]
     started = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": env["PYTHONPATH"]}})
+    runtime_env = {"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": env["PYTHONPATH"]}}
+    if args.address:
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
     serve_port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
     cpus = max(0.1, (os.cpu_count() or 1) / sum(replica_counts))
     for n in replica_counts:
         trail = work / f"ray{n}"
-        serve.run(build_app(ServeArgs(model=model, audit=str(trail) + "/", policy=str(policy), device="cpu",
+        serve.run(build_app(ServeArgs(model=model, audit=str(trail) + "/", policy=str(policy), device=args.device,
                                       replicas=n, num_cpus_per_replica=cpus, max_batch=args.max_batch,
+                                      num_gpus_per_replica=args.num_gpus_per_replica,
                                       max_wait_ms=args.max_wait_ms, max_ongoing_requests=max(2 * args.max_batch,
                                                                                               clients))),
                   name=f"ray{n}", route_prefix=f"/ray{n}")

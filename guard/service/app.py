@@ -125,7 +125,6 @@ def create_app(
     app.state.guards = guards
     app.state.batcher = batchers[id(guard)]
     app.state.batchers = batchers
-    app.state.executor = executor
     app.state.access = access
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     if access is not None:
