@@ -116,15 +116,18 @@ def decision_records(trail: Path) -> list[dict]:
     return [r for r in read_trail(trail) if r.get("event") == "decision"]
 
 
-def single_process_answers(setup, bodies: list[dict], audit: Path) -> list[dict]:
-    """The same requests through the single-process app (same model files, policy and key file)."""
+def single_process_answers(setup, bodies: list[dict], audit: Path, generate: list[dict] = ()) -> tuple[list, list]:
+    """The same requests through the single-process app (same model files, policy and key file): the checks' bodies,
+    and each generation's status and body."""
     def make(spec, lock=None):
         return Guard(setup["pipe"], policy=spec, audit_path=audit, source="service", lock=lock)
 
     default = make(str(setup["policy"]))
     access = ServiceAccess.build(load_api_keys(setup["keys"]), default, make)
     with TestClient(create_app(default, access=access, max_wait_ms=20)) as client:
-        return [client.post("/v1/check", json=body, headers=bearer("alice")).json() for body in bodies]
+        checks = [client.post("/v1/check", json=body, headers=bearer("alice")).json() for body in bodies]
+        generated = [client.post("/v1/generate", json=body, headers=bearer("alice")) for body in generate]
+        return checks, [(r.status_code, r.json()) for r in generated]
 
 
 def test_two_replicas_decide_and_score_as_the_single_process_service(setup, deployment, tmp_path):
@@ -151,7 +154,15 @@ def test_two_replicas_decide_and_score_as_the_single_process_service(setup, depl
         if len(set(replicas)) == 2:
             break
     assert len(set(replicas)) == 2, Counter(replicas)
-    expected = single_process_answers(setup, bodies, tmp_path / "single.jsonl")
+    by_action = {answers[i]["decisions"][0]["action"]: prompt for i, prompt in enumerate(PROMPTS)}
+    allowed, blocked = by_action["allow"], by_action["block"]
+    generate = [{"prompt": allowed, "num_inference_steps": 2, "seed": 7}, {"prompt": blocked, "num_inference_steps": 2}]
+    with httpx.Client(base_url=deployment, timeout=120, headers=bearer("alice")) as http:
+        served = [http.post("/v1/generate", json=body) for body in generate]
+    expected, generated = single_process_answers(setup, bodies, tmp_path / "single.jsonl", generate)
+    assert [r.status_code for r in served] == [status for status, _ in generated] == [200, 403]
+    assert served[0].json()["images"] == generated[0][1]["images"]  # the same PNG, byte for byte
+    assert served[1].json()["decisions"][0]["rule"] == generated[1][1]["decisions"][0]["rule"] == "high"
     actions = Counter()
     for i, want in enumerate(expected):
         got = answers[i]["decisions"]
@@ -165,7 +176,9 @@ def test_two_replicas_decide_and_score_as_the_single_process_service(setup, depl
     assert actions["allow"] and actions["block"]  # the policy splits the prompts: both verdicts were compared
     recorded = decision_records(setup["trail"])
     assert {r["writer"] for r in recorded} == set(replicas)  # each replica wrote its own segment
-    assert all(r["context"]["key_id"] == "alice" and r["context"]["endpoint"] == "/v1/check" for r in recorded)
+    assert all(r["context"]["key_id"] == "alice" for r in recorded)
+    outcomes = [r for r in read_trail(setup["trail"]) if r.get("event") == "outcome"]
+    assert sorted(r["outcome"] for r in outcomes) == ["blocked", "generated"]  # each chained to its decision
 
 
 def test_a_keys_rate_limit_holds_across_replicas(deployment):
