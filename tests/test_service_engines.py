@@ -151,6 +151,15 @@ def test_the_kuberay_manifest_in_the_docs():
     assert head["image"] == worker["image"]
 
 
+def test_a_serve_config_without_api_keys_is_refused():
+    pytest.importorskip("ray.serve", reason="Ray Serve: pip install 'memguard[ray]'")
+    from guard.service.ray_serve import app_builder
+
+    with pytest.raises(RayServeError, match="give api_keys .* or insecure_no_auth: true"):
+        app_builder({"model": "m", "audit": "/trail/"})
+    assert app_builder({"model": "m", "audit": "/trail/", "insecure_no_auth": True}) is not None
+
+
 def test_the_kuberay_manifest_is_a_serve_config_ray_accepts():
     schema = pytest.importorskip("ray.serve.schema", reason="Ray Serve's config schema: pip install 'memguard[ray]'")
     config = yaml.safe_load(_manifest()["spec"]["serveConfigV2"])

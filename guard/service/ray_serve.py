@@ -424,8 +424,15 @@ def build_app(args: ServeArgs) -> Any:
 
 def app_builder(args: dict[str, Any]) -> Any:
     """Application builder for Serve configs (``import_path: guard.service.ray_serve:app_builder``, ``args``: the
-    fields of ``ServeArgs``), e.g. a KubeRay RayService; bad args raise ``RayServeError`` naming the field."""
-    return build_app(ServeArgs.parse(args))
+    fields of ``ServeArgs``), e.g. a KubeRay RayService; bad args raise ``RayServeError`` naming the field.
+
+    A Serve config's proxies listen wherever its ``http_options`` say (every node's ``0.0.0.0`` on Kubernetes), so,
+    as ``memguard serve`` does for a public address, it needs ``api_keys`` or an explicit ``insecure_no_auth``."""
+    parsed = ServeArgs.parse(args)
+    if parsed.api_keys is None and not parsed.insecure_no_auth:
+        raise RayServeError("api_keys: a Serve config serves whoever reaches its proxies; give api_keys (the key "
+                            "file), or insecure_no_auth: true if a proxy in front authenticates")
+    return build_app(parsed)
 
 
 def serve_forever(args: ServeArgs, *, address: str | None, host: str, port: int,
