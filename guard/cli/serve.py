@@ -33,7 +33,8 @@ RAY_OPTIONS = ("replicas", "min_replicas", "max_replicas", "target_ongoing_reque
               help="How long a request waits for others to share its batch.")
 @click.option("--max-body-bytes", default=64 * 1024, show_default=True, type=click.IntRange(1),
               help="Larger request bodies are refused with HTTP 413.")
-@click.option("--audit", "audit_path", default=None, help="Audit log path (default: each policy's).")
+@click.option("--audit", "audit_path", default=None,
+              help="Audit log path (default: each policy's); with --engine ray a trail directory (DIR/).")
 @click.option("--calibration", default=None, type=click.Path(dir_okay=False), help="Calibration profile file.")
 @click.option("--device", default=None, help="torch device (default: cuda, mps or cpu, whichever exists).")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]),
