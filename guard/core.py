@@ -20,6 +20,7 @@ recorder.py`` (the records).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -321,15 +322,14 @@ class GuardCore:
                 message = f"judging failed: {type(error).__name__}: {error}"
                 decided = [(self._all_errors(r.prompts, {}, message), r.cond) for r in requests]
             scoring_ms = ms_since(started)
-            reports = []
-            for request, (decisions, _) in zip(requests, decided):
-                report = GuardReport(
-                    request_id=request.request_id or new_request_id(), decisions=decisions, mode=mode,
-                    latency_scoring_ms=scoring_ms, context=dict(request.context),
-                )
-                self._write_decisions(report, request.prompts)
+            reports = [
+                GuardReport(request_id=request.request_id or new_request_id(), decisions=decisions, mode=mode,
+                            latency_scoring_ms=scoring_ms, context=dict(request.context))
+                for request, (decisions, _) in zip(requests, decided)
+            ]
+            self._write_all_decisions(reports, [request.prompts for request in requests])
+            for report in reports:
                 self.monitor.observe(report.decisions)
-                reports.append(report)
             finish_check(current, [r.request_id for r in reports], [d for r in reports for d in r.decisions],
                          audited=not any(r.audit_error for r in reports))
         return reports, [cond for _, cond in decided]
@@ -461,6 +461,25 @@ class GuardCore:
         """Every prompt not already decided by the lists gets the ``on_error`` decision."""
         return [decided.get(i) or decide_on_error(self.policy, i, error) for i in range(len(prompts))]
 
+    def _write_all_decisions(self, reports: Sequence[GuardReport], prompts: Sequence[Sequence[str | None]]) -> None:
+        """Write-ahead for a whole batch of requests (the service's micro-batch): every request's decision records,
+        flushed to disk with one ``fsync`` at the end (``AuditLogger.batch``) instead of one per request. The batch
+        is on disk before ``judge_many`` returns, so nothing acts on a record that is not; a flush that fails turns
+        every decision of the batch into ``on_error``, as an unwritable record does."""
+        try:
+            batch = self.recorder.logger.batch()
+        except Exception:  # the log cannot be opened: each request finds that out (and says so) on its own
+            batch = contextlib.nullcontext()
+        try:
+            with batch:
+                for report, each in zip(reports, prompts):
+                    self._write_decisions(report, each)
+        except Exception as error:
+            message = f"audit log not writable: {type(error).__name__}: {error}"
+            for report in reports:
+                if report.audit_error is None:
+                    self._not_audited(report, message, stacklevel=5)
+
     def _write_decisions(self, report: GuardReport, prompts: Sequence[str | None]) -> None:
         """Write-ahead: one decision record per prompt. If the log cannot take them, every prompt gets the
         ``on_error`` decision instead (so a fail-closed policy generates nothing it could not record)."""
@@ -471,13 +490,17 @@ class GuardCore:
                 "pending", latency_scoring_ms=report.latency_scoring_ms, context=report.context,
                 measurement=measurement)
         except AuditUnavailable as error:
-            message = str(error)
-            report.audit_error = message
-            report.decisions = [
-                decide_on_error(self.policy, d.prompt_index, message, score=d.score) for d in report.decisions
-            ]
-            warnings.warn(f"memguard: request {report.request_id} not audited: {message}", stacklevel=4)
-            log_event("audit_unwritable", level="error", request_id=report.request_id, error=message)
+            self._not_audited(report, str(error), stacklevel=6)
+
+    def _not_audited(self, report: GuardReport, message: str, *, stacklevel: int) -> None:
+        """``report``'s decisions could not be recorded: each becomes the policy's ``on_error`` decision."""
+        report.audit_error = message
+        report.records = {}
+        report.decisions = [
+            decide_on_error(self.policy, d.prompt_index, message, score=d.score) for d in report.decisions
+        ]
+        warnings.warn(f"memguard: request {report.request_id} not audited: {message}", stacklevel=stacklevel)
+        log_event("audit_unwritable", level="error", request_id=report.request_id, error=message)
 
     # ------------------------------------------------------------------ the whole request
 

@@ -246,3 +246,36 @@ def test_real_uvicorn_process_under_concurrent_clients(pipe, prompts, tmp_path):
     report = verify_log(audit_path)
     assert report, str(report)
     assert sum(r["event"] == "decision" for r in records(audit_path)) == 40
+
+
+def test_a_micro_batch_pays_one_fsync_and_fails_closed_when_it_cannot(pipe, prompts, tmp_path, monkeypatch):
+    """With ``audit.fsync``, the records of every request of a micro-batch reach the disk with one fsync (not one per
+    request) before any answer is sent; a failed flush answers every request of the batch with ``on_error``."""
+    from guard.audit import sink as sink_module
+    from guard.core import Submission
+
+    safe, risky, threshold = prompts
+    policy = {**threshold_policy(threshold), "audit": {"prompt": "hash", "fsync": True}}
+    guard = Guard(pipe, policy=policy, audit_path=tmp_path / "audit.jsonl")
+    guard.check(safe)  # opens the log (policy_loaded) outside the counted batch
+    synced: list[int] = []
+    real = os.fsync
+    failing = {"on": False}
+
+    def fsync(fd: int) -> None:
+        if failing["on"]:
+            raise OSError(5, "Input/output error")
+        synced.append(os.fstat(fd).st_size)
+        real(fd)
+
+    monkeypatch.setattr(sink_module.os, "fsync", fsync)
+    batch = [Submission([p], context={"endpoint": "/v1/check"}) for p in [safe, risky] * 4]
+    reports, _ = guard.core.judge_many(batch, mode="check")
+    assert len(synced) == 1 and synced[0] == (tmp_path / "audit.jsonl").stat().st_size  # covers all 8 requests
+    assert [r.decisions[0].action for r in reports] == ["allow", "block"] * 4
+    assert all(len(r.records) == 1 and r.audit_error is None for r in reports)
+    failing["on"] = True
+    with pytest.warns(UserWarning, match="not audited"):
+        reports, _ = guard.core.judge_many(batch, mode="check")
+    assert all(r.decisions[0].rule == "on_error" and r.decisions[0].action == "block" for r in reports)
+    assert all(r.audit_error and "cannot flush" in r.audit_error and not r.records for r in reports)

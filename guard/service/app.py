@@ -9,6 +9,10 @@ score unless the policy says so.
 With API keys (``access``), each request is authenticated before anything else (``auth.ApiKeyAuth``), judged
 by its key's guard (one per distinct policy, sharing the pipeline) and recorded with the key's id in every
 record's ``context``.
+
+This one app is the whole API in both engines: ``memguard serve`` runs it under uvicorn, and each replica of
+``memguard serve --engine ray`` builds it as its Ray Serve ingress (``guard.service.ray_serve``), passing Ray
+Serve's batcher, the rate limits its replicas share and ``/metrics`` for all of them.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import base64
 import concurrent.futures
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -29,8 +33,9 @@ from ..audit.record import current_actor
 from ..core import GuardReport, Submission
 from ..events import log_event
 from ..policy import Decision
-from .batching import MicroBatcher
+from .batching import Batcher, BatcherFactory, MicroBatcher
 from .keys import ApiKey
+from .metrics import MonitorSample
 from .middleware import DEFAULT_MAX_BODY_BYTES, KEY_SCOPE, ApiKeyAuth, BodySizeLimit
 from .models import (
     BlockedResponse,
@@ -63,6 +68,10 @@ def create_app(
     access: ServiceAccess | None = None,
     bind: str | None = None,
     insecure_no_auth: bool = False,
+    batcher: BatcherFactory = MicroBatcher,
+    metrics: Callable[[], Awaitable[Sequence[MonitorSample]]] | None = None,
+    metrics_labels: Sequence[str] = (),
+    started: Mapping[str, Any] | None = None,
 ) -> Any:
     """A FastAPI app serving ``guard`` (a ``guard.Guard``).
 
@@ -73,6 +82,10 @@ def create_app(
         access: API keys (``ServiceAccess``); None serves everyone with ``guard``.
         bind: the address served, for the ``service_started`` audit record.
         insecure_no_auth: recorded in ``service_started``: the operator chose no keys on a public address.
+        batcher: makes each guard's ``/v1/check`` batcher (``MicroBatcher``; a replica passes Ray Serve's).
+        metrics: what ``GET /metrics`` serves, awaited per scrape (default: this app's guards), each sample with
+            ``metrics_labels`` (a replica answers for its whole deployment, ``replica`` telling them apart).
+        started: more about this process for the ``service_started`` record's ``extras`` (engine, replica).
     """
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
@@ -80,17 +93,16 @@ def create_app(
 
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memguard-guard")
     guards = [guard] + [g for g in (access.distinct_guards() if access else []) if g is not guard]
-    batchers: dict[int, MicroBatcher[tuple[list[str], dict[str, Any]], GuardReport]] = {
-        id(g): MicroBatcher(lambda batch, g=g: _check(g, batch), executor, max_batch=max_batch,
-                            max_wait_ms=max_wait_ms, size=lambda item: len(item[0]))
+    batchers: dict[int, Batcher[tuple[list[str], dict[str, Any]], GuardReport]] = {
+        id(g): batcher(lambda batch, g=g: _check(g, batch), executor, max_batch=max_batch,
+                       max_wait_ms=max_wait_ms, size=lambda item: len(item[0]))
         for g in guards
     }
-    batcher = batchers[id(guard)]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await asyncio.get_running_loop().run_in_executor(
-            executor, _record_start, guards, access, bind, insecure_no_auth)
+            executor, _record_start, guards, access, bind, insecure_no_auth, started)
         for each in batchers.values():
             each.start()
         yield
@@ -110,7 +122,8 @@ def create_app(
     )
     _add_docs(app)
     app.state.guard = guard
-    app.state.batcher = batcher
+    app.state.guards = guards
+    app.state.batcher = batchers[id(guard)]
     app.state.batchers = batchers
     app.state.access = access
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
@@ -129,7 +142,7 @@ def create_app(
 
     from .metrics import add_metrics_route
 
-    add_metrics_route(app, guards)  # GET /metrics for Prometheus, when prometheus_client is installed
+    add_metrics_route(app, guards, metrics, metrics_labels)  # GET /metrics, when prometheus_client is installed
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -243,8 +256,9 @@ def _guard_health(guard: Any) -> GuardHealth:
 
 
 def _record_start(guards: Sequence[Any], access: ServiceAccess | None, bind: str | None,
-                  insecure_no_auth: bool) -> None:
-    """One ``service_started`` record per audit log in use: the address, the auth mode, each key's policy."""
+                  insecure_no_auth: bool, started: Mapping[str, Any] | None = None) -> None:
+    """One ``service_started`` record per audit log in use: the address, the auth mode, each key's policy (and, from
+    a replica, which replica of which deployment this is, in ``extras``)."""
     written: set[str] = set()
     for each in guards:
         try:
@@ -258,7 +272,7 @@ def _record_start(guards: Sequence[Any], access: ServiceAccess | None, bind: str
                 auth="api_keys" if access is not None else "none", insecure_no_auth=insecure_no_auth,
                 api_keys_path=str(access.config.path) if access is not None else None,
                 api_keys_sha256=access.config.sha256 if access is not None else None,
-                keys=access.grants() if access is not None else [],
+                keys=access.grants() if access is not None else [], extras=dict(started or {}),
             )
         except (AuditWriteError, OSError) as error:  # requests will follow on_error, as for any unwritable log
             log_event("audit_unwritable", level="error", event_kind="service_started", error=str(error))

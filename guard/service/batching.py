@@ -1,14 +1,41 @@
-"""Micro-batching: concurrent requests scored together in one call on one worker thread."""
+"""Micro-batching: concurrent requests scored together in one call on one worker thread.
+
+The service takes its batcher from a ``BatcherFactory``: ``MicroBatcher`` in one process (``memguard serve``),
+Ray Serve's ``serve.batch`` in each replica of ``memguard serve --engine ray`` (``guard.service.ray_serve``);
+both keep a request whole and run ``fn`` on the guard's one worker thread.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+
+__all__ = ["Batcher", "BatcherFactory", "MicroBatcher"]
+
+
+class Batcher(Protocol[Item, Result]):
+    """What the service's ``/v1/check`` awaits: ``submit`` one request, get its result from a batched call."""
+
+    batches: int  # calls of the batched function so far, for metrics and tests
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def submit(self, item: Item) -> Result: ...
+
+
+class BatcherFactory(Protocol):
+    """Makes the batcher of one guard: ``fn`` judges a list of requests in ``executor`` (the guard's worker thread);
+    at most ``max_batch`` prompts (``size`` of each request) per call, waiting at most ``max_wait_ms`` for company."""
+
+    def __call__(self, fn: Callable[[list], Sequence], executor: concurrent.futures.Executor, *, max_batch: int,
+                 max_wait_ms: float, size: Callable[[object], int]) -> Batcher: ...
 
 
 class MicroBatcher(Generic[Item, Result]):

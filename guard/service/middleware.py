@@ -57,7 +57,7 @@ class ApiKeyAuth:
                 refused = None if refused.key is not None else refused
         if refused is None:
             assert key is not None
-            wait = self.access.limiter.admit(key.id, key.rate_limit)
+            wait = await self.access.limiter.acquire(key.id, key.rate_limit)
             if wait:
                 refused = AuthResult(None, 429, f"key {key.id!r} is over its rate limit of "
                                                 f"{key.rate_limit.describe() if key.rate_limit else ''}; retry in "

@@ -6,10 +6,11 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["RateLimit", "RateLimiter", "TokenBucket"]
+__all__ = ["Limiter", "RateLimit", "RateLimiter", "TokenBucket"]
 
 
 class _Strict(BaseModel):
@@ -53,8 +54,19 @@ class TokenBucket:
         return 0.0 if self._tokens >= 1.0 else (1.0 - self._tokens) / self.rate
 
 
+@runtime_checkable
+class Limiter(Protocol):
+    """What the auth middleware asks before admitting a key's request: this process's buckets (``RateLimiter``), or
+    buckets every replica of a deployment shares (``guard.service.ray_serve``). Async, so a limiter that asks
+    another process does not block the event loop."""
+
+    async def acquire(self, key_id: str, limit: RateLimit | None) -> float:
+        """0.0 if the request may go ahead (a token is spent), else the seconds to wait (``Retry-After``)."""
+        ...
+
+
 class RateLimiter:
-    """One token bucket per key id, made on first use from the key's ``RateLimit``."""
+    """One token bucket per key id, made on first use from the key's ``RateLimit`` (per process)."""
 
     def __init__(self) -> None:
         self._buckets: dict[str, TokenBucket] = {}
@@ -63,6 +75,10 @@ class RateLimiter:
     def admit(self, key_id: str, limit: RateLimit | None) -> float:
         """0.0 if the request may go ahead (a token is spent), else the seconds to wait (``Retry-After``)."""
         return self._bucket_call(key_id, limit, TokenBucket.take)
+
+    async def acquire(self, key_id: str, limit: RateLimit | None) -> float:
+        """``admit`` for the middleware (``Limiter``): local buckets answer at once."""
+        return self.admit(key_id, limit)
 
     def peek(self, key_id: str, limit: RateLimit | None) -> float:
         """Like ``admit``, without spending a token."""

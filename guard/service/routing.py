@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import MemguardError
 from .keys import ApiKey, ApiKeyConfig, ApiKeyFileError, Authenticator
-from .ratelimit import RateLimiter
+from .ratelimit import Limiter, RateLimiter
 
 __all__ = ["ServiceAccess", "is_loopback"]
 
@@ -15,17 +15,20 @@ __all__ = ["ServiceAccess", "is_loopback"]
 class ServiceAccess:
     """What the service needs to serve API keys: authentication, rate limits, and each key's guard.
 
-    ``guards`` maps key ids to the guard (one per distinct policy) that judges that key's requests.
+    ``guards`` maps key ids to the guard (one per distinct policy) that judges that key's requests. ``limiter``
+    enforces the keys' rate limits: this process's own buckets by default; replicas of one deployment pass one they
+    share, so that a key's limit holds for the deployment, not per replica.
     """
 
-    def __init__(self, config: ApiKeyConfig, guards: Mapping[str, Any], *, failures_per_minute: int = 10) -> None:
+    def __init__(self, config: ApiKeyConfig, guards: Mapping[str, Any], *, failures_per_minute: int = 10,
+                 limiter: Limiter | None = None) -> None:
         missing = sorted(set(config.keys) - set(guards))
         if missing:
             raise ValueError(f"no guard for key(s) {missing}")
         self.config = config
         self.guards = dict(guards)
         self.authenticator = Authenticator(config.keys, failures_per_minute=failures_per_minute)
-        self.limiter = RateLimiter()
+        self.limiter: Limiter = limiter if limiter is not None else RateLimiter()
 
     @classmethod
     def build(cls, config: ApiKeyConfig, default_guard: Any, make_guard: Callable[[str, Any], Any], **options: Any
