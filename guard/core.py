@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .actions import BatchPlan, MemorizationBlocked, plan_batch
-from .actions.generation import GenerationJob, GenerationResult, Generator
+from .actions.generation import GenerationJob, GenerationResult, Generator, generation_settings
 from .actions.ladder import LadderState, run_ladder
 from .actions.verification import auto_verification
 from .audit import AuditLogger, new_request_id
@@ -230,7 +230,7 @@ class GuardCore:
 
     def _check_rungs_apply(self, adapter: Any) -> None:
         """A rewrite rule whose every rung cannot run on this model is a policy error, said at once."""
-        if getattr(adapter, "classifier_free_guidance", True):  # front ends that sample elsewhere (ComfyUI)
+        if getattr(adapter, "classifier_free_guidance", True):  # adapters that do not say (ComfyUI's) can guide
             return
         for index, rule in enumerate(self.policy.rules):
             if rule.action == "rewrite" and rule.rewrite is not None and set(rule.rewrite.rungs) == {
@@ -514,11 +514,13 @@ class GuardCore:
         images_per_prompt: int = 1,
         request_id: str | None = None,
         context: Mapping[str, Any] | None = None,
+        unscorable: str | None = None,
     ) -> tuple[GuardReport, Release]:
-        """One guarded generation, judge -> act -> conclude: returns the report and what was released."""
+        """One guarded generation, judge -> act -> conclude: returns the report and what was released.
+        ``unscorable`` says why the front end knows the request cannot be scored (``judge``)."""
         with request_span(self.spans, len(prompts)):
             report, scored = self.judge(prompts, cond=cond, encode_options=encode_options, mode="generate",
-                                        request_id=request_id, context=context)
+                                        request_id=request_id, context=context, unscorable=unscorable)
             return report, self.act(report, scored, generator, images_per_prompt=images_per_prompt)
 
     def act(
@@ -621,8 +623,7 @@ class GuardCore:
         if generator is not None and self.scorer is not None:
             def measure():
                 return auto_verification(self.scorer, generator, verify)
-        key = (verify.probes, verify.probe_steps, getattr(generator, "steps", None),
-               getattr(generator, "guidance_scale", None), tuple(getattr(generator, "latent_shape", ()) or ()))
+        key = (verify.probes, verify.probe_steps, *generation_settings(generator))
         verification = self.calibrations.verification(key, measure)
         if (verification.probes, verification.probe_steps) != (verify.probes, verify.probe_steps):
             raise CalibrationMismatch(

@@ -51,7 +51,11 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _shared_cache(cache_dir, monkeypatch):
+    import guard.actions.verification
+
     monkeypatch.setenv("MEMGUARD_CACHE_DIR", str(cache_dir))
+    # The automatic verification calibration's own path, on 8 generic captions instead of 32: CI's budget.
+    monkeypatch.setattr(guard.actions.verification, "AUTO_VERIFICATION_PROMPTS", 8)
 
 
 def _cli(*args: str) -> None:

@@ -18,7 +18,7 @@ import torch
 from ..policy import GuidanceStage
 from ..scoring import TextConditioning
 
-__all__ = ["GenerationJob", "GenerationResult", "Generator", "JobKind"]
+__all__ = ["GenerationJob", "GenerationResult", "Generator", "JobKind", "generation_settings"]
 
 #: ``release``: images the caller may receive (the caller's own generator, callbacks and output type);
 #: ``internal``: final latents only, from a private generator, nothing of the caller's is touched.
@@ -82,7 +82,9 @@ class Generator(Protocol):
     ``steps`` and ``guidance_scale`` are the call's; ``latent_shape`` is the unpacked ``(C, h, w)`` of its images
     (the size the caller asked for). ``guidance_unavailable`` says why a guidance schedule cannot run on this
     front end's calls (None when it can). ``initial_noise`` returns the call's own initial noise for every prompt
-    of the call (``[prompts * images_per_prompt, C, h, w]``, unpacked), as the call would draw it.
+    of the call (``[prompts * images_per_prompt, C, h, w]``, unpacked), as the call would draw it. A generator may
+    also name other settings its images depend on (``settings_key``: a sampler, a scheduler), so that a
+    verification calibration measured at one is not used for another (``generation_settings``).
     """
 
     steps: int
@@ -93,3 +95,13 @@ class Generator(Protocol):
     def initial_noise(self) -> torch.Tensor: ...
 
     def __call__(self, job: GenerationJob) -> GenerationResult: ...
+
+
+def generation_settings(generator: Any) -> tuple:
+    """What a generator's images depend on besides the conditioning and the noise: the key a verification
+    calibration measured with it is kept under (steps, guidance, image size and the generator's own
+    ``settings_key``, if it has one)."""
+    if generator is None:
+        return (None,)
+    return (generator.steps, float(generator.guidance_scale), tuple(int(v) for v in generator.latent_shape),
+            getattr(generator, "settings_key", None))

@@ -12,6 +12,7 @@ towards the negative of the copy is not counted as escaped.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Sequence
 
@@ -23,7 +24,7 @@ from ..calibration import VerificationCalibration, calibration_cache_dir
 from ..events import log_event
 from ..policy import VerifySettings
 from ..scoring import Scorer, TextConditioning
-from .generation import GenerationJob, Generator
+from .generation import GenerationJob, Generator, generation_settings
 
 __all__ = [
     "AUTO_VERIFICATION_PROMPTS",
@@ -124,15 +125,20 @@ AUTO_VERIFICATION_PROMPTS = 32
 
 
 def auto_verification(
-    scorer: Scorer, generate: Generator, settings: VerifySettings, *, prompts: int = AUTO_VERIFICATION_PROMPTS
+    scorer: Scorer, generate: Generator, settings: VerifySettings, *, prompts: int | None = None
 ) -> VerificationCalibration:
-    """The verification calibration on the first ``prompts`` generic captions, measured with ``generate`` at its
-    step count, guidance and size, and cached on disk next to the automatic score calibration (per model,
-    settings and call settings); a cache that cannot be written only costs a warning."""
+    """The verification calibration on the first ``prompts`` generic captions (default
+    ``AUTO_VERIFICATION_PROMPTS``, read when called), measured with ``generate`` at its step count, guidance, size
+    and other settings, and cached on disk next to the automatic score calibration (per model, scoring settings and
+    call settings); a cache that cannot be written only costs a warning."""
     from ..data import generic_captions, generic_captions_id
 
+    prompts = AUTO_VERIFICATION_PROMPTS if prompts is None else prompts
     measurement = scorer.measurement()
-    call = f"{generate.steps}s-{generate.guidance_scale:g}g-{'x'.join(map(str, generate.latent_shape))}"
+    steps, guidance, shape, extra = generation_settings(generate)
+    call = f"{steps}s-{guidance:g}g-{'x'.join(map(str, shape))}"
+    if extra is not None:
+        call += "-" + hashlib.sha256(repr(extra).encode()).hexdigest()[:12]
     probes = f"{settings.probes}x{settings.probe_steps}"
     key = f"v2-{measurement.fingerprint}-{probes}-{call}-{generic_captions_id()}-{prompts}"
     path = calibration_cache_dir() / "verification" / f"{key}.json"

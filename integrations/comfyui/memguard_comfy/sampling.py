@@ -130,6 +130,12 @@ class ComfySampler:
         return self.batch if self.prompts == 1 else 1
 
     @property
+    def settings_key(self) -> tuple[str, str, float]:
+        """What else this call's images depend on: a verification calibration measured with one sampler and
+        scheduler is not used for another (``guard.actions.generation.generation_settings``)."""
+        return (str(self.settings.sampler_name), str(self.settings.scheduler), float(self.settings.denoise))
+
+    @property
     def guidance_unavailable(self) -> str | None:
         """Why this call's guidance cannot be scheduled (None when it can)."""
         if self.guidance_scale <= 1.0:
