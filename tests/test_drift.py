@@ -125,6 +125,12 @@ def test_threshold_fit_judges_the_thresholds_not_the_body():
     with_memorized = _normal(190, 2.0, 81) + _normal(10, 6.0, 82)
     fit = threshold_fit({"score": with_memorized}, relative, calibration)
     assert fit.problem is None and 180 <= fit.counted <= 190  # the 10 far above, and a few of the tail
+    # memorized prompts just above the strictest threshold, below the fence: an excess in the far tail only
+    strictest = relative[0]["value"]
+    near = _normal(190, 2.0, 86) + [strictest + 0.003 * i for i in range(1, 11)]
+    fit = threshold_fit({"score": near}, relative, calibration)
+    assert fit.checks[0].verdict == "too many" and fit.checks[1].verdict is None
+    assert fit.problem is None and [c.rule for c in fit.tail_only] == ["top-0.01"]
     # traffic whose tail crosses the thresholds far more often than promised
     shifted = _normal(200, 2.4, 83)
     fit = threshold_fit({"score": shifted}, relative, calibration)

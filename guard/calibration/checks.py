@@ -409,7 +409,12 @@ class ThresholdFit:
     """Do the first requests cross each relative threshold at the rate the calibration promised?
 
     ``problem`` names the thresholds whose observed interval and promised interval do not overlap; requests
-    above ``fence`` (far above the traffic's own body: memorized prompts, most likely) are not counted.
+    above ``fence`` (far above the traffic's own body: memorized prompts, most likely) are not counted. A
+    threshold crossed too often counts when it is the loosest on its metric or the next looser one is crossed too
+    often as well: a calibration that does not fit the traffic moves its upper tail across several thresholds,
+    while an excess above the strictest threshold alone is what a few memorized prompts just below the fence
+    produce in a few hundred requests (reported as ``tail_only``; the drift alarms keep counting it). Too few
+    counts at any threshold.
     """
 
     n: int
@@ -419,9 +424,19 @@ class ThresholdFit:
     distribution: DistributionFit | None
     confidence: float = 0.99
 
+    def _next_looser_too_many(self, check: ThresholdCheck) -> bool:
+        looser = [c for c in self.checks if c.metric == check.metric and c.above_fpr > check.above_fpr]
+        return not looser or min(looser, key=lambda c: c.above_fpr).verdict == "too many"
+
     @property
     def failing(self) -> tuple[ThresholdCheck, ...]:
-        return tuple(c for c in self.checks if c.verdict is not None)
+        return tuple(c for c in self.checks if c.verdict == "too few"
+                     or (c.verdict == "too many" and self._next_looser_too_many(c)))
+
+    @property
+    def tail_only(self) -> tuple[ThresholdCheck, ...]:
+        """Crossed too often while the next looser threshold holds: reported, not a misfit on its own."""
+        return tuple(c for c in self.checks if c.verdict == "too many" and not self._next_looser_too_many(c))
 
     @property
     def problem(self) -> str | None:
@@ -448,6 +463,7 @@ class ThresholdFit:
     def to_dict(self) -> dict[str, Any]:
         return {"n": self.n, "counted": self.counted, "fence": self.fence.to_dict(), "confidence": self.confidence,
                 "thresholds": [c.to_dict() for c in self.checks],
+                "failing": [c.rule for c in self.failing], "tail_only": [c.rule for c in self.tail_only],
                 "distribution": self.distribution.to_dict() if self.distribution is not None else None}
 
 
