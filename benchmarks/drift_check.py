@@ -9,6 +9,11 @@ memorized prompts of mem.txt mixed in), one with the automatic calibration ("wro
 calibration made from calib.txt, prompts like the traffic ("right"). Printed per guard: what the automatic
 calibration's fit checks said, the actions taken on the ordinary prompts, and the drift table of
 ``memguard audit summary`` (observed vs promised crossing rate per rule, 99% intervals).
+
+Then the fit check itself over many orders of the same traffic: the guard judges the first 200 requests, and
+which 200 come first is chance. For ``--orders`` random orders of each log's scores, how often the threshold
+check (``guard.calibration.checks.threshold_fit``, what the guard runs) fires, and how often the two-sample KS
+test at p < 0.001 that it replaced would have.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from common import MEMORIZER_PROMPTS, SHIPPED_MODEL, load, prompts_from, setup, 
 from guard.assets import shipped_calibration_path
 
 
-def run(name: str, pipe: object, calibration: Path | None, traffic: list[str], ordinary: set[str], work: Path) -> None:
+def run(name: str, pipe: object, calibration: Path | None, traffic: list[str], ordinary: set[str],
+        work: Path) -> tuple[Path, object]:
     from guard import Guard
     from guard.audit.review import summarize
 
@@ -59,6 +65,32 @@ def run(name: str, pipe: object, calibration: Path | None, traffic: list[str], o
     findings = summary["calibration_findings"]
     print("audit records of the live monitor: " + (", ".join(
         f"{f['event']} ({f['check']})" for f in findings) or "none") + "\n")
+    return log, guard.core.calibration
+
+
+def orders(logs: dict[str, tuple[Path, object]], count: int, first_n: int = 200) -> None:
+    """The fit check on ``count`` random orders of each log's scores, against the KS test it replaced."""
+    import json
+
+    from guard.calibration.checks import ks_two_sample, threshold_fit
+
+    rows = []
+    for name, (log, profile) in logs.items():
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        loaded = next(r for r in records if r["event"] == "calibration")
+        relative = loaded["details"]["relative"]
+        calibration = profile.scores
+        scores = [r["score"] for r in records if r["event"] == "decision"]
+        rng = random.Random(1)
+        fired = ks_fired = 0
+        for _ in range(count):
+            first = rng.sample(scores, first_n)
+            fired += threshold_fit({"score": first}, relative).problem is not None
+            ks_fired += ks_two_sample(first, calibration)[1] < 0.001
+        rows.append([name, len(scores), count, f"{fired} ({100 * fired / count:.0f}%)",
+                     f"{ks_fired} ({100 * ks_fired / count:.0f}%)"])
+    print(table(["calibration", "requests in the log", f"random orders (first {first_n})", "threshold check fires",
+                 "KS p < 0.001 would fire"], rows) + "\n")
 
 
 def main() -> None:
@@ -67,6 +99,7 @@ def main() -> None:
     parser.add_argument("--memorized", type=int, default=6, help="memorized prompts mixed into the traffic")
     parser.add_argument("--work", default=None, help="folder for the audit logs (default: a temp dir)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--orders", type=int, default=500, help="random orders of the traffic for the fit check")
     args = parser.parse_args()
     setup(args.threads)
     pipe = load(args.model)
@@ -77,8 +110,10 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="memguard-drift-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"traffic: {len(ordinary)} ordinary prompts of nmem.txt + {args.memorized} memorized of mem.txt\n")
-    run("wrong", pipe, None, traffic, set(ordinary), work)
-    run("right", pipe, shipped_calibration_path(args.model), traffic, set(ordinary), work)
+    logs = {"wrong (auto)": run("wrong", pipe, None, traffic, set(ordinary), work),
+            "right (calib.txt)": run("right", pipe, shipped_calibration_path(args.model), traffic, set(ordinary),
+                                     work)}
+    orders(logs, args.orders)
 
 
 if __name__ == "__main__":

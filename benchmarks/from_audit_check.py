@@ -5,7 +5,7 @@
 
 For each model, real audit logs are written by a real ``Guard`` scoring (not generating) a traffic of ordinary
 prompts (the 500 of the model's ``calib.txt``) with memorized prompts mixed in at a given share, under three
-logging policies: a rule-less one (everything allowed, only logged; the weights of the model's own calibration),
+logging policies: a rule-less one (everything allowed, only logged; no calibration, so the family's weights),
 ``balanced`` with the model's own calibration (it blocks the memorized prompts it catches) and ``balanced`` with
 ``calibration: auto`` (the generic captions; on a model with its own small vocabulary it flags ordinary prompts
 too). The memorized prompts are split in two halves: one half is logged (repeated as needed to reach the share),
@@ -98,10 +98,10 @@ def own_calibration(model: Path, pipe: Any, calib: list[str], work: Path) -> Pat
     return path
 
 
-def policy_for(setup: str, own: Path, weights: tuple[float, float]) -> tuple[Any, Path | None]:
+def policy_for(setup: str, own: Path) -> tuple[Any, Path | None]:
     if setup == "rule-less":
-        return {"name": "log-only", "calibration": "off", "profile": {"g_norm": weights[0], "g_cos": weights[1]},
-                "rules": [], "default": "allow", "audit": {"prompt": "hash"}}, None
+        return {"name": "log-only", "calibration": "off", "rules": [], "default": "allow",
+                "audit": {"prompt": "hash"}}, None
     return "balanced", (own if setup == "balanced (own)" else None)
 
 
@@ -150,15 +150,11 @@ def run_model(name: str, shares: list[float], setups: list[str], work: Path) -> 
     memorized = memorized_prompts(prompts)
     folds = [memorized[0::2], memorized[1::2]]
     own = own_calibration(model, pipe, calib, work)
-    from guard.calibration import CalibrationProfile
-
-    own_profile = CalibrationProfile.load(own)
-    weights = (own_profile.g_norm, own_profile.g_cos)
     strict, balanced = load_policy("strict"), load_policy("balanced")
     scored: dict[tuple[float, float], tuple[list[Any], list[Any]]] = {}
     rows = []
     for setup in setups:
-        policy, calibration = policy_for(setup, own, weights)
+        policy, calibration = policy_for(setup, own)
         clean = None
         for share in sorted(set(shares) | {0.0}):  # the 0% log gives the clean profile: its traffic, nothing excluded
             row = Row(name, setup, share)

@@ -354,6 +354,7 @@ def test_summary_flags_a_policy_calibrated_on_the_wrong_distribution_and_not_the
     assert block["promise_basis"].startswith("calibration:")
     text = render_text(loud)
     assert "relative thresholds: observed vs promised rate (99% intervals)" in text and "!! too many" in text
+    assert "Too many: memorized prompts cross thresholds too, so first look at what crossed" in text
     assert summarize(wrong, AuditFilter(actions=frozenset({"block"}))).to_dict()["drift"]["computed"] is False
 
 
@@ -387,6 +388,8 @@ def test_report_shows_the_drift_chart(tmp_path):
     section = page.split('<section id="drift">', 1)[1].split("</section>", 1)[0]
     assert '<svg id="drift-chart"' in section and section.count('class="flagged"') == 2
     assert 'id="drift-status" class="status bad"' in section and 'id="drift-table"' in section
+    status = section.split('id="drift-status"', 1)[1].split("</div>", 1)[0]
+    assert "first look at what crossed" in status and "memguard calibrate --from-audit" in status
     assert "<script" not in page
     _write_log(tmp_path / "right.jsonl", 2.0)
     page = render_html(summarize(tmp_path / "right.jsonl"), None)

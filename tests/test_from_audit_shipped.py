@@ -88,7 +88,7 @@ def test_default_from_audit_stops_as_many_memorized_prompts_as_a_clean_profile(s
         assert _stopped(policy, held_out, profile) >= _stopped(policy, held_out, clean) - 1, (policy, output)
     assert _stopped("strict", held_out, clean) >= len(held_out) - 1  # the clean profile does stop them
     # it says what it excluded and how many memorized records may be left above each threshold
-    assert "as likely memorized" in output and "fence on the log's scores" in output
+    assert "as likely memorized" in output and "fences on the log's records" in output
     assert output.count("may be memorized (estimated from the spread of the excluded records)") == 3
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_TAIL_FENCE",
     "BodyFence",
     "CaptionFit",
+    "FarRecords",
     "DistributionFit",
     "MAX_UNKNOWN_SHARE",
     "ThresholdCheck",
@@ -45,6 +46,7 @@ __all__ = [
     "body_fence",
     "caption_fit",
     "distribution_fit",
+    "far_records",
     "ks_two_sample",
     "promise_interval",
     "quantile",
@@ -67,6 +69,9 @@ DEFAULT_TAIL_FENCE = 1.5
 #: A fence needs at least this many values; its tail term at least MIN_TAIL_VALUES.
 MIN_FENCE_VALUES = 8
 MIN_TAIL_VALUES = 40
+#: A record far above the body in guidance norm alone counts as far when its score is above this quantile of the
+#: scores of the records within both fences (the top 5%, where every policy threshold lies).
+NORM_SCORE_QUANTILE = 0.95
 _P90_OVER_P75 = 1.2815516 / 0.6744898  # normal quantiles: P90 - median over P75 - median
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 _TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
@@ -330,6 +335,76 @@ def body_fence(values: Sequence[float], k: float = DEFAULT_FENCE, *, tail: float
 
 
 @dataclass(frozen=True)
+class FarRecords:
+    """Which records lie far above the traffic's body (likely memorized), and by which fence.
+
+    ``far[i]`` is None for a record within the body, else ``"score"`` (above the score's body fence) or
+    ``"norm"`` (its guidance norm above the norm's body fence, and its score above the top 5% of the records
+    within both fences).
+    """
+
+    score: BodyFence
+    norm: BodyFence | None
+    norm_score_floor: float | None
+    far: tuple[str | None, ...]
+
+    @property
+    def count(self) -> int:
+        return sum(1 for f in self.far if f is not None)
+
+    def label(self, kind: str) -> str:
+        """Why a record of this kind is far, for reports."""
+        if kind == "score":
+            return f"above the fence {self.score.value:.6g}"
+        norm = self.norm.value if self.norm is not None else math.nan
+        return (f"guidance norm above its fence {norm:.6g} with a score above {self.norm_score_floor:.6g} "
+                "(the top 5%)")
+
+    def reasons(self) -> dict[str, int]:
+        """Far records per reason, for reports."""
+        out: dict[str, int] = {}
+        for kind in ("score", "norm"):
+            n = sum(1 for f in self.far if f == kind)
+            if n:
+                out[self.label(kind)] = n
+        return out
+
+    def describe(self) -> str:
+        text = f"score {self.score.describe()}"
+        if self.norm is not None and self.norm.value is not None:
+            text += f"; guidance norm {self.norm.describe()} (applied to scores in the top 5%)"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"score": self.score.to_dict(), "norm": self.norm.to_dict() if self.norm is not None else None,
+                "norm_score_floor": self.norm_score_floor, "count": self.count}
+
+
+def far_records(scores: Sequence[float], norms: Sequence[float] | None = None, k: float = DEFAULT_FENCE, *,
+                tail: float | None = DEFAULT_TAIL_FENCE) -> FarRecords:
+    """The records far above the traffic's body: by score, and by guidance norm where the score is high too.
+
+    The score's weights decide how far a memorized prompt lies: with a weight on the cosine that does not suit
+    the model (the family's on the eps-strong memorizer), memorized prompts score inside the ordinary upper tail
+    while their guidance norm, the term memorization drives in every family, still lies far out. A record whose
+    norm alone is far but whose score is unremarkable changes no threshold, so the norm fence only excludes
+    records scoring above the top 5% of the records within both fences (where every policy threshold lies);
+    removing a record below a threshold could otherwise loosen it by a rank.
+    """
+    score = body_fence(scores, k, tail=tail)
+    far: list[str | None] = [None if score.keeps(v) else "score" for v in scores]
+    norm = floor = None
+    if norms is not None and len(norms) == len(scores):
+        norm = body_fence(norms, k, tail=tail)
+        kept = sorted(v for v, n, f in zip(scores, norms, far) if f is None and norm.keeps(n))
+        if norm.value is not None and kept:
+            floor = quantile(kept, NORM_SCORE_QUANTILE)
+            far = [f if f is not None or norm.keeps(n) or v <= floor else "norm"
+                   for v, n, f in zip(scores, norms, far)]
+    return FarRecords(score, norm, floor, tuple(far))
+
+
+@dataclass(frozen=True)
 class ThresholdCheck:
     """One relative threshold against the first requests: how many crossed it, and what was promised."""
 
@@ -419,7 +494,7 @@ class ThresholdFit:
 
     n: int
     counted: int
-    fence: BodyFence
+    fence: FarRecords
     checks: tuple[ThresholdCheck, ...]
     distribution: DistributionFit | None
     confidence: float = 0.99
@@ -448,8 +523,8 @@ class ThresholdFit:
         parts = [f"the first {self.n} scored requests cross the policy's thresholds at rates the calibration did "
                  "not promise: " + "; ".join(c.describe(self.confidence) for c in failing)]
         if left_out:
-            parts.append(f"{left_out} request(s) far above the others' scores (above {self.fence.value:.6g}: likely "
-                         "memorized) not counted")
+            parts.append(f"{left_out} request(s) far above the others' (score above {self.fence.score.value:.6g}, "
+                         "or guidance norm far out: likely memorized) not counted")
         if self.distribution is not None:
             parts.append(f"of all {self.n}, {self.distribution.describe()}")
         if "too many" in verdicts:
@@ -479,13 +554,14 @@ def threshold_fit(
 
     ``observed``: aligned values per metric (``score`` required; ``norm``/``cos`` for thresholds on them).
     ``thresholds``: ``rule, metric, above_fpr, value, exceeded, n`` per relative threshold
-    (``guard.monitor.relative_thresholds``). Requests above the body fence of the observed scores are left out
-    (they are what a guard is for, not a sign its calibration is wrong); for each threshold the share of the rest
-    crossing it gets a Wilson interval, compared with the Beta interval of what the calibration promised.
+    (``guard.monitor.relative_thresholds``). Requests far above the body of the observed ones (``far_records``)
+    are left out (they are what a guard is for, not a sign its calibration is wrong); for each threshold the share
+    of the rest crossing it gets a Wilson interval, compared with the Beta interval of what the calibration
+    promised.
     """
     scores = list(observed["score"])
-    body = body_fence(scores, fence)
-    keep = [i for i, s in enumerate(scores) if body.keeps(s)]
+    body = far_records(scores, observed.get("norm"), fence)
+    keep = [i for i, f in enumerate(body.far) if f is None]
     checks = []
     for item in thresholds:
         values = observed.get(item["metric"])

@@ -12,9 +12,12 @@ which one is meant).
 Traffic holds memorized prompts, whose high scores would raise the thresholds: left in, a tenth of memorized
 traffic puts the 2% threshold among them, and the profile then stops fewer memorized prompts than one made from
 ordinary prompts. So records far above the log's own body are excluded by a fence that such a share cannot move
-(``guard.calibration.checks.body_fence``: median + 4 x (P75 - median), recomputed on the records it keeps until it
-keeps the same ones), whether the policy that wrote the log blocked them or not. The fence is tight on purpose:
-a mildly memorized prompt scores just above the ordinary tail. Its price is paid where ordinary traffic has a
+(``guard.calibration.checks.body_fence``: median + 4 x (P75 - median), lowered to P95 + 1.5 x (P95 - P75) for a
+short upper tail, recomputed on the records it keeps until it keeps the same ones), whether the policy that wrote
+the log blocked them or not; and records whose guidance norm lies beyond the same fence on the norms while their
+score is in the top 5% (``far_records``: with score weights that do not suit the model, memorized prompts score
+inside the ordinary tail while their norm is far out). The fence is tight on purpose: a mildly memorized prompt
+scores just above the ordinary tail. Its price is paid where ordinary traffic has a
 long upper tail: the ordinary records above it are excluded too and the thresholds come out lower (more false
 positives, never fewer memorized prompts stopped); the report says how many were excluded and bounds what that
 does to every rate. It also estimates, from the spread of the excluded records, how many memorized prompts may
@@ -43,7 +46,7 @@ from typing import Any
 
 from guard.scoring import Measurement
 
-from .checks import DEFAULT_FENCE, BodyFence, body_fence, promise_interval, quantile, wilson_interval
+from .checks import DEFAULT_FENCE, FarRecords, far_records, promise_interval, quantile, wilson_interval
 from .errors import CalibrationError
 from .profile import MEASUREMENT_FIELDS, CalibrationProfile
 
@@ -185,7 +188,7 @@ class AuditCalibration:
     first: str | None
     last: str | None
     in_order: tuple[float, ...] = ()
-    body: BodyFence | None = None
+    body: FarRecords | None = None
     above_fence: tuple[float, ...] = ()
     decisions: tuple[DecisionExclusion, ...] = ()
 
@@ -226,7 +229,7 @@ class AuditCalibration:
         out = [f"from {self.path}: {self.used} of {self.considered} scored decisions used ({self.first} to "
                f"{self.last})"]
         if self.body is not None:
-            out.append(f"  fence on the log's scores: {self.body.describe()}")
+            out.append(f"  fences on the log's records: {self.body.describe()}")
         if self.excluded:
             why = ", ".join(f"{n} {reason}" for reason, n in self.excluded.items())
             out.append(f"  excluded {sum(self.excluded.values())} ({100 * self.excluded_share:.2f}%) as likely "
@@ -403,9 +406,10 @@ def profile_from_audit(
     except OSError as error:
         raise AuditCalibrationError(f"{target}: cannot read: {error.strerror or error}") from None
     group = _choose(groups, measurement, target)
-    body = body_fence(group.scores, fence) if fence is not None else None
-    cut = body.value if body is not None else None
-    within = [cut is None or v <= cut for v in group.scores]
+    body = far_records(group.scores, group.norms, fence) if fence is not None else None
+    cut = body.score.value if body is not None else None
+    far = body.far if body is not None else (None,) * len(group.scores)
+    within = [kind is None for kind in far]
     decisions = []
     applied: set[int] = set()
     for code, reason in enumerate(group.reasons, start=1):
@@ -420,9 +424,9 @@ def profile_from_audit(
             applied.add(code)
     excluded: Counter = Counter()
     keep = []
-    for i, (code, inside) in enumerate(zip(group.asked, within)):
-        if not inside:
-            excluded[f"above the fence {cut:.6g}"] += 1
+    for i, (code, kind) in enumerate(zip(group.asked, far)):
+        if kind is not None and body is not None:
+            excluded[body.label(kind)] += 1
         elif code in applied:
             excluded[group.reasons[code - 1]] += 1
         else:
@@ -445,7 +449,7 @@ def profile_from_audit(
         prediction_space=f["prediction_space"], source=f"audit:{target.name}:{window}",
     )
     others = tuple(g.describe() for g in groups.values())
-    outside = tuple(v for v, w in zip(group.scores, within) if not w)
+    outside = tuple(v for v, kind in zip(group.scores, far) if kind == "score")
     return AuditCalibration(profile, str(target), len(keep), dict(excluded), dict(skipped), others, cut,
                             group.first, group.last, tuple(group.scores[i] for i in keep), body, outside,
                             tuple(decisions))
