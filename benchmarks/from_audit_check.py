@@ -105,8 +105,8 @@ def policy_for(setup: str, own: Path) -> tuple[Any, Path | None]:
     return "balanced", (own if setup == "balanced (own)" else None)
 
 
-def write_log(pipe: Any, policy: Any, calibration: Path | None, traffic: list[str], log: Path) -> tuple[bool, Any]:
-    """A real guard judges the traffic (scoring only); returns whether its fit check warned, and its weights."""
+def write_log(pipe: Any, policy: Any, calibration: Path | None, traffic: list[str], log: Path) -> None:
+    """A real guard judges the traffic (scoring only) and writes its audit log."""
     from guard import Guard
 
     log.unlink(missing_ok=True)
@@ -116,7 +116,14 @@ def write_log(pipe: Any, policy: Any, calibration: Path | None, traffic: list[st
         for start in range(0, len(traffic), 32):
             guard.check_many(traffic[start:start + 32])
         guard.close()
-    return "score_distribution" in guard.core.monitor.problems, guard.core.scorer.profile
+
+
+def read_log(log: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The decision records, and whether the guard's fit check wrote a ``calibration_mismatch`` record."""
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    warned = any(r.get("event") == "calibration_mismatch" and r.get("check") == "score_distribution"
+                 for r in records)
+    return [r for r in records if r.get("event") == "decision"], warned
 
 
 def from_audit(log: Path, out: Path, *options: str) -> tuple[Any, str]:
@@ -139,7 +146,7 @@ def stops(policy: Any, scores: list[Any], profile: Any) -> int:
     return sum(decide(policy, s, "p", profile).action in STOPS for s in scores)
 
 
-def run_model(name: str, shares: list[float], setups: list[str], work: Path) -> list[Row]:
+def run_model(name: str, shares: list[float], setups: list[str], work: Path, reuse: bool = False) -> list[Row]:
     from guard.calibration.from_audit import profile_from_audit
     from guard.policy import load_policy
     from guard.scoring import Scorer
@@ -167,8 +174,12 @@ def run_model(name: str, shares: list[float], setups: list[str], work: Path) -> 
                 random.Random(f"{name}-{share}-{fold}").shuffle(traffic)
                 log = log_path(work, name, setup, share, fold)
                 started = time.perf_counter()
-                warned, profile_weights = write_log(pipe, policy, calibration, [p for p, _ in traffic], log)
-                key = (profile_weights.g_norm, profile_weights.g_cos)
+                if not (reuse and log.exists()):
+                    write_log(pipe, policy, calibration, [p for p, _ in traffic], log)
+                decisions, warned = read_log(log)
+                if len(decisions) != len(traffic):
+                    raise SystemExit(f"{log}: {len(decisions)} decisions for {len(traffic)} requests")
+                key = (decisions[0]["measurement"]["g_norm"], decisions[0]["measurement"]["g_cos"])
                 if key not in scored:
                     scorer = Scorer(pipe, profile={"g_norm": key[0], "g_cos": key[1]})
                     scored[key] = (scorer.score(memorized), scorer.score(heldout_ordinary))
@@ -178,17 +189,16 @@ def run_model(name: str, shares: list[float], setups: list[str], work: Path) -> 
                 profile, output = from_audit(log, work / "profile.json")
                 made = profile_from_audit(log)
                 held = [mem_scores[memorized.index(p)] for p in folds[1 - fold]] if share else mem_scores
-                kinds = [is_mem for _, is_mem in traffic]
-                scores = [r["score"] for r in map(json.loads, log.read_text().splitlines())
-                          if r.get("event") == "decision"]
-                fence = made.fence if made.fence is not None else float("inf")
+                kinds = [is_mem for _, is_mem in traffic]  # the log keeps the traffic's order
+                scores = [r["score"] for r in decisions]
+                far = made.body.far if made.body is not None else (None,) * len(scores)
                 row.logged += len(traffic)
                 row.memorized_logged += count
-                row.excluded_memorized += sum(1 for s, m in zip(scores, kinds) if m and s > fence)
-                row.excluded_ordinary += sum(1 for s, m in zip(scores, kinds) if not m and s > fence)
+                row.excluded_memorized += sum(1 for f, m in zip(far, kinds) if m and f is not None)
+                row.excluded_ordinary += sum(1 for f, m in zip(far, kinds) if not m and f is not None)
                 threshold = profile.threshold_at_fpr(0.02)
                 row.estimate += made.remaining(0.02).memorized
-                row.truth += sum(1 for s, m in zip(scores, kinds) if m and threshold < s <= fence)
+                row.truth += sum(1 for s, f, m in zip(scores, far, kinds) if m and f is None and s > threshold)
                 row.strict += stops(strict, held, profile)
                 row.balanced += stops(balanced, held, profile)
                 row.strict_clean += stops(strict, held, clean)
@@ -268,6 +278,8 @@ def main() -> None:
     parser.add_argument("--setups", default=",".join(SETUPS), help=f"logging policies, of {', '.join(SETUPS)}")
     parser.add_argument("--work", default=None, help="folder for logs, profiles and the cache (default: temp)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reuse-logs", action="store_true",
+                        help="with --work: read the logs a previous run left there instead of writing them again")
     args = parser.parse_args()
     setup_threads(args.threads)
     logging.getLogger("memguard").addHandler(logging.NullHandler())  # drift events: in the logs
@@ -282,7 +294,7 @@ def main() -> None:
         raise SystemExit(f"unknown: {', '.join(unknown)}")
     rows = []
     for name in args.models.split(","):
-        rows += run_model(name, shares, setups, work)
+        rows += run_model(name, shares, setups, work, args.reuse_logs)
     print(f"work folder: {work}\n")
     print(report(rows) + "\n")
     example = next((r for r in rows if r.model == "shipped" and r.setup == "balanced (own)" and r.share == 0.1), None)
