@@ -10,6 +10,10 @@ calibration made from calib.txt, prompts like the traffic ("right"). Printed per
 calibration's fit checks said, the actions taken on the ordinary prompts, and the drift table of
 ``memguard audit summary`` (observed vs promised crossing rate per rule, 99% intervals).
 
+A third guard judges nmem.txt alone in its file order with the shipped calibration: its first 200 captions differ
+from calib.txt more than a random 200 do (a two-sample KS test gives p of about 0.001 there; the fit check used to
+warn below 0.001, and did on the same captions with a few memorized prompts among them).
+
 Then the fit check itself over many orders of the same traffic: the guard judges the first 200 requests, and
 which 200 come first is chance. For ``--orders`` random orders of each log's scores, how often the threshold
 check (``guard.calibration.checks.threshold_fit``, what the guard runs) fires, and how often the two-sample KS
@@ -80,17 +84,23 @@ def orders(logs: dict[str, tuple[Path, object]], count: int, first_n: int = 200)
         loaded = next(r for r in records if r["event"] == "calibration")
         relative = loaded["details"]["relative"]
         calibration = profile.scores
-        scores = [r["score"] for r in records if r["event"] == "decision"]
+        decisions = [(r["score"], r["norm"]) for r in records if r["event"] == "decision"]
+        scores = [s for s, _ in decisions]
         rng = random.Random(1)
         fired = ks_fired = 0
         for _ in range(count):
-            first = rng.sample(scores, first_n)
-            fired += threshold_fit({"score": first}, relative).problem is not None
-            ks_fired += ks_two_sample(first, calibration)[1] < 0.001
-        rows.append([name, len(scores), count, f"{fired} ({100 * fired / count:.0f}%)",
+            first = rng.sample(decisions, first_n)
+            observed = {"score": [s for s, _ in first], "norm": [n for _, n in first]}
+            fired += threshold_fit(observed, relative).problem is not None
+            ks_fired += ks_two_sample(observed["score"], calibration)[1] < 0.001
+        head = decisions[:first_n]
+        in_order = threshold_fit({"score": [s for s, _ in head], "norm": [n for _, n in head]}, relative, calibration)
+        rows.append([name, len(scores), "fires" if in_order.problem else "quiet",
+                     f"{in_order.distribution.p_value:.2g}", count, f"{fired} ({100 * fired / count:.0f}%)",
                      f"{ks_fired} ({100 * ks_fired / count:.0f}%)"])
-    print(table(["calibration", "requests in the log", f"random orders (first {first_n})", "threshold check fires",
-                 "KS p < 0.001 would fire"], rows) + "\n")
+    print(table(["calibration", "requests in the log", "log order: threshold check", "log order: KS p",
+                 f"random orders (first {first_n})", "threshold check fires", "KS p < 0.001 would fire"], rows)
+          + "\n")
 
 
 def main() -> None:
@@ -113,6 +123,10 @@ def main() -> None:
     logs = {"wrong (auto)": run("wrong", pipe, None, traffic, set(ordinary), work),
             "right (calib.txt)": run("right", pipe, shipped_calibration_path(args.model), traffic, set(ordinary),
                                      work)}
+    print("nmem.txt alone, in its file order (its first 200 differ from calib.txt more than a random 200 do):\n")
+    logs["right (calib.txt), nmem.txt in file order"] = run("right-file-order", pipe,
+                                                            shipped_calibration_path(args.model), ordinary,
+                                                            set(ordinary), work)
     orders(logs, args.orders)
 
 

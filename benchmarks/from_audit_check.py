@@ -16,7 +16,8 @@ profile is compared with the clean one (the same log's ordinary traffic alone, n
 share of held-out memorized prompts the shipped ``strict`` and ``balanced`` policies stop with it (``rewrite`` or
 ``block``), and the share of held-out ordinary prompts (``nmem.txt``) ``strict`` flags. Also printed: how many
 records were excluded (memorized / ordinary, which only a benchmark knows), the tool's estimate of memorized
-records left above the 2% threshold against the truth, and whether the running guard's fit check warned.
+records left above the 2% threshold against the truth, and whether the running guard's fit check warned. Counts
+are both folds together (the 0% log has no folds); thresholds are fold 0's.
 """
 
 from __future__ import annotations
