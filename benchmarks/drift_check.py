@@ -1,6 +1,7 @@
 """Does the guard notice when its calibration does not fit the traffic?
 
     python benchmarks/drift_check.py      # shipped model (151-word vocabulary), balanced policy
+    python benchmarks/drift_check.py --zoo   # also the fit check on the zoo's scores, own and automatic calibration
 
 The shipped memorizer's word-level vocabulary misses most words of memguard's generic captions, so the default
 path (``Guard(pipe)``: balanced policy, automatic calibration on the generic captions) reads its thresholds off
@@ -103,6 +104,55 @@ def orders(logs: dict[str, tuple[Path, object]], count: int, first_n: int = 200)
           + "\n")
 
 
+def zoo(draws: int, first_n: int = 200) -> None:
+    """The fit check on every model's held-out captions with 0, 5 and 10% memorized prompts mixed in, under its own
+    calibration and the automatic one, for balanced and strict: how often the first 200 make it fire."""
+    from guard import calibrate
+    from guard.calibration import CalibrationProfile
+    from guard.calibration.checks import threshold_fit
+    from guard.monitor import relative_thresholds
+    from guard.policy import load_policy
+    from guard.scoring import Scorer
+
+    root = Path(__file__).resolve().parent / "memorizer"
+    models = {"shipped": (SHIPPED_MODEL, MEMORIZER_PROMPTS)}
+    models.update({m: (root / "models" / m, MEMORIZER_PROMPTS / "strong")
+                   for m in ("eps-strong", "eps-partial", "v-strong", "flow-strong")})
+    policies = {name: load_policy(name) for name in ("balanced", "strict")}
+    rows = []
+    for name, (model, prompts) in models.items():
+        pipe = load(model)
+        family = Scorer(pipe)
+        own_path = model / "calibration.json"
+        own = (CalibrationProfile.load(own_path) if own_path.exists()
+               else calibrate(family, prompts_from(prompts / "calib.txt"), progress=False))
+        automatic = calibrate(family, progress=False)  # the generic captions, the family's weights
+        memorized = prompts_from(prompts / "mem.txt")
+        if prompts == MEMORIZER_PROMPTS:  # the shipped model: only captions it memorized (16 copies or more)
+            levels = [line.split("\t") for line in (prompts / "mem_levels.tsv").read_text().splitlines()[1:]]
+            memorized = [caption for caption, copies in levels if int(copies) >= 16]
+        for label, profile in (("own", own), ("auto", automatic)):
+            scorer = Scorer(pipe, profile={"g_norm": profile.g_norm, "g_cos": profile.g_cos})
+            ordinary = [(s.score, s.norm) for s in scorer.score(prompts_from(prompts / "nmem.txt"))]
+            mem = [(s.score, s.norm) for s in scorer.score(memorized)]
+            for share in (0.0, 0.05, 0.10):
+                cells = [name, label, f"{100 * share:g}%"]
+                for policy in policies.values():
+                    relative = relative_thresholds(policy, profile)
+                    rng = random.Random(f"{name}-{label}-{share}")
+                    fired = 0
+                    for _ in range(draws):
+                        count = round(share * first_n)
+                        first = rng.sample(ordinary, first_n - count) + [rng.choice(mem) for _ in range(count)]
+                        observed = {"score": [v for v, _ in first], "norm": [n for _, n in first]}
+                        fit = threshold_fit(observed, relative)
+                        fired += fit.problem is not None
+                    cells.append(f"{fired}/{draws}")
+                rows.append(cells)
+    print(f"the fit check on {draws} random draws of {first_n} held-out captions (nmem.txt), memorized mixed in:\n")
+    print(table(["model", "calibration", "memorized", "balanced fires", "strict fires"], rows) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(SHIPPED_MODEL))
@@ -110,6 +160,7 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="folder for the audit logs (default: a temp dir)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--orders", type=int, default=500, help="random orders of the traffic for the fit check")
+    parser.add_argument("--zoo", action="store_true", help="also the fit check on the zoo's scores (a few minutes)")
     args = parser.parse_args()
     setup(args.threads)
     pipe = load(args.model)
@@ -128,6 +179,8 @@ def main() -> None:
                                                             shipped_calibration_path(args.model), ordinary,
                                                             set(ordinary), work)
     orders(logs, args.orders)
+    if args.zoo:
+        zoo(300)
 
 
 if __name__ == "__main__":
