@@ -5,8 +5,11 @@ using a calibration profile, ``observe`` after each batch of decisions is writte
 
 * checks, for the automatic calibration, that the generic captions suit the model's tokenizers
   (``guard.calibration.checks.caption_fit``);
-* compares the first ``first_n`` scores judged with the calibration with the calibration's own scores
-  (two-sample KS);
+* judges the first ``first_n`` requests judged with the calibration by what they do to the policy's
+  thresholds: per relative threshold, the share of them crossing it against the share the calibration
+  promised (``guard.calibration.checks.threshold_fit``; requests far above the traffic's own body, likely
+  memorized, are not counted). A KS distance is reported with it but decides nothing: a difference of the
+  body that leaves every threshold's rate within its promise is not worth a warning;
 * keeps, per rule with a relative threshold, how many decisions were judged with the calibration and how
   many crossed the threshold, and raises a ``threshold_drift`` warning event once when the observed rate
   is inconsistent with what the calibration promised (too many **or** too few).
@@ -27,11 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .calibration import CalibrationError, CalibrationProfile
-from .calibration.checks import DISTRIBUTION_ALPHA, caption_fit, distribution_fit, promise_interval, wilson_interval
+from .calibration.checks import DEFAULT_FENCE, caption_fit, promise_interval, threshold_fit, wilson_interval
 from .events import log_event
 from .policy import Decision, Policy
 
-__all__ = ["CalibrationMonitor", "ThresholdCounter", "relative_thresholds"]
+__all__ = ["CalibrationMonitor", "ThresholdCounter", "drift_advice", "relative_thresholds"]
 
 #: Emits one audit record: ``emit(event, fields)``.
 Emitter = Callable[[str, dict[str, Any]], None]
@@ -94,6 +97,18 @@ class ThresholdCounter:
         }
 
 
+def drift_advice(verdict: str) -> str:
+    """What to do about a threshold whose rate left its promise (the monitor, audit summary and report say it)."""
+    if verdict == "too few":
+        return ("the thresholds sit above this traffic, so memorized prompts may pass: recalibrate from it "
+                "(`memguard calibrate --from-audit`, which leaves out records far above the traffic's body and says "
+                "how many)")
+    return ("memorized prompts cross thresholds too, so first look at what crossed (`memguard audit report`): if "
+            "they are memorized, the guard is doing its job and the calibration needs no change; if they are "
+            "ordinary prompts, recalibrate from this traffic (`memguard calibrate --from-audit`, which leaves out "
+            "records far above the traffic's body, says how many and how many memorized may remain)")
+
+
 def relative_thresholds(policy: Policy, profile: CalibrationProfile) -> list[dict[str, Any]]:
     """Each rule condition with ``above_fpr``, resolved on ``profile``: value and calibration exceedance."""
     out = []
@@ -119,23 +134,25 @@ class CalibrationMonitor:
         emit: writes an audit record; None writes none.
         confidence: of the observed (Wilson) and promised (Beta) intervals of the drift check.
         min_decisions: no drift verdict before this many decisions were judged with the calibration.
-        first_n: how many first scores the distribution check compares with the calibration.
+        first_n: how many first requests the threshold check judges.
+        fence: the body fence (in P75 - median spreads) above which first requests are not counted.
     """
 
     def __init__(self, policy: Policy, *, emit: Emitter | None = None, confidence: float = DEFAULT_CONFIDENCE,
-                 min_decisions: int = 200, first_n: int = 200, alpha: float = DISTRIBUTION_ALPHA) -> None:
+                 min_decisions: int = 200, first_n: int = 200, fence: float = DEFAULT_FENCE) -> None:
         self.policy = policy
         self.emit = emit
         self.confidence = confidence
         self.min_decisions = min_decisions
         self.first_n = first_n
-        self.alpha = alpha
+        self.fence = fence
         self.profile: CalibrationProfile | None = None
         self.automatic = False
         self.counters: list[ThresholdCounter] = []
         self.problems: dict[str, str] = {}
         self.actions: dict[str, int] = {}
-        self._first: list[float] = []
+        self._first: list[tuple[float, float, float]] = []
+        self._relative: list[dict[str, Any]] = []
         self._next_look = min_decisions
         self._lock = threading.Lock()
 
@@ -159,6 +176,7 @@ class CalibrationMonitor:
             self.profile, self.automatic = profile, automatic
             self._first, self._next_look = [], self.min_decisions
             relative = relative_thresholds(self.policy, profile)
+            self._relative = relative
             self.counters = [
                 ThresholdCounter(t["rule"], t["metric"], t["above_fpr"], t["value"], profile.id, t["n"],
                                  t["exceeded"], self.confidence)
@@ -177,7 +195,7 @@ class CalibrationMonitor:
         return self.blocking_problem
 
     def observe(self, decisions: Iterable[Decision]) -> None:
-        """Count decisions just written: the first scores for the distribution check, then the drift counters."""
+        """Count decisions just written: the first requests for the threshold check, then the drift counters."""
         profile = self.profile
         found: list[tuple[str, str, dict[str, Any]]] = []
         with self._lock:
@@ -187,12 +205,9 @@ class CalibrationMonitor:
                 if profile is None or score is None or decision.calibration_id != profile.id:
                     continue
                 if len(self._first) < self.first_n and math.isfinite(score.score):
-                    self._first.append(score.score)
+                    self._first.append((score.score, score.norm, score.cos))
                     if len(self._first) == self.first_n:
-                        fit = distribution_fit(self._first, profile.scores, alpha=self.alpha,
-                                               confidence=self.confidence)
-                        if fit.problem is not None:
-                            found.append(("mismatch", fit.problem, fit.to_dict()))
+                        found.extend(self._threshold_fit(profile))
                 for counter in self.counters:
                     value = getattr(score, counter.metric)
                     if math.isfinite(value):
@@ -205,6 +220,14 @@ class CalibrationMonitor:
             else:
                 log_event("threshold_drift", level="warning", **details)
                 self._emit("drift", check="threshold_rate", message=message, details=details)
+
+    def _threshold_fit(self, profile: CalibrationProfile) -> list[tuple[str, str, dict[str, Any]]]:
+        """The first requests against the thresholds' promises; a finding when one does not hold."""
+        observed = {name: [row[i] for row in self._first] for i, name in enumerate(("score", "norm", "cos"))}
+        fit = threshold_fit(observed, self._relative, profile.scores, confidence=self.confidence, fence=self.fence)
+        if fit.problem is None:
+            return []
+        return [("mismatch", fit.problem, fit.to_dict())]
 
     def _look(self) -> list[tuple[str, str, dict[str, Any]]]:
         """Drift verdicts, looked at when the count has grown by a quarter (few looks: few false alarms)."""
@@ -224,8 +247,7 @@ class CalibrationMonitor:
                        f"{counter.value:.6g} (above_fpr {counter.above_fpr:g}); "
                        f"calibration {counter.calibration} promised {100 * data['promised']:.2f}% "
                        f"({100 * self.confidence:g}% interval {100 * data['promised_low']:.2f}-"
-                       f"{100 * data['promised_high']:.2f}%): {verdict}; recalibrate from this traffic with "
-                       "`memguard calibrate --from-audit`")
+                       f"{100 * data['promised_high']:.2f}%): {verdict}; {drift_advice(verdict)}")
             out.append(("drift", message, data))
         return out
 

@@ -13,10 +13,12 @@ from guard.audit import AuditLog, AuditLogger
 from guard.audit.review import AuditFilter, render_text, summarize
 from guard.calibration import CalibrationProfile
 from guard.calibration.checks import (
+    body_fence,
     caption_fit,
     distribution_fit,
     ks_two_sample,
     promise_interval,
+    threshold_fit,
     wilson_interval,
 )
 from guard.monitor import CalibrationMonitor, relative_thresholds
@@ -46,9 +48,9 @@ def _profile(scores) -> CalibrationProfile:
                                           prediction_space="eps", source="test")
 
 
-def _normal(n: int, mean: float, seed: int) -> list[float]:
+def _normal(n: int, mean: float, seed: int, sd: float = 0.3) -> list[float]:
     rng = random.Random(seed)
-    return [rng.gauss(mean, 0.3) for _ in range(n)]
+    return [rng.gauss(mean, sd) for _ in range(n)]
 
 
 # ---------------------------------------------------------------- statistics
@@ -76,9 +78,68 @@ def test_ks_statistic_matches_scipy_and_separates_shifted_samples():
         assert d == pytest.approx(ref.statistic)
         assert p == pytest.approx(ref.pvalue, rel=0.2, abs=1e-3)
     assert ks_two_sample(a, same)[1] > 0.01 and ks_two_sample(a, shifted)[1] < 1e-6
-    assert distribution_fit(a, same).problem is None
-    problem = distribution_fit(a, shifted).problem
-    assert problem is not None and "score above the calibration's median" in problem and "KS distance" in problem
+    described = distribution_fit(a, shifted).describe()
+    assert "score above the calibration's median" in described and "KS distance" in described
+
+
+def _relative(calibration, fprs=(0.01, 0.05)):
+    """What ``relative_thresholds`` gives for rules at ``fprs`` on these calibration scores."""
+    profile = _profile(calibration)
+    out = []
+    for fpr in fprs:
+        value = profile.threshold_at_fpr(fpr)
+        out.append({"rule": f"top-{fpr:g}", "metric": "score", "above_fpr": fpr, "value": value,
+                    "exceeded": sum(v > value for v in profile.scores), "n": profile.n_prompts})
+    return out
+
+
+def test_body_fence_ignores_a_far_tenth_and_catches_a_near_group():
+    body = _normal(1000, 2.0, 70)
+    clean = body_fence(body)
+    assert clean.value is not None and clean.excluded <= 10  # a normal body loses about 0.4% to the fence
+    far = body + _normal(110, 6.0, 71)  # 10% far above: the P90 of all values lies among them
+    fenced = body_fence(far)
+    assert fenced.value == pytest.approx(clean.value, rel=0.02) and fenced.excluded >= 110
+    assert max(body) < 2.0 + 6 * 0.3 < min(_normal(110, 6.0, 71))
+    # a short-tailed body (uniform on [1, 3]: median + 4 (P75 - median) = 4) with a group just above its end:
+    # the tail term (P95 + 1.5 (P95 - P75) = 3.5) binds and catches it
+    rng = random.Random(72)
+    short = [rng.uniform(1.0, 3.0) for _ in range(1000)]
+    near = [rng.uniform(3.6, 3.9) for _ in range(30)]
+    tight = body_fence(short + near)
+    assert tight.bound == "tail" and 3.0 <= tight.value < 3.6 and tight.excluded == 30
+    assert body_fence(short + near, tail=None).excluded == 0
+    assert body_fence([2.0] * 50 + [9.0]).value is None  # no spread: no fence rather than a wrong one
+    assert body_fence([1.0, 2.0, 3.0]).value is None
+
+
+def test_threshold_fit_judges_the_thresholds_not_the_body():
+    calibration = _normal(1000, 2.0, 80)
+    relative = _relative(calibration)
+    # a narrower body, shifted up: a KS test on 200 requests calls it different (the old check fired on p)...
+    narrower = _normal(200, 2.1, 100, sd=0.2)
+    fit = threshold_fit({"score": narrower}, relative, calibration)
+    assert fit.distribution is not None and fit.distribution.p_value < 1e-4
+    assert fit.problem is None and all(c.verdict is None for c in fit.checks)  # ...but every threshold holds
+    # a few memorized prompts among the first requests are what a guard is for, not a misfit
+    with_memorized = _normal(190, 2.0, 81) + _normal(10, 6.0, 82)
+    fit = threshold_fit({"score": with_memorized}, relative, calibration)
+    assert fit.problem is None and 180 <= fit.counted <= 190  # the 10 far above, and a few of the tail
+    # memorized prompts just above the strictest threshold, below the fence: an excess in the far tail only
+    strictest = relative[0]["value"]
+    near = _normal(190, 2.0, 86) + [strictest + 0.003 * i for i in range(1, 11)]
+    fit = threshold_fit({"score": near}, relative, calibration)
+    assert fit.checks[0].verdict == "too many" and fit.checks[1].verdict is None
+    assert fit.problem is None and [c.rule for c in fit.tail_only] == ["top-0.01"]
+    # traffic whose tail crosses the thresholds far more often than promised
+    shifted = _normal(200, 2.4, 83)
+    fit = threshold_fit({"score": shifted}, relative, calibration)
+    assert [c.verdict for c in fit.checks] == ["too many", "too many"]
+    assert "top-0.01 (score > " in fit.problem and "too many" in fit.problem and "KS distance" in fit.problem
+    lower = _normal(200, 1.2, 84)
+    fit = threshold_fit({"score": lower}, relative, calibration)
+    assert fit.checks[1].verdict == "too few" and "memorized prompts may pass" in fit.problem
+    assert threshold_fit({"score": shifted}, [], calibration).problem is None  # no relative threshold: nothing
 
 
 # ---------------------------------------------------------------- caption fit
@@ -186,7 +247,7 @@ def _decisions(policy, profile, values):
     return [decide(policy, _score(v), "p", profile) for v in values]
 
 
-def test_monitor_distribution_check_fires_once_on_traffic_unlike_the_calibration(recwarn):
+def test_monitor_threshold_check_fires_once_on_traffic_unlike_the_calibration(recwarn):
     policy = _policy()
     profile = _profile(_normal(1000, 2.0, 10))
     emitted = []
@@ -198,14 +259,18 @@ def test_monitor_distribution_check_fires_once_on_traffic_unlike_the_calibration
     monitor.observe(_decisions(policy, profile, _normal(50, 2.4, 12)))
     assert list(monitor.problems) == ["score_distribution"]
     assert [e for e, _ in emitted] == ["calibration", "calibration_mismatch"]
-    assert emitted[1][1]["details"]["n"] == 200 and emitted[1][1]["details"]["p_value"] < 0.001
-    assert any("first 200 scored requests do not look like" in str(w.message) for w in recwarn)
+    details = emitted[1][1]["details"]
+    assert details["n"] == 200 and {t["verdict"] for t in details["thresholds"]} == {"too many"}
+    assert details["distribution"]["p_value"] < 0.001  # described, not what decided
+    assert any("first 200 scored requests cross the policy's thresholds" in str(w.message) for w in recwarn)
     assert monitor.blocking_problem is None  # not auto-strict, not automatic
 
-    quiet = CalibrationMonitor(policy, first_n=200)
-    quiet.start(profile)
-    quiet.observe(_decisions(policy, profile, _normal(400, 2.0, 13)))
-    assert quiet.problems == {}
+    for traffic in (_normal(400, 2.0, 13), _normal(400, 2.1, 14, sd=0.2),
+                    _normal(380, 2.0, 15) + _normal(20, 6.0, 16)):  # same; narrower body; 5% memorized
+        quiet = CalibrationMonitor(policy, first_n=200, min_decisions=10**9)
+        quiet.start(profile)
+        quiet.observe(_decisions(policy, profile, traffic))
+        assert quiet.problems == {}
 
 
 def test_monitor_drift_alarm_fires_once_for_too_many_and_stays_quiet_on_the_right_distribution(caplog):
@@ -232,6 +297,7 @@ def test_monitor_drift_alarm_fires_once_for_too_many_and_stays_quiet_on_the_righ
     assert all(d["details"]["verdict"] == "too many" for d in drifts)
     assert caplog.text.count("threshold_drift") == 2
     assert "promised" in drifts[0]["message"] and "memguard calibrate --from-audit" in drifts[0]["message"]
+    assert "first look at what crossed" in drifts[0]["message"]  # memorized prompts cross thresholds too
 
 
 def test_monitor_flags_too_few_crossings():
@@ -288,6 +354,7 @@ def test_summary_flags_a_policy_calibrated_on_the_wrong_distribution_and_not_the
     assert block["promise_basis"].startswith("calibration:")
     text = render_text(loud)
     assert "relative thresholds: observed vs promised rate (99% intervals)" in text and "!! too many" in text
+    assert "Too many: memorized prompts cross thresholds too, so first look at what crossed" in text
     assert summarize(wrong, AuditFilter(actions=frozenset({"block"}))).to_dict()["drift"]["computed"] is False
 
 
@@ -321,6 +388,8 @@ def test_report_shows_the_drift_chart(tmp_path):
     section = page.split('<section id="drift">', 1)[1].split("</section>", 1)[0]
     assert '<svg id="drift-chart"' in section and section.count('class="flagged"') == 2
     assert 'id="drift-status" class="status bad"' in section and 'id="drift-table"' in section
+    status = section.split('id="drift-status"', 1)[1].split("</div>", 1)[0]
+    assert "first look at what crossed" in status and "memguard calibrate --from-audit" in status
     assert "<script" not in page
     _write_log(tmp_path / "right.jsonl", 2.0)
     page = render_html(summarize(tmp_path / "right.jsonl"), None)

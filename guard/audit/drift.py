@@ -21,9 +21,9 @@ import html
 import math
 from typing import Any
 
-from guard.monitor import DEFAULT_CONFIDENCE, ThresholdCounter
+from guard.monitor import DEFAULT_CONFIDENCE, ThresholdCounter, drift_advice
 
-__all__ = ["DriftCounters", "drift_svg", "drift_text"]
+__all__ = ["DriftCounters", "drift_advice_text", "drift_svg", "drift_text"]
 
 MAX_COUNTERS = 1000
 _Key = tuple[str, str, float]
@@ -97,6 +97,12 @@ class DriftCounters:
         return [r for r in self.rows() if r["verdict"] in ("too many", "too few")]
 
 
+def drift_advice_text(flagged: list[dict[str, Any]]) -> str:
+    """What to do about the flagged rows: one sentence per verdict among them (too many first)."""
+    verdicts = [v for v in ("too many", "too few") if any(r["verdict"] == v for r in flagged)]
+    return " ".join(f"{verdict.capitalize()}: {drift_advice(verdict)}." for verdict in verdicts)
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.3g}%"
 
@@ -119,6 +125,9 @@ def drift_text(rows: list[dict[str, Any]], confidence: float = DEFAULT_CONFIDENC
     bases = sorted({r["promise_basis"].split(":")[0] for r in rows})
     lines.append(f"  promised: {'; '.join(bases)} (see docs/calibration.md); flagged when the intervals do not "
                  "overlap")
+    flagged = [r for r in rows if r["verdict"] in ("too many", "too few")]
+    if flagged:
+        lines.append(f"  {drift_advice_text(flagged)}")
     return lines
 
 

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .drift import drift_svg
+from .drift import drift_advice_text, drift_svg
 from .review import ACTIONS, AuditSummary
 from .trail_verify import TrailReport
 from .verify import VerifyReport
@@ -282,8 +282,7 @@ def _drift_section(data: dict[str, Any]) -> str:
     rows = drift["rows"]
     flagged = [r for r in rows if r["verdict"] in ("too many", "too few")]
     status = (f'<div id="drift-status" class="status bad">{len(flagged)} rule(s) cross their threshold at a rate '
-              "the calibration did not promise: recalibrate from this traffic (memguard calibrate --from-audit)."
-              "</div>" if flagged else
+              f"the calibration did not promise. {_e(drift_advice_text(flagged))}</div>" if flagged else
               '<div id="drift-status" class="status ok">Every relative threshold holds its promised rate.</div>'
               if rows else '<p id="drift-status">No relative thresholds (above_fpr) in these records.</p>')
     table = _table("drift-table", ["rule", "metric", "above_fpr", "calibration", "decisions", "crossed", "observed",

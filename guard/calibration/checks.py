@@ -6,7 +6,16 @@ the calibration prompts. These checks measure how far that holds:
 * ``caption_fit``: the share of the built-in generic captions' tokens that a model's tokenizers do not know
   (unknown or byte-fallback tokens). A model with a small or specialised vocabulary sees most generic
   captions as ``<unk>`` soup, so a calibration made from them says nothing about its real prompts.
-* ``ks_two_sample``: how far the first scored requests sit from the calibration's scores.
+* ``threshold_fit``: do the first scored requests cross the policy's thresholds at the rates the calibration
+  promised? The decision is about the thresholds, not about the whole distribution: traffic whose body differs
+  a little from the calibration's (a KS test on a few hundred requests notices that) while the thresholds still
+  hold is fine, and a handful of memorized prompts among the first requests is what the guard is for. So the
+  requests far above the traffic's own body (``body_fence``) are not counted, and each threshold's crossing
+  share, with its interval, is compared with its promise, as the drift alarms do. The KS distance and the share
+  above the calibration's median are reported beside it, to describe the difference, not to decide.
+* ``body_fence``: where the body of a sample of scores ends, robust to up to about 20% of it lying far above
+  (memorized prompts); used here and by ``memguard calibrate --from-audit``.
+* ``ks_two_sample``: how far the first scored requests sit from the calibration's scores (descriptive).
 * ``wilson_interval`` and ``promise_interval``: the observed share of traffic above a threshold, and the
   share the calibration promised (with the calibration's own sampling error), for drift alarms.
 
@@ -15,22 +24,33 @@ No scipy: these run inside the guard and the audit summary, whose dependencies s
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
 
 __all__ = [
+    "DEFAULT_FENCE",
+    "DEFAULT_TAIL_FENCE",
+    "BodyFence",
     "CaptionFit",
+    "FarRecords",
     "DistributionFit",
     "MAX_UNKNOWN_SHARE",
+    "ThresholdCheck",
+    "ThresholdFit",
     "TokenizerFit",
+    "body_fence",
     "caption_fit",
     "distribution_fit",
+    "far_records",
     "ks_two_sample",
     "promise_interval",
+    "quantile",
+    "threshold_fit",
     "wilson_interval",
 ]
 
@@ -38,8 +58,21 @@ __all__ = [
 #: CLIP's byte-level BPE and T5's SentencePiece know every generic caption token (share 0); a word-level
 #: vocabulary of a few hundred words misses about 40% of them.
 MAX_UNKNOWN_SHARE = 0.05
-#: The score-distribution check fires below this p-value (two-sample KS, first requests vs calibration).
-DISTRIBUTION_ALPHA = 0.001
+#: The body fence: the lower of median + DEFAULT_FENCE x (P75 - median) and P95 + DEFAULT_TAIL_FENCE x
+#: (P95 - P75) of the values it keeps. For a normal body the first is 2.7 standard deviations (0.35% of
+#: ordinary values above it, 0.4-0.5% once recomputed on what it keeps) and binds; for a body with a short
+#: tail (the shipped memorizer's) the second binds, just above its ordinary maximum, where mildly memorized
+#: prompts start. The price of a fence that tight is paid by long ordinary tails (an exponential one loses
+#: about 4.5% above it): see docs/calibration.md.
+DEFAULT_FENCE = 4.0
+DEFAULT_TAIL_FENCE = 1.5
+#: A fence needs at least this many values; its tail term at least MIN_TAIL_VALUES.
+MIN_FENCE_VALUES = 8
+MIN_TAIL_VALUES = 40
+#: A record far above the body in guidance norm alone counts as far when its score is above this quantile of the
+#: scores of the records within both fences (the top 5%, where every policy threshold lies).
+NORM_SCORE_QUANTILE = 0.95
+_P90_OVER_P75 = 1.2815516 / 0.6744898  # normal quantiles: P90 - median over P75 - median
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 _TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
@@ -210,43 +243,335 @@ def caption_fit(pipe: Any, prompts: Sequence[str], limit: float = MAX_UNKNOWN_SH
     return CaptionFit(tuple(fits), len(prompts), limit)
 
 
+def quantile(ordered: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile of an ascending sequence (numpy's default)."""
+    if not ordered:
+        raise ValueError("quantile of an empty sequence")
+    position = q * (len(ordered) - 1)
+    lo = math.floor(position)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (position - lo)
+
+
+@dataclass(frozen=True)
+class BodyFence:
+    """Where the body of a sample ends: ``value`` = the lower of median + ``k`` x (P75 - median) and
+    P95 + ``tail`` x (P95 - P75) of the values it keeps (``bound`` says which).
+
+    ``value`` is None when there is no fence (too few values, or no spread above the median).
+    """
+
+    value: float | None
+    k: float
+    median: float
+    spread: float
+    kept: int
+    excluded: int
+    rounds: int
+    why_none: str | None = None
+    tail: float | None = DEFAULT_TAIL_FENCE
+    bound: str = "spread"
+
+    def keeps(self, x: float) -> bool:
+        return self.value is None or x <= self.value
+
+    def describe(self) -> str:
+        if self.value is None:
+            return f"no fence ({self.why_none})"
+        if self.bound == "tail":
+            return (f"P95 + {self.tail:g} x (P95 - P75) of the records it keeps = {self.value:.6g} (below median + "
+                    f"{self.k:g} x (P75 - median) = {self.median + self.k * self.spread:.6g}: a short upper tail)")
+        return (f"median + {self.k:g} x (P75 - median) of the records it keeps = {self.median:.6g} + {self.k:g} x "
+                f"{self.spread:.4g} = {self.value:.6g}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "k": self.k, "tail": self.tail, "bound": self.bound, "median": self.median,
+                "spread": self.spread, "kept": self.kept, "excluded": self.excluded, "rounds": self.rounds,
+                "why_none": self.why_none}
+
+
+def body_fence(values: Sequence[float], k: float = DEFAULT_FENCE, *, tail: float | None = DEFAULT_TAIL_FENCE,
+               max_rounds: int = 200) -> BodyFence:
+    """The fence above which values lie far from the sample's body (likely memorized prompts).
+
+    Median and P75 move little when up to about 20% of a sample lies far above its body, unlike P90 or a standard
+    deviation; the fence is recomputed on the values it keeps until it keeps the same ones, so a large far group
+    does not widen it (a memorized tenth of the traffic puts the P75 of all values at the body's P83, the next
+    round undoes most of that). The tail term (P95 + ``tail`` x (P95 - P75)) only ever lowers the fence: it binds
+    where the body's upper tail is short, so mildly memorized prompts just above it are caught; a far group
+    inflates P95 and then the first term binds. Shrink-only: each round keeps a subset of the last, so it ends.
+    """
+    if k <= 0 or (tail is not None and tail <= 0):
+        raise ValueError(f"k and tail must be positive, got k={k}, tail={tail}")
+    ordered = sorted(v for v in values if math.isfinite(v))
+    total = len(ordered)
+    if total < MIN_FENCE_VALUES:
+        return BodyFence(None, k, quantile(ordered, 0.5) if ordered else math.nan, 0.0, total, 0, 0,
+                         f"fewer than {MIN_FENCE_VALUES} values", tail)
+    kept, rounds = total, 0
+    median = spread = fence = math.nan
+    bound = "spread"
+    while rounds < max_rounds:
+        rounds += 1
+        body = ordered[:kept]
+        median = quantile(body, 0.5)
+        spread = quantile(body, 0.75) - median
+        if spread <= 0:  # a quarter of the values tie at the median: read the spread further out
+            spread = (quantile(body, 0.9) - median) / _P90_OVER_P75
+        if spread <= 0:
+            return BodyFence(None, k, median, 0.0, total, 0, rounds,
+                             "no spread above the median: most values are equal", tail)
+        fence, bound = median + k * spread, "spread"
+        if tail is not None and kept >= MIN_TAIL_VALUES:
+            p95 = quantile(body, 0.95)
+            short = p95 + tail * (p95 - quantile(body, 0.75))
+            if short < fence:
+                fence, bound = short, "tail"
+        inside = bisect.bisect_right(ordered, fence, 0, kept)
+        if inside == kept:
+            break
+        kept = inside
+    return BodyFence(fence, k, median, spread, kept, total - kept, rounds, None, tail, bound)
+
+
+@dataclass(frozen=True)
+class FarRecords:
+    """Which records lie far above the traffic's body (likely memorized), and by which fence.
+
+    ``far[i]`` is None for a record within the body, else ``"score"`` (above the score's body fence) or
+    ``"norm"`` (its guidance norm above the norm's body fence, and its score above the top 5% of the records
+    within both fences).
+    """
+
+    score: BodyFence
+    norm: BodyFence | None
+    norm_score_floor: float | None
+    far: tuple[str | None, ...]
+
+    @property
+    def count(self) -> int:
+        return sum(1 for f in self.far if f is not None)
+
+    def label(self, kind: str) -> str:
+        """Why a record of this kind is far, for reports."""
+        if kind == "score":
+            return f"above the fence {self.score.value:.6g}"
+        norm = self.norm.value if self.norm is not None else math.nan
+        return (f"guidance norm above its fence {norm:.6g} with a score above {self.norm_score_floor:.6g} "
+                "(the top 5%)")
+
+    def reasons(self) -> dict[str, int]:
+        """Far records per reason, for reports."""
+        out: dict[str, int] = {}
+        for kind in ("score", "norm"):
+            n = sum(1 for f in self.far if f == kind)
+            if n:
+                out[self.label(kind)] = n
+        return out
+
+    def describe(self) -> str:
+        text = f"score {self.score.describe()}"
+        if self.norm is not None and self.norm.value is not None:
+            text += f"; guidance norm {self.norm.describe()} (applied to scores in the top 5%)"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"score": self.score.to_dict(), "norm": self.norm.to_dict() if self.norm is not None else None,
+                "norm_score_floor": self.norm_score_floor, "count": self.count}
+
+
+def far_records(scores: Sequence[float], norms: Sequence[float] | None = None, k: float = DEFAULT_FENCE, *,
+                tail: float | None = DEFAULT_TAIL_FENCE) -> FarRecords:
+    """The records far above the traffic's body: by score, and by guidance norm where the score is high too.
+
+    The score's weights decide how far a memorized prompt lies: with a weight on the cosine that does not suit
+    the model (the family's on the eps-strong memorizer), memorized prompts score inside the ordinary upper tail
+    while their guidance norm, the term memorization drives in every family, still lies far out. A record whose
+    norm alone is far but whose score is unremarkable changes no threshold, so the norm fence only excludes
+    records scoring above the top 5% of the records within both fences (where every policy threshold lies);
+    removing a record below a threshold could otherwise loosen it by a rank.
+    """
+    score = body_fence(scores, k, tail=tail)
+    far: list[str | None] = [None if score.keeps(v) else "score" for v in scores]
+    norm = floor = None
+    if norms is not None and len(norms) == len(scores):
+        norm = body_fence(norms, k, tail=tail)
+        kept = sorted(v for v, n, f in zip(scores, norms, far) if f is None and norm.keeps(n))
+        if norm.value is not None and kept:
+            floor = quantile(kept, NORM_SCORE_QUANTILE)
+            far = [f if f is not None or norm.keeps(n) or v <= floor else "norm"
+                   for v, n, f in zip(scores, norms, far)]
+    return FarRecords(score, norm, floor, tuple(far))
+
+
+@dataclass(frozen=True)
+class ThresholdCheck:
+    """One relative threshold against the first requests: how many crossed it, and what was promised."""
+
+    rule: str
+    metric: str
+    above_fpr: float
+    value: float
+    crossed: int
+    n: int
+    promised: tuple[float, float, float]
+    observed_interval: tuple[float, float]
+
+    @property
+    def verdict(self) -> str | None:
+        """``too many``/``too few`` when the observed and promised intervals do not overlap."""
+        if self.observed_interval[0] > self.promised[2]:
+            return "too many"
+        if self.observed_interval[1] < self.promised[1]:
+            return "too few"
+        return None
+
+    def describe(self, confidence: float) -> str:
+        low, high = self.observed_interval
+        return (f"{self.rule} ({self.metric} > {self.value:.6g}, above_fpr {self.above_fpr:g}): {self.crossed} of "
+                f"{self.n} ({100 * self.crossed / self.n:.1f}%, {100 * confidence:g}% interval {100 * low:.1f}-"
+                f"{100 * high:.1f}%), promised {100 * self.promised[0]:.2f}% ({100 * self.promised[1]:.2f}-"
+                f"{100 * self.promised[2]:.2f}%): {self.verdict or 'holds'}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rule": self.rule, "metric": self.metric, "above_fpr": self.above_fpr, "value": self.value,
+                "crossed": self.crossed, "n": self.n, "observed_low": self.observed_interval[0],
+                "observed_high": self.observed_interval[1], "promised": self.promised[0],
+                "promised_low": self.promised[1], "promised_high": self.promised[2], "verdict": self.verdict}
+
+
 @dataclass(frozen=True)
 class DistributionFit:
-    """The first scored requests against the calibration: KS distance, and the share above its median."""
+    """Descriptive: the first requests' KS distance to the calibration's scores and their share above its median."""
 
     n: int
     calibration_n: int
     ks: float
     p_value: float
     above_median: int
-    alpha: float = DISTRIBUTION_ALPHA
     confidence: float = 0.99
     median_interval: tuple[float, float] = field(default=(0.0, 1.0))
 
-    @property
-    def problem(self) -> str | None:
-        if self.p_value >= self.alpha:
-            return None
-        share = self.above_median / self.n
-        return (f"the first {self.n} scored requests do not look like the calibration's {self.calibration_n} "
-                f"prompts: {100 * share:.0f}% of them score above the calibration's median (50% expected; "
-                f"{100 * self.confidence:g}% interval {100 * self.median_interval[0]:.0f}-"
-                f"{100 * self.median_interval[1]:.0f}%), KS distance {self.ks:.3f} (p = {self.p_value:.2g} < "
-                f"{self.alpha:g}), so the false-positive rates the policy's relative thresholds promise may not "
-                "hold on this traffic: recalibrate from it with `memguard calibrate --from-audit`")
+    def describe(self) -> str:
+        return (f"{100 * self.above_median / self.n:.0f}% of them score above the calibration's median (50% "
+                f"expected; {100 * self.confidence:g}% interval {100 * self.median_interval[0]:.0f}-"
+                f"{100 * self.median_interval[1]:.0f}%), KS distance {self.ks:.3f} (p = {self.p_value:.2g})")
 
     def to_dict(self) -> dict[str, Any]:
         return {"n": self.n, "calibration_n": self.calibration_n, "ks": round(self.ks, 6),
-                "p_value": self.p_value, "alpha": self.alpha, "above_median": self.above_median,
+                "p_value": self.p_value, "above_median": self.above_median,
                 "median_interval": [round(v, 6) for v in self.median_interval]}
 
 
-def distribution_fit(observed: Sequence[float], calibration: Sequence[float], *, alpha: float = DISTRIBUTION_ALPHA,
+def distribution_fit(observed: Sequence[float], calibration: Sequence[float], *,
                      confidence: float = 0.99) -> DistributionFit:
-    """Compare observed scores with the calibration's (a two-sample KS test; the median share explains it)."""
+    """How the observed scores differ from the calibration's: KS distance and the share above its median.
+
+    Descriptive only. With a few hundred requests a KS test notices differences of the body that change no
+    threshold's rate (the shipped model's own held-out captions against its calibration: p < 0.001); what a
+    difference does to the thresholds is ``threshold_fit``'s to judge.
+    """
     ordered = sorted(calibration)
     median = ordered[len(ordered) // 2]
     above = sum(v > median for v in observed)
     d, p = ks_two_sample(observed, ordered)
-    return DistributionFit(len(observed), len(ordered), d, p, above, alpha, confidence,
+    return DistributionFit(len(observed), len(ordered), d, p, above, confidence,
                            wilson_interval(above, len(observed), confidence))
+
+
+@dataclass(frozen=True)
+class ThresholdFit:
+    """Do the first requests cross each relative threshold at the rate the calibration promised?
+
+    ``problem`` names the thresholds whose observed interval and promised interval do not overlap; requests
+    above ``fence`` (far above the traffic's own body: memorized prompts, most likely) are not counted. A
+    threshold crossed too often counts when it is the loosest on its metric or the next looser one is crossed too
+    often as well: a calibration that does not fit the traffic moves its upper tail across several thresholds,
+    while an excess above the strictest threshold alone is what a few memorized prompts just below the fence
+    produce in a few hundred requests (reported as ``tail_only``; the drift alarms keep counting it). Too few
+    counts at any threshold.
+    """
+
+    n: int
+    counted: int
+    fence: FarRecords
+    checks: tuple[ThresholdCheck, ...]
+    distribution: DistributionFit | None
+    confidence: float = 0.99
+
+    def _next_looser_too_many(self, check: ThresholdCheck) -> bool:
+        looser = [c for c in self.checks if c.metric == check.metric and c.above_fpr > check.above_fpr]
+        return not looser or min(looser, key=lambda c: c.above_fpr).verdict == "too many"
+
+    @property
+    def failing(self) -> tuple[ThresholdCheck, ...]:
+        return tuple(c for c in self.checks if c.verdict == "too few"
+                     or (c.verdict == "too many" and self._next_looser_too_many(c)))
+
+    @property
+    def tail_only(self) -> tuple[ThresholdCheck, ...]:
+        """Crossed too often while the next looser threshold holds: reported, not a misfit on its own."""
+        return tuple(c for c in self.checks if c.verdict == "too many" and not self._next_looser_too_many(c))
+
+    @property
+    def problem(self) -> str | None:
+        failing = self.failing
+        if not failing:
+            return None
+        verdicts = {c.verdict for c in failing}
+        left_out = self.n - self.counted
+        parts = [f"the first {self.n} scored requests cross the policy's thresholds at rates the calibration did "
+                 "not promise: " + "; ".join(c.describe(self.confidence) for c in failing)]
+        if left_out:
+            parts.append(f"{left_out} request(s) far above the others' (score above {self.fence.score.value:.6g}, "
+                         "or guidance norm far out: likely memorized) not counted")
+        if self.distribution is not None:
+            parts.append(f"of all {self.n}, {self.distribution.describe()}")
+        if "too many" in verdicts:
+            advice = ("the policy flags ordinary prompts of this traffic more often than it promises: calibrate on "
+                      "prompts like it (`memguard calibrate --nmem`) or on it (`memguard calibrate --from-audit`)")
+        else:
+            advice = ("the thresholds sit above this traffic, so memorized prompts may pass: calibrate on prompts "
+                      "like it (`memguard calibrate --nmem`) or on it (`memguard calibrate --from-audit`)")
+        return "; ".join(parts) + "; " + advice
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "counted": self.counted, "fence": self.fence.to_dict(), "confidence": self.confidence,
+                "thresholds": [c.to_dict() for c in self.checks],
+                "failing": [c.rule for c in self.failing], "tail_only": [c.rule for c in self.tail_only],
+                "distribution": self.distribution.to_dict() if self.distribution is not None else None}
+
+
+def threshold_fit(
+    observed: Mapping[str, Sequence[float]],
+    thresholds: Iterable[Mapping[str, Any]],
+    calibration_scores: Sequence[float] | None = None,
+    *,
+    confidence: float = 0.99,
+    fence: float = DEFAULT_FENCE,
+) -> ThresholdFit:
+    """Judge the first requests by what they do to the policy's thresholds.
+
+    ``observed``: aligned values per metric (``score`` required; ``norm``/``cos`` for thresholds on them).
+    ``thresholds``: ``rule, metric, above_fpr, value, exceeded, n`` per relative threshold
+    (``guard.monitor.relative_thresholds``). Requests far above the body of the observed ones (``far_records``)
+    are left out (they are what a guard is for, not a sign its calibration is wrong); for each threshold the share
+    of the rest crossing it gets a Wilson interval, compared with the Beta interval of what the calibration
+    promised.
+    """
+    scores = list(observed["score"])
+    body = far_records(scores, observed.get("norm"), fence)
+    keep = [i for i, f in enumerate(body.far) if f is None]
+    checks = []
+    for item in thresholds:
+        values = observed.get(item["metric"])
+        if values is None or not keep or int(item["n"]) <= 0:
+            continue
+        crossed = sum(values[i] > item["value"] for i in keep)
+        checks.append(ThresholdCheck(
+            str(item["rule"]), str(item["metric"]), float(item["above_fpr"]), float(item["value"]), crossed,
+            len(keep), promise_interval(int(item["exceeded"]), int(item["n"]), confidence),
+            wilson_interval(crossed, len(keep), confidence)))
+    distribution = (distribution_fit(scores, calibration_scores, confidence=confidence)
+                    if calibration_scores and scores else None)
+    return ThresholdFit(len(scores), len(keep), body, tuple(checks), distribution, confidence)

@@ -9,15 +9,26 @@ that ``CalibrationProfile.check_measurement`` accepts for the same model and set
 different models or settings in one log apart (``AuditCalibrationError`` names the groups when it cannot tell
 which one is meant).
 
-Traffic holds a few memorized prompts, whose high scores would raise the thresholds. They are excluded by
-(any of): a far-out fence ``median + fence * (P90 - median)`` on the log's own scores (default 3.5: about 4.5
-standard deviations, so for a normal bulk it excludes about 4 ordinary prompts in a million; it measures the
-spread on the upper side, where memorized prompts are, so a long lower tail does not widen it as it widens
-Tukey's ``Q3 + 3 IQR``); an absolute ``exclude_above``; the records' decision ``action`` or ``rule`` (e.g. the
-rule of a loose monitoring threshold). No fence can tell a memorized prompt that scores like an ordinary one:
-when the policy that wrote the log has a loose threshold you trust, exclude by its rule. The report says how
-many were excluded and why: the profile's rates describe the remaining traffic, and over all traffic the share
-above a threshold is at most ``above_fpr`` plus the excluded share.
+Traffic holds memorized prompts, whose high scores would raise the thresholds: left in, a tenth of memorized
+traffic puts the 2% threshold among them, and the profile then stops fewer memorized prompts than one made from
+ordinary prompts. So records far above the log's own body are excluded by a fence that such a share cannot move
+(``guard.calibration.checks.body_fence``: median + 4 x (P75 - median), lowered to P95 + 1.5 x (P95 - P75) for a
+short upper tail, recomputed on the records it keeps until it keeps the same ones), whether the policy that wrote
+the log blocked them or not; and records whose guidance norm lies beyond the same fence on the norms while their
+score is in the top 5% (``far_records``: with score weights that do not suit the model, memorized prompts score
+inside the ordinary tail while their norm is far out). The fence is tight on purpose: a mildly memorized prompt
+scores just above the ordinary tail. Its price is paid where ordinary traffic has a
+long upper tail: the ordinary records above it are excluded too and the thresholds come out lower (more false
+positives, never fewer memorized prompts stopped); the report says how many were excluded and bounds what that
+does to every rate. It also estimates, from the spread of the excluded records, how many memorized prompts may
+remain below the fence above each threshold.
+
+When asked, records are also excluded by an absolute score (``exclude_above``) or by the logging policy's
+decisions (``exclude_actions``, ``exclude_rules``), but decisions only where they are consistent with the body:
+if the records the policy flagged that lie within the body are more than its calibration promised it would flag
+among ordinary prompts, that calibration did not fit the traffic (the automatic calibration on a model with its
+own vocabulary flags a few percent of ordinary prompts at ``above_fpr: 0.001``) and excluding by its decisions
+would cut the ordinary tail; then they are not applied, and the report says why.
 """
 
 from __future__ import annotations
@@ -35,14 +46,24 @@ from typing import Any
 
 from guard.scoring import Measurement
 
-from .checks import promise_interval, wilson_interval
+from .checks import DEFAULT_FENCE, FarRecords, far_records, promise_interval, quantile, wilson_interval
 from .errors import CalibrationError
 from .profile import MEASUREMENT_FIELDS, CalibrationProfile
 
-__all__ = ["AuditCalibration", "AuditCalibrationError", "MeasurementGroup", "profile_from_audit", "stability"]
+__all__ = [
+    "DEFAULT_FENCE",
+    "AuditCalibration",
+    "AuditCalibrationError",
+    "DecisionExclusion",
+    "MeasurementGroup",
+    "Remaining",
+    "profile_from_audit",
+    "stability",
+]
 
-DEFAULT_FENCE = 3.5
 MIN_RECORDS = 20
+#: Confidence of the intervals of the decision-consistency check.
+CONFIDENCE = 0.99
 _GROUP_FIELDS = ("model_class", "profile", *MEASUREMENT_FIELDS)
 
 
@@ -52,15 +73,46 @@ class AuditCalibrationError(CalibrationError):
 
 @dataclass
 class MeasurementGroup:
-    """The usable records of one model measured one way: their values, and what was excluded before the fence."""
+    """The usable records of one model measured one way: their values, and which exclusion asked for each.
+
+    ``asked[i]`` is 0 for a record no option excludes, else 1 + the index in ``reasons`` of the option that
+    does (an absolute score, an action, a rule); the fence is applied later, on all of them.
+    """
 
     key: tuple[Any, ...]
     scores: array = field(default_factory=lambda: array("d"))
     norms: array = field(default_factory=lambda: array("d"))
     coses: array = field(default_factory=lambda: array("d"))
-    excluded: Counter = field(default_factory=Counter)
+    asked: array = field(default_factory=lambda: array("H"))
+    reasons: list[str] = field(default_factory=list)
+    #: per reason: the largest above_fpr of the relative thresholds that flagged its records, and their calibration
+    flagged_fpr: dict[str, float] = field(default_factory=dict)
+    calibrations: dict[str, set] = field(default_factory=dict)
     first: str | None = None
     last: str | None = None
+
+    def add(self, score: float, norm: float, cos: float, reason: str | None) -> None:
+        self.scores.append(score)
+        self.norms.append(norm)
+        self.coses.append(cos)
+        if reason is None:
+            self.asked.append(0)
+            return
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+        self.asked.append(1 + self.reasons.index(reason))
+
+    def extend(self, other: MeasurementGroup) -> None:
+        """Take ``other``'s records (same measurement under another weight-profile name)."""
+        for i in range(len(other.scores)):
+            code = other.asked[i]
+            self.add(other.scores[i], other.norms[i], other.coses[i], other.reasons[code - 1] if code else None)
+        for reason, fpr in other.flagged_fpr.items():
+            self.flagged_fpr[reason] = max(fpr, self.flagged_fpr.get(reason, 0.0))
+        for reason, ids in other.calibrations.items():
+            self.calibrations.setdefault(reason, set()).update(ids)
+        self.first = min(x for x in (self.first, other.first) if x) if (self.first or other.first) else None
+        self.last = max(x for x in (self.last, other.last) if x) if (self.last or other.last) else None
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -68,13 +120,58 @@ class MeasurementGroup:
 
     @property
     def total(self) -> int:
-        return len(self.scores) + sum(self.excluded.values())
+        return len(self.scores)
 
     def describe(self) -> str:
         f = self.fields
         return (f"{f['model_class']} {f['fingerprint']} (weights {f['profile']} g_norm={f['g_norm']:g} "
                 f"g_cos={f['g_cos']:g}, steps {f['steps']}, seed {f['seed']}, samples {f['samples']}, "
                 f"{f['prediction_space']}): {self.total} scored decisions")
+
+
+@dataclass(frozen=True)
+class DecisionExclusion:
+    """Records an option asked to exclude by the logging policy's decisions, and whether that was consistent.
+
+    ``within_body``: how many of them the fence keeps (they score like the traffic's body); ``promised``: the
+    share of ordinary prompts the logging policy's rules promised to flag (the largest ``above_fpr`` among them,
+    with its calibration's sampling error when the log holds the calibration record).
+    """
+
+    reason: str
+    records: int
+    within_body: int
+    considered: int
+    promised: tuple[float, float, float] | None
+    confidence: float = CONFIDENCE
+
+    @property
+    def consistent(self) -> bool:
+        if self.promised is None:  # not flagged by a relative threshold (e.g. an absolute rule): trusted
+            return True
+        low, _ = wilson_interval(self.within_body, self.considered, self.confidence)
+        return low <= self.promised[2]
+
+    def describe(self) -> str:
+        share = self.within_body / self.considered if self.considered else 0.0
+        promised = (f"its rules promised {100 * self.promised[0]:.2f}% ({100 * self.confidence:g}% interval up to "
+                    f"{100 * self.promised[2]:.2f}%)" if self.promised is not None else "no relative threshold")
+        return (f"{self.records} records {self.reason}, {self.within_body} of them within the traffic's body "
+                f"({100 * share:.2f}% of it; {promised})")
+
+
+@dataclass(frozen=True)
+class Remaining:
+    """Above one threshold of the profile: kept records, and how many of them may be memorized (an estimate)."""
+
+    above_fpr: float
+    threshold: float
+    kept_above: int
+    memorized: float
+
+    def describe(self) -> str:
+        return (f"{self.kept_above} kept records above it, of which about {self.memorized:.1f} may be memorized "
+                "(estimated from the spread of the excluded records)")
 
 
 @dataclass(frozen=True)
@@ -91,6 +188,9 @@ class AuditCalibration:
     first: str | None
     last: str | None
     in_order: tuple[float, ...] = ()
+    body: FarRecords | None = None
+    above_fence: tuple[float, ...] = ()
+    decisions: tuple[DecisionExclusion, ...] = ()
 
     @property
     def considered(self) -> int:
@@ -100,18 +200,53 @@ class AuditCalibration:
     def excluded_share(self) -> float:
         return sum(self.excluded.values()) / self.considered if self.considered else 0.0
 
+    def remaining(self, fpr: float) -> Remaining:
+        """Above the profile's threshold at ``fpr``: how many kept records, and how many may be memorized.
+
+        The excluded records' scores (median and interquartile spread, as a normal distribution) say how the
+        memorized ones spread; the share of that spread between the threshold and the fence, scaled by how many
+        lie above the fence, estimates how many memorized prompts the fence missed above the threshold. It is
+        an estimate, not a bound: memorized prompts that score like ordinary ones leave no trace in the scores.
+        Ordinary records above the fence (a long tail) widen the spread, so it then says more, not fewer.
+        """
+        from statistics import NormalDist
+
+        threshold = self.profile.threshold_at_fpr(fpr)
+        kept_above = sum(s > threshold for s in self.profile.scores)
+        outside = sorted(self.above_fence)
+        if self.fence is None or len(outside) < 3 or kept_above == 0:
+            return Remaining(fpr, threshold, kept_above, 0.0)
+        centre = quantile(outside, 0.5)
+        spread = (quantile(outside, 0.75) - quantile(outside, 0.25)) / 1.349
+        spread = max(spread, (outside[-1] - outside[0]) / 4, 1e-12)
+        normal = NormalDist(centre, spread)
+        beyond = max(1.0 - normal.cdf(self.fence), 1e-3)  # the share of memorized scores the fence caught
+        between = max(0.0, normal.cdf(self.fence) - normal.cdf(threshold))
+        return Remaining(fpr, threshold, kept_above, min(float(kept_above), len(outside) * between / beyond))
+
     def lines(self) -> list[str]:
         """What was used, excluded and skipped, for the CLI."""
         out = [f"from {self.path}: {self.used} of {self.considered} scored decisions used ({self.first} to "
                f"{self.last})"]
+        if self.body is not None:
+            out.append(f"  fences on the log's records: {self.body.describe()}")
         if self.excluded:
             why = ", ".join(f"{n} {reason}" for reason, n in self.excluded.items())
             out.append(f"  excluded {sum(self.excluded.values())} ({100 * self.excluded_share:.2f}%) as likely "
                        f"memorized: {why}")
             out.append(f"  rates read off this profile describe the remaining traffic; over all of it the share "
-                       f"above a threshold is at most above_fpr + {100 * self.excluded_share:.2f}%")
+                       f"above a threshold is at most above_fpr + {100 * self.excluded_share:.2f}% (if some "
+                       "excluded records are ordinary prompts of a long upper tail, the thresholds are lower than "
+                       "the traffic's: more false positives, never fewer memorized prompts stopped)")
         else:
-            out.append("  excluded none as likely memorized")
+            out.append("  excluded none as likely memorized: no record lies far above the log's body")
+        for decision in self.decisions:
+            if decision.consistent:
+                out.append(f"  by decision: {decision.describe()}: consistent, excluded")
+            else:
+                out.append(f"  NOT excluded by decision: {decision.describe()}; the logging policy's calibration "
+                           "did not fit this traffic, and excluding what it flagged would cut the ordinary tail "
+                           "(the fence still excludes those far above the body)")
         if self.skipped:
             out.append("  skipped: " + ", ".join(f"{n} {reason}" for reason, n in self.skipped.items()))
         if len(self.groups) > 1:
@@ -120,20 +255,20 @@ class AuditCalibration:
         return out
 
 
-def _quantile(ordered: Sequence[float], q: float) -> float:
-    position = q * (len(ordered) - 1)
-    lo = math.floor(position)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (position - lo)
-
-
 def _finite(*values: Any) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
 
 
+def _relative_fpr(record: dict[str, Any]) -> float | None:
+    """The largest ``above_fpr`` among the relative thresholds that flagged this decision, if any."""
+    fprs = [t.get("above_fpr") for t in record.get("thresholds") or () if isinstance(t, dict)]
+    fprs = [f for f in fprs if isinstance(f, (int, float)) and 0 < f < 1]
+    return max(fprs) if fprs else None
+
+
 def _read_groups(path: Path, since: datetime | None, until: datetime | None, exclude_above: float | None,
-                 exclude_actions: frozenset[str], exclude_rules: frozenset[str],
-                 skipped: Counter) -> dict[tuple[Any, ...], MeasurementGroup]:
+                 exclude_actions: frozenset[str], exclude_rules: frozenset[str], skipped: Counter,
+                 promises: dict[tuple[str, float], tuple[int, int]]) -> dict[tuple[Any, ...], MeasurementGroup]:
     from guard.audit.review import parse_time
 
     groups: dict[tuple[Any, ...], MeasurementGroup] = {}
@@ -144,7 +279,17 @@ def _read_groups(path: Path, since: datetime | None, until: datetime | None, exc
             except ValueError:
                 skipped["unreadable lines"] += 1
                 continue
-            if not isinstance(record, dict) or record.get("event") not in ("decision", "error"):
+            if not isinstance(record, dict):
+                continue
+            if record.get("event") == "calibration":  # the logging policy's promises, for the decision check
+                for item in (record.get("details") or {}).get("relative") or ():
+                    try:
+                        promises[(str(record.get("calibration")), float(item["above_fpr"]))] = (
+                            int(item["exceeded"]), int(item["n"]))
+                    except (KeyError, TypeError, ValueError):
+                        continue
+                continue
+            if record.get("event") not in ("decision", "error"):
                 continue
             stamp = record.get("timestamp") or ""
             if since or until:
@@ -177,16 +322,20 @@ def _read_groups(path: Path, since: datetime | None, until: datetime | None, exc
                 group.first = stamp
             if group.last is None or stamp > group.last:
                 group.last = stamp
+            reason = None
             if record.get("action") in exclude_actions:
-                group.excluded[f"with action {record.get('action')}"] += 1
+                reason = f"with action {record.get('action')}"
             elif record.get("rule") in exclude_rules:
-                group.excluded[f"matched by rule {record.get('rule')}"] += 1
+                reason = f"matched by rule {record.get('rule')}"
+            if reason is not None:
+                fpr = _relative_fpr(record)
+                if fpr is not None:
+                    group.flagged_fpr[reason] = max(fpr, group.flagged_fpr.get(reason, 0.0))
+                    if record.get("calibration"):
+                        group.calibrations.setdefault(reason, set()).add(str(record["calibration"]))
             elif exclude_above is not None and score > exclude_above:
-                group.excluded[f"above {exclude_above:g}"] += 1
-            else:
-                group.scores.append(score)
-                group.norms.append(norm)
-                group.coses.append(cos)
+                reason = f"above {exclude_above:g}"
+            group.add(score, norm, cos, reason)
     return groups
 
 
@@ -203,12 +352,7 @@ def _choose(groups: dict[tuple[Any, ...], MeasurementGroup], measurement: Measur
         if len(matching) > 1:  # same measurement under two weight-profile names: one distribution
             merged = MeasurementGroup(matching[0].key)
             for g in matching:
-                merged.scores.extend(g.scores)
-                merged.norms.extend(g.norms)
-                merged.coses.extend(g.coses)
-                merged.excluded.update(g.excluded)
-                merged.first = min(x for x in (merged.first, g.first) if x) if (merged.first or g.first) else None
-                merged.last = max(x for x in (merged.last, g.last) if x) if (merged.last or g.last) else None
+                merged.extend(g)
             return merged
         return matching[0]
     if not groups:
@@ -219,6 +363,18 @@ def _choose(groups: dict[tuple[Any, ...], MeasurementGroup], measurement: Measur
             f"mixed in one calibration: {listing}; pass --model (and the policy's scoring settings, --policy) to "
             "choose one")
     return next(iter(groups.values()))
+
+
+def _promise(group: MeasurementGroup, reason: str, promises: dict[tuple[str, float], tuple[int, int]]
+             ) -> tuple[float, float, float] | None:
+    """What the logging policy promised for the records of ``reason``: its calibration's rate, else the asked one."""
+    fpr = group.flagged_fpr.get(reason)
+    if fpr is None:
+        return None
+    known = [promises[(c, fpr)] for c in group.calibrations.get(reason, ()) if (c, fpr) in promises]
+    if known:
+        return max((promise_interval(k, n, CONFIDENCE) for k, n in known), key=lambda p: p[2])
+    return (fpr, fpr, fpr)
 
 
 def profile_from_audit(
@@ -236,28 +392,45 @@ def profile_from_audit(
     """Build a calibration profile from the scored decisions of an audit log (one streaming pass).
 
     ``measurement`` (a ``Scorer.measurement()``) picks the records measured that way; without it the log must
-    hold a single model and setting. ``fence``: exclude scores above ``median + fence * (P90 - median)`` of the
-    remaining scores (None: no fence). Raises ``AuditCalibrationError`` when fewer than ``min_records`` remain.
+    hold a single model and setting. ``fence``: exclude scores above the body fence with this many
+    (P75 - median) spreads (None: no fence). Decisions (``exclude_actions``, ``exclude_rules``) exclude only where
+    they are consistent with the body (see the module docstring). Raises ``AuditCalibrationError`` when fewer than
+    ``min_records`` remain.
     """
     target = Path(path)
     skipped: Counter = Counter()
+    promises: dict[tuple[str, float], tuple[int, int]] = {}
     try:
         groups = _read_groups(target, since, until, exclude_above, frozenset(exclude_actions),
-                              frozenset(exclude_rules), skipped)
+                              frozenset(exclude_rules), skipped, promises)
     except OSError as error:
         raise AuditCalibrationError(f"{target}: cannot read: {error.strerror or error}") from None
     group = _choose(groups, measurement, target)
-    excluded = Counter(group.excluded)
-    keep = list(range(len(group.scores)))
-    cut = None
-    if fence is not None and len(keep) >= 4:
-        ordered = sorted(group.scores)
-        median = _quantile(ordered, 0.5)
-        cut = median + fence * (_quantile(ordered, 0.9) - median)
-        keep = [i for i in keep if group.scores[i] <= cut]
-        above = len(group.scores) - len(keep)
-        if above:
-            excluded[f"above the fence median + {fence:g} (P90 - median) = {cut:.6g}"] += above
+    body = far_records(group.scores, group.norms, fence) if fence is not None else None
+    cut = body.score.value if body is not None else None
+    far = body.far if body is not None else (None,) * len(group.scores)
+    within = [kind is None for kind in far]
+    decisions = []
+    applied: set[int] = set()
+    for code, reason in enumerate(group.reasons, start=1):
+        records = sum(1 for c in group.asked if c == code)
+        inside = sum(1 for c, w in zip(group.asked, within) if c == code and w)
+        if reason.startswith("above "):  # an absolute score the user chose: always applied
+            applied.add(code)
+            continue
+        check = DecisionExclusion(reason, records, inside, len(group.scores), _promise(group, reason, promises))
+        decisions.append(check)
+        if check.consistent:
+            applied.add(code)
+    excluded: Counter = Counter()
+    keep = []
+    for i, (code, kind) in enumerate(zip(group.asked, far)):
+        if kind is not None and body is not None:
+            excluded[body.label(kind)] += 1
+        elif code in applied:
+            excluded[group.reasons[code - 1]] += 1
+        else:
+            keep.append(i)
     if len(keep) < min_records:
         raise AuditCalibrationError(
             f"{target}: only {len(keep)} usable scored decisions (at least {min_records} needed)"
@@ -276,8 +449,10 @@ def profile_from_audit(
         prediction_space=f["prediction_space"], source=f"audit:{target.name}:{window}",
     )
     others = tuple(g.describe() for g in groups.values())
+    outside = tuple(v for v, kind in zip(group.scores, far) if kind == "score")
     return AuditCalibration(profile, str(target), len(keep), dict(excluded), dict(skipped), others, cut,
-                            group.first, group.last, tuple(group.scores[i] for i in keep))
+                            group.first, group.last, tuple(group.scores[i] for i in keep), body, outside,
+                            tuple(decisions))
 
 
 def stability(scores: Sequence[float], fprs: Sequence[float], confidence: float = 0.99) -> list[dict[str, Any]]:

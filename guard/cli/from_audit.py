@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from ..calibration.checks import DEFAULT_FENCE
+
 __all__ = ["calibrate_from_audit", "from_audit_options"]
 
 
@@ -18,18 +20,19 @@ def from_audit_options(command: Callable) -> Callable:
                      help="Build the profile from the scored decisions of this audit log (instead of prompts)."),
         click.option("--since", default=None, help="With --from-audit: only records at or after this ISO 8601 time."),
         click.option("--until", default=None, help="With --from-audit: only records before this ISO 8601 time."),
-        click.option("--fence", default=3.5, show_default=True, type=click.FloatRange(min=0),
-                     help="With --from-audit: exclude scores above median + FENCE * (P90 - median) as likely "
-                          "memorized (0: no fence)."),
+        click.option("--fence", default=DEFAULT_FENCE, show_default=True, type=click.FloatRange(min=0),
+                     help="With --from-audit: exclude scores above median + FENCE * (P75 - median) of the records "
+                          "the fence keeps (recomputed until it keeps the same ones) as likely memorized; larger "
+                          "keeps more of a long ordinary tail and more mildly memorized prompts (0: no fence)."),
         click.option("--exclude-above", default=None, type=float,
                      help="With --from-audit: also exclude scores above this absolute value."),
         click.option("--exclude-action", "exclude_actions", multiple=True,
                      type=click.Choice(["allow", "warn", "rewrite", "block"]),
-                     help="With --from-audit: exclude records with this decision (repeatable), e.g. block when "
-                          "the logging policy's calibration is trusted."),
+                     help="With --from-audit: also exclude records with this decision (repeatable), where the "
+                          "decisions are consistent with the log's body (else not applied, and said)."),
         click.option("--exclude-rule", "exclude_rules", multiple=True,
-                     help="With --from-audit: exclude records matched by this rule (repeatable), e.g. a loose "
-                          "monitoring threshold."),
+                     help="With --from-audit: also exclude records matched by this rule (repeatable), e.g. a "
+                          "loose monitoring threshold; a relative rule only where consistent with the log's body."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -82,7 +85,8 @@ def calibrate_from_audit(
         click.echo(line)
     for fpr in fprs:
         note = "" if fpr >= profile.resolution else f" (below resolution 1/{profile.n_prompts}: maximum score)"
-        click.echo(f"  threshold at FPR {fpr:g}: {profile.threshold_at_fpr(fpr):.6g}{note}")
+        click.echo(f"  threshold at FPR {fpr:g}: {profile.threshold_at_fpr(fpr):.6g}{note}; "
+                   f"{made.remaining(fpr).describe()}")
     if len(made.in_order) >= 2 * 20:
         click.echo("stability: thresholds from the first half of the log, crossed by the second half "
                    "(99% intervals)")
