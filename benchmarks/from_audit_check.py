@@ -148,7 +148,7 @@ def stops(policy: Any, scores: list[Any], profile: Any) -> int:
 
 
 def run_model(name: str, shares: list[float], setups: list[str], work: Path, reuse: bool = False) -> list[Row]:
-    from guard.calibration.from_audit import profile_from_audit
+    from guard.audit.from_audit import profile_from_audit
     from guard.policy import load_policy
     from guard.scoring import Scorer
 
@@ -255,7 +255,7 @@ def report(rows: list[Row]) -> str:
 
 def decisions_table(name: str, work: Path, share: float) -> str:
     """``--exclude-action block`` on the balanced logs: applied where the logging calibration fits, else not."""
-    from guard.calibration.from_audit import profile_from_audit
+    from guard.audit.from_audit import profile_from_audit
 
     rows = []
     for setup in ("balanced (own)", "balanced (auto)"):

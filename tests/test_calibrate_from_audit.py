@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from guard.audit import AuditLog, AuditLogger
+from guard.audit.from_audit import AuditCalibrationError, profile_from_audit, stability
 from guard.calibration import CalibrationProfile
-from guard.calibration.from_audit import AuditCalibrationError, profile_from_audit, stability
 from guard.cli import main
 from guard.policy import decide, load_policy
 from guard.scoring.result import MemorizationScore
@@ -246,3 +246,28 @@ def test_cli_usage_errors(served, tmp_path):
     for option in ("--from-audit", "--since", "--until", "--fence", "--exclude-above", "--exclude-action",
                    "--exclude-rule"):
         assert option in help_text
+
+
+def test_a_trail_of_many_writers_calibrates_as_one_log(tmp_path):
+    """Many workers' segments (a trail directory, or the files given one by one) give the profile the same log
+    of all their records would: the writers' records merged, none lost, none counted twice."""
+    mixed, _ = _traffic(600, 12, seed=3)
+    trail = tmp_path / "trail"
+    trail.mkdir()
+    thirds = [mixed[i::3] for i in range(3)]
+    for k, part in enumerate(thirds):
+        _write(trail / f"writer-{k}.jsonl", part, start=1000 * k)
+    single = tmp_path / "one.jsonl"
+    _write(single, [v for part in thirds for v in part])
+    whole = profile_from_audit(single)
+    from_dir = profile_from_audit(trail)
+    from_files = profile_from_audit(sorted(trail.glob("*.jsonl")))
+    assert sorted(from_dir.profile.scores) == sorted(whole.profile.scores) == sorted(from_files.profile.scores)
+    assert from_dir.used == whole.used and from_dir.excluded == whole.excluded
+    out = tmp_path / "p.json"
+    result = CliRunner().invoke(main, ["calibrate", "--from-audit", str(trail), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(CalibrationProfile.load(out).scores) == sorted(whole.profile.scores)
+    files = [arg for path in sorted(trail.glob("*.jsonl")) for arg in ("--from-audit", str(path))]
+    again = CliRunner().invoke(main, ["calibrate", *files, "--out", str(tmp_path / "q.json")])
+    assert again.exit_code == 0, again.output

@@ -19,8 +19,8 @@ import pytest
 from click.testing import CliRunner
 
 from guard.assets import SHIPPED_MODEL, shipped_calibration_path
+from guard.audit.from_audit import profile_from_audit
 from guard.calibration import CalibrationProfile
-from guard.calibration.from_audit import profile_from_audit
 from guard.cli import main
 from guard.policy import decide, load_policy
 from guard.prompts_io import read_prompts

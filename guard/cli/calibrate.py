@@ -81,7 +81,7 @@ def calibrate(model_path, nmem_path, mem_path, out_path, device, dtype, weights,
     prompts needed, so `audit.prompt: hash` logs work); --model is then optional and picks that model's
     records when the log holds several.
     """
-    if audit_path is not None:
+    if audit_path:
         if nmem_path is not None or mem_path is not None:
             raise click.UsageError("--from-audit takes its scores from the log: drop --nmem/--mem")
         if weights == "fitted":

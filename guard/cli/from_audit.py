@@ -16,8 +16,9 @@ __all__ = ["calibrate_from_audit", "from_audit_options"]
 def from_audit_options(command: Callable) -> Callable:
     """The options of the audit-log path of ``memguard calibrate``."""
     options = [
-        click.option("--from-audit", "audit_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
-                     help="Build the profile from the scored decisions of this audit log (instead of prompts)."),
+        click.option("--from-audit", "audit_path", multiple=True, type=click.Path(path_type=Path),
+                     help="Build the profile from the scored decisions of this audit log (instead of prompts): a "
+                          "log file, or a trail (a directory of writers' segments); repeat for several files."),
         click.option("--since", default=None, help="With --from-audit: only records at or after this ISO 8601 time."),
         click.option("--until", default=None, help="With --from-audit: only records before this ISO 8601 time."),
         click.option("--fence", default=DEFAULT_FENCE, show_default=True, type=click.FloatRange(min=0),
@@ -40,7 +41,7 @@ def from_audit_options(command: Callable) -> Callable:
 
 
 def calibrate_from_audit(
-    audit_path: Path,
+    audit_path: tuple[Path, ...],
     out_path: Path,
     *,
     model_path: str | None,
@@ -58,8 +59,8 @@ def calibrate_from_audit(
     scoring: dict[str, Any],
 ) -> None:
     """Build, report and save the profile; the same threshold report, plot and policy as ``--nmem``."""
+    from ..audit.from_audit import profile_from_audit, stability
     from ..audit.review import parse_time
-    from ..calibration.from_audit import profile_from_audit, stability
     from ..calibration.outputs import plot_calibration, write_policy
     from ..policy import load_policy
 
@@ -74,7 +75,8 @@ def calibrate_from_audit(
         from .options import scorer_from_options
 
         measurement = scorer_from_options(load_pipeline(model_path, device=device, dtype=dtype), scoring).measurement()
-    made = profile_from_audit(audit_path, since=start, until=end, measurement=measurement,
+    source = audit_path[0] if len(audit_path) == 1 and not audit_path[0].is_dir() else list(audit_path)
+    made = profile_from_audit(source, since=start, until=end, measurement=measurement,
                               fence=fence or None, exclude_above=exclude_above, exclude_actions=exclude_actions,
                               exclude_rules=exclude_rules)
     profile = made.profile

@@ -33,7 +33,6 @@ would cut the ordinary tail; then they are not applied, and the report says why.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from array import array
@@ -44,11 +43,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from guard.calibration.checks import (
+    DEFAULT_FENCE,
+    FarRecords,
+    far_records,
+    promise_interval,
+    quantile,
+    wilson_interval,
+)
+from guard.calibration.errors import CalibrationError
+from guard.calibration.profile import MEASUREMENT_FIELDS, CalibrationProfile
 from guard.scoring import Measurement
 
-from .checks import DEFAULT_FENCE, FarRecords, far_records, promise_interval, quantile, wilson_interval
-from .errors import CalibrationError
-from .profile import MEASUREMENT_FIELDS, CalibrationProfile
+from .review import parse_time
+from .trail import TrailPaths, TrailStats, read_trail
 
 __all__ = [
     "DEFAULT_FENCE",
@@ -266,76 +274,72 @@ def _relative_fpr(record: dict[str, Any]) -> float | None:
     return max(fprs) if fprs else None
 
 
-def _read_groups(path: Path, since: datetime | None, until: datetime | None, exclude_above: float | None,
+def _read_groups(paths: TrailPaths, since: datetime | None, until: datetime | None, exclude_above: float | None,
                  exclude_actions: frozenset[str], exclude_rules: frozenset[str], skipped: Counter,
                  promises: dict[tuple[str, float], tuple[int, int]]) -> dict[tuple[Any, ...], MeasurementGroup]:
-    from guard.audit.review import parse_time
-
+    """One streaming pass over a log or a trail of many writers' segments (merged by time, ``read_trail``)."""
     groups: dict[tuple[Any, ...], MeasurementGroup] = {}
-    with path.open("rb") as handle:
-        for raw in handle:
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                skipped["unreadable lines"] += 1
-                continue
-            if not isinstance(record, dict):
-                continue
-            if record.get("event") == "calibration":  # the logging policy's promises, for the decision check
-                for item in (record.get("details") or {}).get("relative") or ():
-                    try:
-                        promises[(str(record.get("calibration")), float(item["above_fpr"]))] = (
-                            int(item["exceeded"]), int(item["n"]))
-                    except (KeyError, TypeError, ValueError):
-                        continue
-                continue
-            if record.get("event") not in ("decision", "error"):
-                continue
-            stamp = record.get("timestamp") or ""
-            if since or until:
+    stats = TrailStats()
+    for record in read_trail(paths, stats=stats):
+        if not isinstance(record, dict):
+            continue
+        if record.get("event") == "calibration":  # the logging policy's promises, for the decision check
+            for item in (record.get("details") or {}).get("relative") or ():
                 try:
-                    when = parse_time(stamp)
-                except ValueError:
-                    skipped["without a readable time"] += 1
+                    promises[(str(record.get("calibration")), float(item["above_fpr"]))] = (
+                        int(item["exceeded"]), int(item["n"]))
+                except (KeyError, TypeError, ValueError):
                     continue
-                if (since and when < since) or (until and when >= until):
-                    continue
-            score, norm, cos = record.get("score"), record.get("norm"), record.get("cos")
-            if not _finite(score, norm, cos):
-                skipped["not scored"] += 1
-                continue
-            measured = record.get("measurement")
-            if not isinstance(measured, dict):
-                skipped["without a measurement (written before memguard recorded it)"] += 1
-                continue
-            measured = {"sampling": "fixed", **measured}  # records from before adaptive sampling
+            continue
+        if record.get("event") not in ("decision", "error"):
+            continue
+        stamp = record.get("timestamp") or ""
+        if since or until:
             try:
-                key = ((record.get("model") or {}).get("class"), record.get("profile"),
-                       *(measured[name] for name in MEASUREMENT_FIELDS))
-            except KeyError:
-                skipped["with an incomplete measurement"] += 1
+                when = parse_time(stamp)
+            except ValueError:
+                skipped["without a readable time"] += 1
                 continue
-            group = groups.get(key)
-            if group is None:
-                group = groups[key] = MeasurementGroup(key)
-            if group.first is None or stamp < group.first:
-                group.first = stamp
-            if group.last is None or stamp > group.last:
-                group.last = stamp
-            reason = None
-            if record.get("action") in exclude_actions:
-                reason = f"with action {record.get('action')}"
-            elif record.get("rule") in exclude_rules:
-                reason = f"matched by rule {record.get('rule')}"
-            if reason is not None:
-                fpr = _relative_fpr(record)
-                if fpr is not None:
-                    group.flagged_fpr[reason] = max(fpr, group.flagged_fpr.get(reason, 0.0))
-                    if record.get("calibration"):
-                        group.calibrations.setdefault(reason, set()).add(str(record["calibration"]))
-            elif exclude_above is not None and score > exclude_above:
-                reason = f"above {exclude_above:g}"
-            group.add(score, norm, cos, reason)
+            if (since and when < since) or (until and when >= until):
+                continue
+        score, norm, cos = record.get("score"), record.get("norm"), record.get("cos")
+        if not _finite(score, norm, cos):
+            skipped["not scored"] += 1
+            continue
+        measured = record.get("measurement")
+        if not isinstance(measured, dict):
+            skipped["without a measurement (written before memguard recorded it)"] += 1
+            continue
+        measured = {"sampling": "fixed", **measured}  # records from before adaptive sampling
+        try:
+            key = ((record.get("model") or {}).get("class"), record.get("profile"),
+                   *(measured[name] for name in MEASUREMENT_FIELDS))
+        except KeyError:
+            skipped["with an incomplete measurement"] += 1
+            continue
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = MeasurementGroup(key)
+        if group.first is None or stamp < group.first:
+            group.first = stamp
+        if group.last is None or stamp > group.last:
+            group.last = stamp
+        reason = None
+        if record.get("action") in exclude_actions:
+            reason = f"with action {record.get('action')}"
+        elif record.get("rule") in exclude_rules:
+            reason = f"matched by rule {record.get('rule')}"
+        if reason is not None:
+            fpr = _relative_fpr(record)
+            if fpr is not None:
+                group.flagged_fpr[reason] = max(fpr, group.flagged_fpr.get(reason, 0.0))
+                if record.get("calibration"):
+                    group.calibrations.setdefault(reason, set()).add(str(record["calibration"]))
+        elif exclude_above is not None and score > exclude_above:
+            reason = f"above {exclude_above:g}"
+        group.add(score, norm, cos, reason)
+    if stats.unreadable:
+        skipped["unreadable lines"] += stats.unreadable
     return groups
 
 
@@ -378,7 +382,7 @@ def _promise(group: MeasurementGroup, reason: str, promises: dict[tuple[str, flo
 
 
 def profile_from_audit(
-    path: str | os.PathLike[str],
+    path: TrailPaths,
     *,
     since: datetime | None = None,
     until: datetime | None = None,
@@ -391,17 +395,20 @@ def profile_from_audit(
 ) -> AuditCalibration:
     """Build a calibration profile from the scored decisions of an audit log (one streaming pass).
 
+    ``path`` is a log file, or a trail: a directory of writers' segments, or several files (``guard.audit.trail``),
+    read as one log merged by time.
+
     ``measurement`` (a ``Scorer.measurement()``) picks the records measured that way; without it the log must
     hold a single model and setting. ``fence``: exclude scores above the body fence with this many
     (P75 - median) spreads (None: no fence). Decisions (``exclude_actions``, ``exclude_rules``) exclude only where
     they are consistent with the body (see the module docstring). Raises ``AuditCalibrationError`` when fewer than
     ``min_records`` remain.
     """
-    target = Path(path)
+    target = Path(path) if isinstance(path, (str, os.PathLike)) else _trail_name(list(path))
     skipped: Counter = Counter()
     promises: dict[tuple[str, float], tuple[int, int]] = {}
     try:
-        groups = _read_groups(target, since, until, exclude_above, frozenset(exclude_actions),
+        groups = _read_groups(path, since, until, exclude_above, frozenset(exclude_actions),
                               frozenset(exclude_rules), skipped, promises)
     except OSError as error:
         raise AuditCalibrationError(f"{target}: cannot read: {error.strerror or error}") from None
@@ -453,6 +460,13 @@ def profile_from_audit(
     return AuditCalibration(profile, str(target), len(keep), dict(excluded), dict(skipped), others, cut,
                             group.first, group.last, tuple(group.scores[i] for i in keep), body, outside,
                             tuple(decisions))
+
+
+def _trail_name(paths: list) -> Path:
+    """How several paths are named in messages and in the profile's source: the one, else their common folder."""
+    if len(paths) == 1:
+        return Path(paths[0])
+    return Path(os.path.commonpath([os.path.abspath(p) for p in paths]))
 
 
 def stability(scores: Sequence[float], fprs: Sequence[float], confidence: float = 0.99) -> list[dict[str, Any]]:
