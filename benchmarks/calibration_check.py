@@ -94,7 +94,7 @@ def from_audit(args: argparse.Namespace, pipe: object, heldout: list[str]) -> No
     print(f"audit log {log}: {len(traffic)} ordinary prompts of calib.txt with {len(memorized)} memorized of "
           f"mem.txt mixed in ({100 * len(memorized) / len(mixed):.1f}%), prompts hashed; held-out: "
           f"{len(heldout)} prompts of {args.heldout}\n")
-    variants = [("default fence (median + 3.5 (P90 - median))", []),
+    variants = [("default exclusion (body fences on score and norm)", []),
                 ("--exclude-rule flag-outlier", ["--exclude-rule", "flag-outlier"]),
                 ("no exclusion (--fence 0)", ["--fence", "0"])]
     for label, options in variants:

@@ -277,7 +277,7 @@ def test_default_path_cell(model_name, source, policy, front_end, models, calibr
             else:
                 out = _via_comfyui(comfy, model_name, model, policy, calibration, log, prompt, tmp_path)
                 report = out.args[2]
-                blocked = out.block_execution is not None
+                blocked = type(out.args[0]).__name__ == "ExecutionBlocker"  # the conditioning never reaches a sampler
                 actions, request_id = None, report.split("request ", 1)[1].split()[0]
         records = _records(log)
         decided = [r for r in records if r["event"] in ("decision", "error") and r["request_id"] == request_id]
