@@ -212,7 +212,9 @@ def _comfy_objects(comfy, name, model):
 
 
 def _via_comfyui(comfy, name, model, policy, calibration, log, prompt, tmp_path):
-    """A ComfyUI user names a calibration file in a policy of their own: the shipped policy with `calibration:`."""
+    """A ComfyUI user names a calibration file in a policy of their own: the shipped policy with `calibration:`.
+    The node is given the tiny model's latent size (what a user sets for a model of non-native size); left at 0 it
+    would score at the family's native size (SDXL: 128x128 latents), 16x the work for the same verdicts."""
     from guard.policy import load_policy
 
     policy_path = ""
@@ -233,7 +235,7 @@ def _via_comfyui(comfy, name, model, policy, calibration, log, prompt, tmp_path)
         out = clone.execute(model=patched, clip=clip, positive=[[encoded, {"pooled_output": pooled}]],
                             negative=[[empty, {"pooled_output": empty_pooled}]], policy=policy,
                             policy_path=str(policy_path), unconditional="empty prompt (reference)", seed=-1,
-                            samples=0, latent_size=0, audit_path=str(log))
+                            samples=0, latent_size=model["pipe"].unet.config.sample_size, audit_path=str(log))
     return out
 
 
