@@ -18,8 +18,9 @@ measures, prompt by prompt and on one initial noise per (caption, seed), what ea
 Every image is verified as the ladder verifies (``probe_similarity`` against 2 probes of the *original*
 prompt, threshold at the strict policy's ``above_fpr`` of the model's verification calibration) and compared
 with the truth (cosine to the caption's own training latent; a copy is above the unseen-caption level, as in
-``benchmarks/mitigation.py``). Costs are in plain 50-step generations of one image (measured seconds; the
-probes and generations counted as what they are). The per-prompt records go to ``--json`` for
+``benchmarks/mitigation.py``). Costs are in plain 50-step generations of one image: the process's CPU
+seconds (``time.process_time``, one thread, so other jobs on a shared machine do not inflate them) divided by
+those of one plain generation. The per-prompt records go to ``--json`` for
 ``benchmarks/ladder_simulation.py``.
 
     python benchmarks/rung_research.py --model benchmarks/memorizer/models/v-hard --json out.json
@@ -50,7 +51,7 @@ from memorizers import Sampler, cosine_rows, data_for, unseen_level  # noqa: E40
 
 from guard import Guard  # noqa: E402
 from guard.actions.mitigation import mitigate_initial_noise, mitigate_prompt_embedding, noise_seed  # noqa: E402
-from guard.actions.trigger_words import Edit, edits, ranked_spans  # noqa: E402
+from guard.actions.trigger_words import Edit, edits, ranked_spans, rewrite_triggers  # noqa: E402
 from guard.actions.verification import GenerationRequest, probe_similarity, run_probes  # noqa: E402
 from guard.calibration import CalibrationProfile  # noqa: E402
 from guard.guard import PipelineGeneration  # noqa: E402
@@ -127,9 +128,9 @@ class Lab:
         noise = torch.randn((1, *self.shape), generator=torch.Generator().manual_seed(0))
         times = []
         for _ in range(3):
-            started = time.perf_counter()
+            started = time.process_time()
             self.generate(cond, noise)
-            times.append(time.perf_counter() - started)
+            times.append(time.process_time() - started)
         return min(times)
 
     def generate(self, cond: TextConditioning, noise: torch.Tensor,
@@ -172,20 +173,10 @@ def trigger_edit(lab: Lab, prompt: str, name: str, rng: random.Random) -> dict[s
     base = name.split("+")[0]
     rows = 0
     if base == "iter":
-        current, score, removed = prompt, lab.scores([prompt])[0], []
-        for _ in range(3):
-            if score <= lab.target:
-                break
-            explanation = lab.guard.explain(current, method="occlusion")
-            rows += len(explanation.words) + 1
-            spans = ranked_spans(explanation.words, 1)
-            if not spans:
-                break
-            edit, score, n = _choose(lab, edits(current, spans, lab.lexicon))
-            rows += n
-            removed += list(edit.removed)
-            current = edit.prompt
-        return {"prompt": current, "score": score, "score_rows": rows, "removed": removed}
+        done = rewrite_triggers(prompt, explain=lambda p: lab.guard.explain(p, method="occlusion").words,
+                                score=lab.scores, target=lab.target, lexicon=lab.lexicon, max_words=3)
+        return {"prompt": done.prompt, "score": done.score, "score_rows": done.scored, "removed": list(done.removed),
+                "inserted": list(done.inserted)}
     explanation = lab.guard.explain(prompt, method="occlusion")
     rows += len(explanation.words) + 1
     k = int(base[-1])
@@ -223,9 +214,9 @@ def run(lab: Lab, args: argparse.Namespace) -> list[dict[str, Any]]:
                          for r in records])
     truth = data.train_latents[[r["latent"] for r in records]]
     targets = [lab.text_target(c) for c in captions]
-    started = time.perf_counter()
+    started = time.process_time()
     probes = lab.probes(cond)
-    probe_cost = (time.perf_counter() - started) / len(records) / lab.plain_seconds
+    probe_cost = (time.process_time() - started) / len(records) / lab.plain_seconds
     base_scores = lab.scores(captions)
     for r, score in zip(records, base_scores):
         r["score"] = score
@@ -260,10 +251,10 @@ def run(lab: Lab, args: argparse.Namespace) -> list[dict[str, Any]]:
                 continue
             rows, costs, extra = [], [], []
             for i in range(len(records)):
-                started = time.perf_counter()
+                started = time.process_time()
                 adapted = mitigate_prompt_embedding(lab.scorer, cond.select([i]), target=target,
                                                     max_steps=lab.settings.max_steps, lr=lab.settings.lr)
-                costs.append(1.0 + (time.perf_counter() - started) / lab.plain_seconds)
+                costs.append(1.0 + (time.process_time() - started) / lab.plain_seconds)
                 rows.append(adapted.cond)
                 extra.append({"steps": adapted.steps, "score": round(adapted.score_after, 4), "met": adapted.met})
             adapted_cond = TextConditioning(torch.cat([c.embeds for c in rows]), None, None,
@@ -274,24 +265,25 @@ def run(lab: Lab, args: argparse.Namespace) -> list[dict[str, Any]]:
                 if "combined" in args.rungs:
                     moved, costs_c = [], []
                     for i in range(len(records)):
-                        started = time.perf_counter()
+                        started = time.process_time()
                         result = mitigate_initial_noise(lab.scorer, pe_cond.select([i]), noise[i : i + 1],
                                                         target=lab.target, max_steps=lab.settings.max_steps,
                                                         lr=lab.settings.lr, seed=noise_seed(noise[i : i + 1]))
                         moved.append(result.latents)
-                        costs_c.append(pe_costs[i] + (time.perf_counter() - started) / lab.plain_seconds)
+                        costs_c.append(pe_costs[i] + (time.process_time() - started) / lab.plain_seconds)
                     record("combined", lab.generate(pe_cond, torch.cat(moved).float(),
                                                     [shipped_stages] * len(records)), None, costs_c)
     if "in" in args.rungs:
-        moved, costs = [], []
+        moved, costs, steps = [], [], []
         for i in range(len(records)):
-            started = time.perf_counter()
+            started = time.process_time()
             result = mitigate_initial_noise(lab.scorer, cond.select([i]), noise[i : i + 1], target=lab.target,
                                             max_steps=lab.settings.max_steps, lr=lab.settings.lr,
                                             seed=noise_seed(noise[i : i + 1]))
             moved.append(result.latents)
-            costs.append(1.0 + (time.perf_counter() - started) / lab.plain_seconds)
-        record("initial_noise", lab.generate(cond, torch.cat(moved).float()), None, costs)
+            costs.append(1.0 + (time.process_time() - started) / lab.plain_seconds)
+            steps.append({"steps": result.steps, "met": result.met})
+        record("initial_noise", lab.generate(cond, torch.cat(moved).float()), steps, costs)
 
     rng = random.Random(0)
     edit_schedule = parse_schedule(args.edit_schedule)
@@ -301,9 +293,9 @@ def run(lab: Lab, args: argparse.Namespace) -> list[dict[str, Any]]:
         if base not in done:
             found = []
             for r in records:
-                started = time.perf_counter()
+                started = time.process_time()
                 found.append(trigger_edit(lab, r["caption"], base, rng))
-                found[-1]["seconds"] = time.perf_counter() - started
+                found[-1]["seconds"] = time.process_time() - started
             done[base] = {"found": found}
         found = done[base]["found"]
         edited = lab.scorer.encode([f["prompt"] for f in found])
@@ -362,7 +354,7 @@ def main() -> None:
     records = run(lab, args)
     print(f"\n{args.model.name}: {len(records)} prompt-seeds, flagged {sum(r['flagged'] for r in records)}; "
           f"probes cost {records[0]['probe_cost']:.2f} generations per prompt; "
-          f"{time.perf_counter() - started:.0f} s")
+          f"{time.perf_counter() - started:.0f} s wall")
     print(summarize(lab, records))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

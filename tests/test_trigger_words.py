@@ -6,7 +6,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from guard.actions.trigger_words import Edit, delete_spans, edits, find_phrase, ranked_spans, replace_spans
+from guard.actions.trigger_words import (
+    Edit,
+    delete_spans,
+    edits,
+    find_phrase,
+    ranked_spans,
+    replace_spans,
+    rewrite_triggers,
+)
 
 LEXICON = {
     "color": ["red", "blue", "green"],
@@ -88,3 +96,43 @@ def test_delete_mode_and_no_lexicon_delete_every_span_once():
     assert edits(prompt, []) == []
     with pytest.raises(ValueError, match="mode"):
         edits(prompt, spans, LEXICON, mode="swap")
+
+
+def _fake_model(weights: dict[str, float]):
+    """A score that is the sum of per-word weights; occlusion on it gives each word its weight."""
+
+    def score(prompts):
+        return [sum(weights.get(w.strip(","), 0.0) for w in p.split()) for p in prompts]
+
+    def explain(prompt):
+        out, at = [], 0
+        base = score([prompt])[0]
+        for i, token in enumerate(prompt.split(" ")):
+            start = prompt.index(token, at)
+            end = start + len(token.strip(","))
+            out.append(Word(i, start, end, base - score([delete_spans(prompt, [(start, end)])])[0]))
+            at = start + len(token)
+        return out
+
+    return score, explain
+
+
+def test_rewrite_triggers_re_explains_until_the_score_is_under_the_target():
+    score, explain = _fake_model({"velkon": 2.0, "dramus": 1.5, "red": 0.4, "blue": 0.1, "green": 0.3, "fox": 0.2})
+    done = rewrite_triggers("a red velkon dramus fox", explain=explain, score=score, target=1.0, lexicon=LEXICON)
+    assert done.prompt == "a red fox"  # both invented words deleted (no kind), one round each
+    assert done.removed == ("velkon", "dramus") and done.inserted == ()
+    assert done.rounds == 2 and done.changed and done.score == pytest.approx(0.6)
+    assert done.scored == 1 + (5 + 1 + 1) + (4 + 1 + 1)
+    colour = rewrite_triggers("a red fox", explain=explain, score=score, target=0.35, lexicon=LEXICON)
+    assert colour.prompt == "a blue fox" and colour.inserted == ("blue",)  # the lowest-scoring colour
+
+
+def test_rewrite_triggers_stops_at_max_words_and_when_nothing_raises_the_score():
+    score, explain = _fake_model({"velkon": 2.0, "dramus": 1.5})
+    capped = rewrite_triggers("velkon dramus fox", explain=explain, score=score, target=0.0, max_words=1)
+    assert capped.prompt == "dramus fox" and capped.rounds == 1
+    untouched = rewrite_triggers("a fox", explain=explain, score=score, target=-1.0)
+    assert untouched.prompt == "a fox" and not untouched.changed and untouched.rounds == 0
+    already = rewrite_triggers("velkon fox", explain=explain, score=score, target=5.0)
+    assert already.prompt == "velkon fox" and already.scored == 1

@@ -205,6 +205,7 @@ def train(
     resume: Path | None = None,
     unet_channels: tuple[int, int] = (32, 64),
     text_hidden: int = 64,
+    freeze_text: bool = False,
 ) -> float:
     """Joint UNet + text-encoder training (epsilon or v-prediction target); returns wall seconds.
 
@@ -230,7 +231,9 @@ def train(
     n_unet = sum(p.numel() for p in unet.parameters())
     n_text = sum(p.numel() for p in text.parameters())
     print(f"unet params {n_unet:,}  text params {n_text:,}  train pairs {len(ids)}", flush=True)
-    params = list(unet.parameters()) + list(text.parameters())
+    if freeze_text:  # SD-style: the text encoder is fixed (here at its seeded random initialisation)
+        text.requires_grad_(False)
+    params = list(unet.parameters()) + ([] if freeze_text else list(text.parameters()))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     warm = 200
 
@@ -244,7 +247,7 @@ def train(
     for _ in range(first - 1):
         sched.step()
     unet.train()
-    text.train()
+    text.train(not freeze_text)
     t0 = time.time()
     run_loss = 0.0
     for step in range(first, steps + 1):
@@ -289,6 +292,7 @@ def train(
                 "norm_groups": norm_groups,
                 "unet_channels": list(unet_channels),
                 "text_hidden": text_hidden,
+                "freeze_text": freeze_text,
                 "weights_dtype": str(save_dtype).removeprefix("torch."),
                 "train_seconds": round(time.time() - t0, 1),
                 "unet_params": n_unet,
@@ -300,6 +304,7 @@ def train(
                 + (f" --norm-groups {norm_groups}" if norm_groups != 32 else "")
                 + (f" --unet-channels {','.join(map(str, unet_channels))}" if tuple(unet_channels) != (32, 64) else "")
                 + (f" --text-hidden {text_hidden}" if text_hidden != 64 else "")
+                + (" --freeze-text" if freeze_text else "")
                 + (" --save-dtype float16" if save_dtype == torch.float16 else ""),
                 "command": command,
                 "resumed_from": str(resume) if resume is not None else None,
@@ -308,7 +313,7 @@ def train(
             text.eval()
             save(make_pipeline(unet, text, vae, tokenizer, prediction_type), target_dir, info, save_dtype)
             unet.train()
-            text.train()
+            text.train(not freeze_text)
             print(f"saved step {step} -> {target_dir}", flush=True)
     return time.time() - t0
 
@@ -330,6 +335,7 @@ def main() -> None:
     p.add_argument("--norm-groups", type=int, default=32, help="UNet GroupNorm groups (shipped 32; zoo 8)")
     p.add_argument("--unet-channels", default="32,64", help="UNet block_out_channels, two levels (v-hard: 24,48)")
     p.add_argument("--text-hidden", type=int, default=64, help="text encoder width = cross-attention width")
+    p.add_argument("--freeze-text", action="store_true", help="train the UNet only (text encoder fixed, as in SD)")
     p.add_argument("--out", type=Path, default=Path("guard/assets/memorizer"))
     p.add_argument(
         "--early",
@@ -359,6 +365,7 @@ def main() -> None:
         resume=a.resume,
         unet_channels=tuple(int(c) for c in a.unet_channels.split(",")),
         text_hidden=a.text_hidden,
+        freeze_text=a.freeze_text,
     )
     print(f"done in {secs:.0f}s", flush=True)
 

@@ -6,7 +6,8 @@ prompt, or replaces each by a word *of the same kind* (a colour by another colou
 re-scores the candidates and generates from the edited prompt; verification then compares the image with
 the probes of the *original* prompt, like every rung.
 
-This module only builds the edited prompts. Which words are "of the same kind" is a ``Lexicon``: kinds mapped
+This module builds the edited prompts and runs the greedy search (``rewrite_triggers``) on callables for
+explaining and scoring, so it needs no model. Which words are "of the same kind" is a ``Lexicon``: kinds mapped
 to the phrases of that kind (``{"color": ["red", "blue"], "place": ["city street", "beach"]}``), matched
 case-insensitively on word boundaries; a word that belongs to no phrase of the lexicon can only be deleted.
 ``benchmarks/rung_research.py`` measures which edit frees which memorizer.
@@ -15,11 +16,22 @@ case-insensitively on word boundaries; a word that belongs to no phrase of the l
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import product
 
-__all__ = ["Edit", "Lexicon", "Phrase", "delete_spans", "edits", "find_phrase", "ranked_spans", "replace_spans"]
+__all__ = [
+    "Edit",
+    "Lexicon",
+    "Phrase",
+    "TriggerRewrite",
+    "delete_spans",
+    "edits",
+    "find_phrase",
+    "ranked_spans",
+    "replace_spans",
+    "rewrite_triggers",
+]
 
 #: Kind -> phrases of that kind.
 Lexicon = Mapping[str, Sequence[str]]
@@ -145,3 +157,59 @@ def edits(
         if len(out) >= limit:
             break
     return out
+
+
+@dataclass(frozen=True)
+class TriggerRewrite:
+    """What ``rewrite_triggers`` did: the final prompt and score, each word it edited, and the scoring rows it spent
+    (one per prompt scored: the occlusion variants and the candidates)."""
+
+    prompt: str
+    score: float
+    removed: tuple[str, ...]
+    inserted: tuple[str, ...]
+    rounds: int
+    scored: int
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.removed)
+
+
+def rewrite_triggers(
+    prompt: str,
+    *,
+    explain: Callable[[str], Sequence[object]],
+    score: Callable[[Sequence[str]], Sequence[float]],
+    target: float,
+    lexicon: Lexicon | None = None,
+    max_words: int = 3,
+    limit: int = 64,
+) -> TriggerRewrite:
+    """Greedy trigger-word rewrite: while the score is above ``target`` and fewer than ``max_words`` words were
+    edited, attribute the current prompt's score to its words (``explain(prompt)`` -> ``WordWeight``-like
+    objects, occlusion), take the top word, build its edits (``edits(..., mode="replace")``: each other
+    phrase of its kind, or deletion), score them all and keep the lowest-scoring one. Each round re-explains
+    the edited prompt, because removing one trigger changes what the others carry (a word pair splits its
+    weight). Stops early when no word has a positive weight.
+    """
+    current = prompt
+    current_score = float(score([prompt])[0])
+    scored, rounds = 1, 0
+    removed: list[str] = []
+    inserted: list[str] = []
+    while current_score > target and len(removed) < max_words:
+        words = list(explain(current))
+        scored += len(words) + 1
+        spans = ranked_spans(words, 1)
+        if not spans:
+            break
+        candidates = edits(current, spans, lexicon, limit=limit)
+        values = [float(v) for v in score([c.prompt for c in candidates])]
+        scored += len(candidates)
+        best = min(range(len(candidates)), key=lambda i: values[i])
+        current, current_score = candidates[best].prompt, values[best]
+        removed += candidates[best].removed
+        inserted += candidates[best].inserted
+        rounds += 1
+    return TriggerRewrite(current, current_score, tuple(removed), tuple(inserted), rounds, scored)
