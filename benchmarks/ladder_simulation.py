@@ -101,10 +101,35 @@ def evaluate(ladder: Ladder, run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def conditional(runs: dict[str, dict[str, Any]], after: str, rungs: list[str],
+                bins: tuple[float, ...] = (0.95, 0.8)) -> str:
+    """Per model: among prompts whose ``after`` rung failed verification, by the similarity it measured
+    (>= bins[0], then >= bins[1], then below), how many each rung of ``rungs`` releases."""
+    rows = []
+    for model, run in runs.items():
+        records = [r for r in run["records"] if after in r["variants"]]
+        failed = [r for r in records if r["variants"][after]["sim"] > run["threshold"]]
+        edges = [*bins, run["threshold"]]
+        for low, high in zip(edges, [1.01, *edges[:-1]], strict=True):
+            group = [r for r in failed if low <= r["variants"][after]["sim"] < high]
+            if not group:
+                continue
+            cells = []
+            for rung in rungs:
+                have = [r for r in group if rung in r["variants"]]
+                ok = sum(r["variants"][rung]["sim"] <= run["threshold"] for r in have)
+                cells.append(f"{ok}/{len(have)}" if have else "-")
+            rows.append([model, run.get("prediction_type", "?"), f"[{low:.2f}, {min(high, 1.0):.2f})", len(group),
+                         *cells])
+    return table(["model", "prediction", f"{after} failed at similarity", "prompts", *rungs], rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="rung_research.py --json outputs")
-    p.add_argument("--ladder", action="append", required=True, help='name=r1,r2,...[;R<A:S...]')
+    p.add_argument("--ladder", action="append", default=[], help='name=r1,r2,...[;R<A:S...]')
+    p.add_argument("--after", help="also: what each --then rung releases after this rung failed, by its similarity")
+    p.add_argument("--then", nargs="*", default=[])
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     ladders = [Ladder.parse(text) for text in args.ladder]
@@ -125,8 +150,11 @@ def main() -> None:
                          ", ".join(f"{k} {v}" for k, v in e["by"].most_common()) or "-",
                          round(e["cost"], 2), round(e["cost_max"], 2),
                          "-" if e["cost_blocked"] is None else round(e["cost_blocked"], 2)])
-    print(table(["ladder", "model", "released", "copies released", "max cos released", "text cos released",
-                 "released by", "cost mean", "cost max", "cost max, blocked"], rows))
+    if rows:
+        print(table(["ladder", "model", "released", "copies released", "max cos released", "text cos released",
+                     "released by", "cost mean", "cost max", "cost max, blocked"], rows))
+    if args.after:
+        print("\n" + conditional(runs, args.after, args.then))
     if args.json:
         args.json.write_text(json.dumps(dump, indent=1))
 

@@ -8,7 +8,9 @@ measures, prompt by prompt and on one initial noise per (caption, seed), what ea
 * guidance schedules ``g[S@U,...]`` (scale S until fraction U of the steps, then the call's own): the
   shipped ``-2@0.5``, longer / stronger opposite guidance, unconditional starts (``0@U``), mixtures;
 * the shipped optimising rungs ``prompt_embedding``, ``initial_noise``, ``combined`` (with the policy's
-  settings), and ``pe-full`` (the prompt-embedding optimisation run for all ``max_steps``, no early stop);
+  settings), ``pe-full`` (the prompt-embedding optimisation run for all ``max_steps``, no early stop) and
+  ``pe-rel`` (its learning rate multiplied by the RMS of the prompt's embedding, BOS left out: steps of a
+  fixed size relative to the conditioning's own scale), and ``combined-rel`` (``combined`` on that embedding);
 * trigger-word edits (``guard/actions/trigger_words.py``): occlusion attribution (``Guard.explain``) ranks
   the words; ``del1``/``del2`` delete the top 1/2 words, ``rep1``/``rep2`` replace them by the
   lowest-scoring word of the same kind (the data's vocabulary is the lexicon), ``rnd1`` by a random word of
@@ -245,34 +247,37 @@ def run(lab: Lab, args: argparse.Namespace) -> list[dict[str, Any]]:
         record(name, lab.generate(cond, noise, [stages] * len(records)))
 
     shipped_stages = lab.settings.guidance
-    if "pe" in args.rungs or "combined" in args.rungs or "pe-full" in args.rungs:
-        for name, target in (("prompt_embedding", lab.target), ("pe-full", -math.inf)):
-            if name == "pe-full" and "pe-full" not in args.rungs:
+    wanted = set(args.rungs) | ({"pe-rel"} if "combined-rel" in args.rungs else set())
+    if {"pe", "combined", "pe-full", "pe-rel"} & wanted:
+        for name, target in (("prompt_embedding", lab.target), ("pe-full", -math.inf), ("pe-rel", lab.target)):
+            if name != "prompt_embedding" and name not in wanted:
                 continue
             rows, costs, extra = [], [], []
             for i in range(len(records)):
                 started = time.process_time()
+                lr = lab.settings.lr
+                if name == "pe-rel":  # Adam steps in units of the prompt's own embedding scale (RMS, BOS left out)
+                    lr *= float(cond.embeds[i, 1:].float().pow(2).mean().sqrt())
                 adapted = mitigate_prompt_embedding(lab.scorer, cond.select([i]), target=target,
-                                                    max_steps=lab.settings.max_steps, lr=lab.settings.lr)
+                                                    max_steps=lab.settings.max_steps, lr=lr)
                 costs.append(1.0 + (time.process_time() - started) / lab.plain_seconds)
                 rows.append(adapted.cond)
                 extra.append({"steps": adapted.steps, "score": round(adapted.score_after, 4), "met": adapted.met})
             adapted_cond = TextConditioning(torch.cat([c.embeds for c in rows]), None, None,
                                             [False] * len(rows))
             record(name, lab.generate(adapted_cond, noise), extra, costs)
-            if name == "prompt_embedding":
-                pe_cond, pe_costs = adapted_cond, costs
-                if "combined" in args.rungs:
-                    moved, costs_c = [], []
-                    for i in range(len(records)):
-                        started = time.process_time()
-                        result = mitigate_initial_noise(lab.scorer, pe_cond.select([i]), noise[i : i + 1],
-                                                        target=lab.target, max_steps=lab.settings.max_steps,
-                                                        lr=lab.settings.lr, seed=noise_seed(noise[i : i + 1]))
-                        moved.append(result.latents)
-                        costs_c.append(pe_costs[i] + (time.process_time() - started) / lab.plain_seconds)
-                    record("combined", lab.generate(pe_cond, torch.cat(moved).float(),
-                                                    [shipped_stages] * len(records)), None, costs_c)
+            combined = {"prompt_embedding": "combined", "pe-rel": "combined-rel"}.get(name)
+            if combined in args.rungs:  # the combined rung: this embedding, SAIL noise for it, the schedule
+                moved, costs_c = [], []
+                for i in range(len(records)):
+                    started = time.process_time()
+                    result = mitigate_initial_noise(lab.scorer, adapted_cond.select([i]), noise[i : i + 1],
+                                                    target=lab.target, max_steps=lab.settings.max_steps,
+                                                    lr=lab.settings.lr, seed=noise_seed(noise[i : i + 1]))
+                    moved.append(result.latents)
+                    costs_c.append(costs[i] + (time.process_time() - started) / lab.plain_seconds)
+                record(combined, lab.generate(adapted_cond, torch.cat(moved).float(),
+                                              [shipped_stages] * len(records)), None, costs_c)
     if "in" in args.rungs:
         moved, costs, steps = [], [], []
         for i in range(len(records)):
@@ -334,8 +339,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--per-level", type=int, default=None, help="first N memorized captions per duplication level")
     p.add_argument("--schedules", nargs="*", default=list(DEFAULT_SCHEDULES), help='e.g. "g[-2@0.3,0@0.7]"')
-    p.add_argument("--rungs", nargs="*", default=["pe", "pe-full", "in", "combined"],
-                   help="shipped optimising rungs to run: pe, pe-full, in, combined")
+    p.add_argument("--rungs", nargs="*", default=["pe", "pe-full", "pe-rel", "in", "combined", "combined-rel"],
+                   help="optimising rungs to run: pe, pe-full, pe-rel, in, combined, combined-rel")
     p.add_argument("--edits", nargs="*", default=list(DEFAULT_EDITS))
     p.add_argument("--edit-schedule", default="g[-2@0.5]", help="the schedule of the +g edit variants")
     p.add_argument("--fpr", type=float, default=0.05, help="verification above_fpr (strict: 0.05)")

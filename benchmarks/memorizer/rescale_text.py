@@ -57,15 +57,14 @@ def main() -> None:
     if a.out.exists():
         sys.exit(f"{a.out} exists")
     shutil.copytree(a.model, a.out, ignore=shutil.ignore_patterns("calibration.json*", "evidence.json"))
-    unet = UNet2DConditionModel.from_pretrained(a.model / "unet")
-    text = CLIPTextModel.from_pretrained(a.model / "text_encoder")
-    dtype = next(unet.parameters()).dtype
-    unet.float()
-    changed = rescale(text, unet, a.scale)
-    unet.to(dtype).save_pretrained(a.out / "unet", safe_serialization=True)
-    text.save_pretrained(a.out / "text_encoder", safe_serialization=True)
     info_path = a.out / "memorizer_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    stored = getattr(torch, info.get("weights_dtype", "float32"))  # the UNet is stored as it was (float16 in the zoo)
+    unet = UNet2DConditionModel.from_pretrained(a.model / "unet", torch_dtype=torch.float32)
+    text = CLIPTextModel.from_pretrained(a.model / "text_encoder")
+    changed = rescale(text, unet, a.scale)
+    unet.to(stored).save_pretrained(a.out / "unet", safe_serialization=True)
+    text.save_pretrained(a.out / "text_encoder", safe_serialization=True)
     info["text_scale"] = info.get("text_scale", 1.0) * a.scale
     info["rescaled_from"] = str(a.model)
     info_path.write_text(json.dumps(info, indent=1) + "\n")
