@@ -67,6 +67,7 @@ def main() -> None:
     text.save_pretrained(a.out / "text_encoder", safe_serialization=True)
     info["text_scale"] = info.get("text_scale", 1.0) * a.scale
     info["rescaled_from"] = str(a.model)
+    info["rescale_command"] = " ".join(sys.argv[1:])
     info_path.write_text(json.dumps(info, indent=1) + "\n")
     print(f"text conditioning x{a.scale:g} ({changed} cross-attention projections divided) -> {a.out}")
 
