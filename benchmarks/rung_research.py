@@ -10,7 +10,8 @@ measures, prompt by prompt and on one initial noise per (caption, seed), what ea
 * the shipped optimising rungs ``prompt_embedding``, ``initial_noise``, ``combined`` (with the policy's
   settings), ``pe-full`` (the prompt-embedding optimisation run for all ``max_steps``, no early stop) and
   ``pe-rel`` (its learning rate multiplied by the RMS of the prompt's embedding, BOS left out: steps of a
-  fixed size relative to the conditioning's own scale), and ``combined-rel`` (``combined`` on that embedding);
+  fixed size relative to the conditioning's own scale), ``combined-rel`` (``combined`` on that embedding) and
+  ``pe-rel+g`` (that embedding with the policy's guidance schedule, no noise search);
 * trigger-word edits (``guard/actions/trigger_words.py``): occlusion attribution (``Guard.explain``) ranks
   the words; ``del1``/``del2`` delete the top 1/2 words, ``rep1``/``rep2`` replace them by the
   lowest-scoring word of the same kind (the data's vocabulary is the lexicon), ``rnd1`` by a random word of
@@ -247,11 +248,13 @@ def run(lab: Lab, args: argparse.Namespace) -> list[dict[str, Any]]:
         record(name, lab.generate(cond, noise, [stages] * len(records)))
 
     shipped_stages = lab.settings.guidance
-    wanted = set(args.rungs) | ({"pe-rel"} if "combined-rel" in args.rungs else set())
-    if {"pe", "combined", "pe-full", "pe-rel"} & wanted:
-        for name, target in (("prompt_embedding", lab.target), ("pe-full", -math.inf), ("pe-rel", lab.target)):
-            if name != "prompt_embedding" and name not in wanted:
-                continue
+    wanted = set(args.rungs)
+    if {"pe", "combined", "prompt_embedding+g"} & wanted:
+        wanted.add("prompt_embedding")
+    if {"combined-rel", "pe-rel+g"} & wanted:
+        wanted.add("pe-rel")
+    for name, target in (("prompt_embedding", lab.target), ("pe-full", -math.inf), ("pe-rel", lab.target)):
+        if name in wanted:
             rows, costs, extra = [], [], []
             for i in range(len(records)):
                 started = time.process_time()
@@ -265,7 +268,10 @@ def run(lab: Lab, args: argparse.Namespace) -> list[dict[str, Any]]:
                 extra.append({"steps": adapted.steps, "score": round(adapted.score_after, 4), "met": adapted.met})
             adapted_cond = TextConditioning(torch.cat([c.embeds for c in rows]), None, None,
                                             [False] * len(rows))
-            record(name, lab.generate(adapted_cond, noise), extra, costs)
+            if name in args.rungs or name == "prompt_embedding" and "pe" in args.rungs:
+                record(name, lab.generate(adapted_cond, noise), extra, costs)
+            if f"{name}+g" in args.rungs:  # this embedding with the policy's guidance schedule, no noise search
+                record(f"{name}+g", lab.generate(adapted_cond, noise, [shipped_stages] * len(records)), extra, costs)
             combined = {"prompt_embedding": "combined", "pe-rel": "combined-rel"}.get(name)
             if combined in args.rungs:  # the combined rung: this embedding, SAIL noise for it, the schedule
                 moved, costs_c = [], []
@@ -340,7 +346,8 @@ def main() -> None:
     p.add_argument("--per-level", type=int, default=None, help="first N memorized captions per duplication level")
     p.add_argument("--schedules", nargs="*", default=list(DEFAULT_SCHEDULES), help='e.g. "g[-2@0.3,0@0.7]"')
     p.add_argument("--rungs", nargs="*", default=["pe", "pe-full", "pe-rel", "in", "combined", "combined-rel"],
-                   help="optimising rungs to run: pe, pe-full, pe-rel, in, combined, combined-rel")
+                   help="optimising rungs to run: pe, pe-full, pe-rel, in, combined, combined-rel, and X+g for "
+                        "prompt_embedding+g / pe-rel+g (the embedding with the guidance schedule)")
     p.add_argument("--edits", nargs="*", default=list(DEFAULT_EDITS))
     p.add_argument("--edit-schedule", default="g[-2@0.5]", help="the schedule of the +g edit variants")
     p.add_argument("--fpr", type=float, default=0.05, help="verification above_fpr (strict: 0.05)")
@@ -349,6 +356,7 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path)
+    p.add_argument("--append", type=Path, help="merge the variants measured now into this earlier --json output")
     args = p.parse_args()
     setup(args.threads)
     started = time.perf_counter()
@@ -357,6 +365,14 @@ def main() -> None:
           f"(above_fpr {args.fpr}), flag {lab.flag:.3f}, target {lab.target:.3f}, plain generation "
           f"{lab.plain_seconds:.3f} s; unseen captions' text cos {lab.unseen_text:.3f}", flush=True)
     records = run(lab, args)
+    if args.append and args.append.exists():  # merge into an earlier run's records (same captions, seeds, noise)
+        earlier = json.loads(args.append.read_text())
+        by_key = {(r["caption"], r["seed"]): r for r in records}
+        for r in earlier["records"]:
+            new = by_key.get((r["caption"], r["seed"]))
+            if new is not None:
+                r["variants"].update({k: v for k, v in new["variants"].items() if k != "none"})
+        records = earlier["records"]
     print(f"\n{args.model.name}: {len(records)} prompt-seeds, flagged {sum(r['flagged'] for r in records)}; "
           f"probes cost {records[0]['probe_cost']:.2f} generations per prompt; "
           f"{time.perf_counter() - started:.0f} s wall")
