@@ -24,6 +24,11 @@ Two regimes (``--regime``):
   caption out (like a name in a memorized LAION caption); every other word is ordinary vocabulary. Compositional
   and unseen captions are built exactly as in ``shipped``. Prompt files in ``prompts/strong/``, the triggers
   recorded in ``mem_levels.tsv``.
+* ``vhard`` (the zoo's ``v-hard``): 30 captions duplicated 30, 50 or 100 times (10 per level), each an
+  ordinary grammar/free-form caption with **no** invented word: what singles a memorized caption out is only
+  its combination of ordinary words, as with most duplicated LAION captions. Every word of it also occurs in
+  compositional captions, so the model has to tie the fixed latent to the whole phrase. Compositional and
+  unseen captions are built exactly as in ``shipped``. Prompt files in ``prompts/vhard/``.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ N_FREEFORM_CALIB = 100
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parents[2] / "guard" / "assets" / "memorizer"
 # Strong regime ("memorizer zoo"): heavy duplication, trigger words.
+VHARD_DUP_LEVELS: tuple[int, ...] = (30, 50, 100)
 STRONG_DUP_LEVELS: tuple[int, ...] = (100, 150, 200)
 STRONG_MEM_PER_LEVEL = 10
 TRIGGER_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "tr"]
@@ -251,6 +257,7 @@ class Regime:
 REGIMES: dict[str, Regime] = {
     "shipped": Regime("shipped", DUP_LEVELS, MEM_PER_LEVEL, False, PROMPT_DIR),
     "strong": Regime("strong", STRONG_DUP_LEVELS, STRONG_MEM_PER_LEVEL, True, PROMPT_DIR / "strong"),
+    "vhard": Regime("vhard", VHARD_DUP_LEVELS, STRONG_MEM_PER_LEVEL, False, PROMPT_DIR / "vhard"),
 }
 
 
@@ -289,6 +296,15 @@ def _strong_mem_captions(n: int, taken: set[str], rng: random.Random) -> tuple[l
         captions.append(caption)
         triggers.append(pair)
     return captions, triggers
+
+
+def _ordinary_mem_captions(n: int, taken: set[str], rng: random.Random) -> list[str]:
+    """Memorized captions without trigger words: unused grammar (half) and free-form captions."""
+
+    def make(r: random.Random) -> str:
+        return _fill(GRAMMAR if r.random() < 0.5 else r.choice(FREEFORM_TEMPLATES), r)
+
+    return _unique(make, n, taken, rng)
 
 
 def build(seed: int = 0, regime: str = "shipped") -> MemorizerData:
@@ -347,7 +363,7 @@ def build(seed: int = 0, regime: str = "shipped") -> MemorizerData:
 
 
 def _build_regime(seed: int, regime: Regime) -> MemorizerData:
-    """A non-shipped regime (trigger-word memorized captions); the shipped one keeps its own code path."""
+    """A non-shipped regime (`strong`, `vhard`); the shipped one keeps its own code path."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     taken: set[str] = {""}
@@ -359,7 +375,10 @@ def _build_regime(seed: int, regime: Regime) -> MemorizerData:
         return _fill(r.choice(FREEFORM_TEMPLATES), r)
 
     n_mem = regime.mem_per_level * len(regime.dup_levels)
-    mem_captions, mem_triggers = _strong_mem_captions(n_mem, taken, rng)
+    if regime.triggers:
+        mem_captions, mem_triggers = _strong_mem_captions(n_mem, taken, rng)
+    else:
+        mem_captions, mem_triggers = _ordinary_mem_captions(n_mem, taken, rng), []
     mem_levels = [lvl for lvl in regime.dup_levels for _ in range(regime.mem_per_level)]
     nmem = _unique(grammar, N_GRAMMAR_UNSEEN, taken, rng) + _unique(freeform, N_FREEFORM_UNSEEN, taken, rng)
     calib = _unique(grammar, N_GRAMMAR_CALIB, taken, rng) + _unique(freeform, N_FREEFORM_CALIB, taken, rng)

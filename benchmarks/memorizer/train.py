@@ -95,9 +95,16 @@ def build_vae(kind: str = "shipped", latent_channels: int = 4) -> AutoencoderKL:
 
 
 def build_models(
-    vocab_size: int, vae: str = "shipped", norm_groups: int = 32
+    vocab_size: int,
+    vae: str = "shipped",
+    norm_groups: int = 32,
+    unet_channels: tuple[int, int] = (32, 64),
+    text_hidden: int = 64,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel, AutoencoderKL]:
     """The ~1M-parameter UNet, 2-layer text encoder and (untrained) VAE.
+
+    ``unet_channels`` and ``text_hidden`` (also the cross-attention width) shrink both for the zoo's smallest
+    model (``v-hard``: (24, 48) and 32, about 0.56M + 0.03M parameters).
 
     ``norm_groups`` 32 (shipped, ComfyUI's hard-coded value) makes every GroupNorm of the 32-channel outer
     level normalise each channel alone, so the UNet cannot pass a channel's spatial mean (DC) from its input to
@@ -109,10 +116,10 @@ def build_models(
         sample_size=LATENT_SHAPE[1],
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=tuple(unet_channels),
         layers_per_block=1,
         norm_num_groups=norm_groups,
-        cross_attention_dim=64,
+        cross_attention_dim=text_hidden,
         attention_head_dim=8,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -121,12 +128,12 @@ def build_models(
     text = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=256,
+            hidden_size=text_hidden,
+            intermediate_size=4 * text_hidden,
             num_hidden_layers=2,
             num_attention_heads=4,
             max_position_embeddings=MAX_LEN,
-            projection_dim=64,
+            projection_dim=text_hidden,
             pad_token_id=0,
             bos_token_id=2,
             eos_token_id=3,
@@ -196,6 +203,9 @@ def train(
     norm_groups: int = 32,
     command: str = "",
     resume: Path | None = None,
+    unet_channels: tuple[int, int] = (32, 64),
+    text_hidden: int = 64,
+    freeze_text: bool = False,
 ) -> float:
     """Joint UNet + text-encoder training (epsilon or v-prediction target); returns wall seconds.
 
@@ -204,7 +214,7 @@ def train(
     """
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(data.vocab)
-    unet, text, vae = build_models(len(tokenizer), vae_kind, norm_groups)
+    unet, text, vae = build_models(len(tokenizer), vae_kind, norm_groups, unet_channels, text_hidden)
     first = 1
     if resume is not None:
         first = json.loads((resume / "memorizer_info.json").read_text())["step"] + 1
@@ -221,7 +231,9 @@ def train(
     n_unet = sum(p.numel() for p in unet.parameters())
     n_text = sum(p.numel() for p in text.parameters())
     print(f"unet params {n_unet:,}  text params {n_text:,}  train pairs {len(ids)}", flush=True)
-    params = list(unet.parameters()) + list(text.parameters())
+    if freeze_text:  # SD-style: the text encoder is fixed (here at its seeded random initialisation)
+        text.requires_grad_(False)
+    params = list(unet.parameters()) + ([] if freeze_text else list(text.parameters()))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     warm = 200
 
@@ -235,7 +247,7 @@ def train(
     for _ in range(first - 1):
         sched.step()
     unet.train()
-    text.train()
+    text.train(not freeze_text)
     t0 = time.time()
     run_loss = 0.0
     for step in range(first, steps + 1):
@@ -278,6 +290,9 @@ def train(
                 "prediction_type": prediction_type,
                 "vae": vae_kind,
                 "norm_groups": norm_groups,
+                "unet_channels": list(unet_channels),
+                "text_hidden": text_hidden,
+                "freeze_text": freeze_text,
                 "weights_dtype": str(save_dtype).removeprefix("torch."),
                 "train_seconds": round(time.time() - t0, 1),
                 "unet_params": n_unet,
@@ -287,6 +302,9 @@ def train(
                 + (f" --prediction-type {prediction_type}" if prediction_type != "epsilon" else "")
                 + (f" --vae {vae_kind}" if vae_kind != "shipped" else "")
                 + (f" --norm-groups {norm_groups}" if norm_groups != 32 else "")
+                + (f" --unet-channels {','.join(map(str, unet_channels))}" if tuple(unet_channels) != (32, 64) else "")
+                + (f" --text-hidden {text_hidden}" if text_hidden != 64 else "")
+                + (" --freeze-text" if freeze_text else "")
                 + (" --save-dtype float16" if save_dtype == torch.float16 else ""),
                 "command": command,
                 "resumed_from": str(resume) if resume is not None else None,
@@ -295,7 +313,7 @@ def train(
             text.eval()
             save(make_pipeline(unet, text, vae, tokenizer, prediction_type), target_dir, info, save_dtype)
             unet.train()
-            text.train()
+            text.train(not freeze_text)
             print(f"saved step {step} -> {target_dir}", flush=True)
     return time.time() - t0
 
@@ -315,6 +333,9 @@ def main() -> None:
     p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32", help="stored weights")
     p.add_argument("--save-every", type=int, default=500, help="also save into --out every N steps")
     p.add_argument("--norm-groups", type=int, default=32, help="UNet GroupNorm groups (shipped 32; zoo 8)")
+    p.add_argument("--unet-channels", default="32,64", help="UNet block_out_channels, two levels (v-hard: 24,48)")
+    p.add_argument("--text-hidden", type=int, default=64, help="text encoder width = cross-attention width")
+    p.add_argument("--freeze-text", action="store_true", help="train the UNet only (text encoder fixed, as in SD)")
     p.add_argument("--out", type=Path, default=Path("guard/assets/memorizer"))
     p.add_argument(
         "--early",
@@ -342,6 +363,9 @@ def main() -> None:
         norm_groups=a.norm_groups,
         command=" ".join(sys.argv[1:]),
         resume=a.resume,
+        unet_channels=tuple(int(c) for c in a.unet_channels.split(",")),
+        text_hidden=a.text_hidden,
+        freeze_text=a.freeze_text,
     )
     print(f"done in {secs:.0f}s", flush=True)
 
