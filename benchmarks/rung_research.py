@@ -53,11 +53,12 @@ from common import load, setup, table  # noqa: E402
 from memorizers import Sampler, cosine_rows, data_for, unseen_level  # noqa: E402
 
 from guard import Guard  # noqa: E402
+from guard.actions.generation import GenerationJob  # noqa: E402
 from guard.actions.mitigation import mitigate_initial_noise, mitigate_prompt_embedding, noise_seed  # noqa: E402
 from guard.actions.trigger_words import Edit, edits, ranked_spans, rewrite_triggers  # noqa: E402
-from guard.actions.verification import GenerationRequest, probe_similarity, run_probes  # noqa: E402
+from guard.actions.verification import probe_similarity, run_probes  # noqa: E402
 from guard.calibration import CalibrationProfile  # noqa: E402
-from guard.guard import PipelineGeneration  # noqa: E402
+from guard.guard import PipelineGenerator  # noqa: E402
 from guard.policy import GuidanceStage  # noqa: E402
 from guard.scoring import TextConditioning  # noqa: E402
 
@@ -144,21 +145,20 @@ class Lab:
         for start in range(0, len(cond), chunk):
             rows = list(range(start, min(len(cond), start + chunk)))
             part = cond.select(rows)
-            generation = PipelineGeneration(self.pipe, self.adapter, {"num_inference_steps": self.steps,
-                                                                      "guidance_scale": self.guidance},
-                                            list(range(len(rows))), self.shape, redact=False)
+            generation = PipelineGenerator(self.pipe, self.adapter, {"num_inference_steps": self.steps,
+                                                                     "guidance_scale": self.guidance},
+                                           len(rows), redact=False)
             guidance = {} if stages is None else {i: tuple(stages[r]) for i, r in enumerate(rows)
                                                   if stages[r] is not None}
-            request = GenerationRequest(cond=part, latents=noise[rows], images_per_prompt=1, guidance=guidance,
-                                        steps=steps, probe=True)
-            out.append(generation(request).latents)
+            job = GenerationJob(cond=part, latents=noise[rows], images_per_prompt=1, guidance=guidance, steps=steps)
+            out.append(generation(job).latents)
         return torch.cat(out)
 
     def probes(self, cond: TextConditioning) -> torch.Tensor:
-        generation = PipelineGeneration(self.pipe, self.adapter, {"num_inference_steps": self.steps,
-                                                                  "guidance_scale": self.guidance},
-                                        list(range(len(cond))), self.shape, redact=False)
-        return run_probes(generation, cond, self.shape, self.verify, self.seed)
+        generation = PipelineGenerator(self.pipe, self.adapter, {"num_inference_steps": self.steps,
+                                                                 "guidance_scale": self.guidance},
+                                       len(cond), redact=False)
+        return run_probes(generation, cond, self.verify, self.seed)
 
     def scores(self, prompts: Sequence[str]) -> list[float]:
         return [s.score for s in self.scorer.score(list(prompts))]

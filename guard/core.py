@@ -107,6 +107,10 @@ class GuardReport:
     errors: dict[int, dict[str, str]] = field(default_factory=dict)
     audit_error: str | None = None
     context: dict[str, Any] = field(default_factory=dict)
+    #: The request's prompt texts (None where only embeddings came) and encode options, for the ``token`` rung;
+    #: never serialised.
+    prompts: list[str | None] = field(default_factory=list, repr=False)
+    encode_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def actions(self) -> list[str]:
@@ -324,7 +328,8 @@ class GuardCore:
             scoring_ms = ms_since(started)
             reports = [
                 GuardReport(request_id=request.request_id or new_request_id(), decisions=decisions, mode=mode,
-                            latency_scoring_ms=scoring_ms, context=dict(request.context))
+                            latency_scoring_ms=scoring_ms, context=dict(request.context),
+                            prompts=list(request.prompts), encode_options=dict(request.encode_options))
                 for request, (decisions, _) in zip(requests, decided)
             ]
             self._write_all_decisions(reports, [request.prompts for request in requests])
@@ -574,7 +579,7 @@ class GuardCore:
             if self.scorer is None:
                 return None
             try:
-                with self.lock:
+                with self.lock, redacted_library_logs(self.scorer.adapter, self.hashes_prompts):
                     latents = None
                     if generator is not None:
                         noise = generator.initial_noise()
@@ -584,6 +589,8 @@ class GuardCore:
                         images_per_prompt=per, generate=generator, prompts=kept,
                         threshold=lambda verify: self._verification_threshold(verify, generator),
                         seed=self.policy.scoring.noise_seed, results=report.mitigations,
+                        texts=[report.prompts[i] if i < len(report.prompts) else None for i in kept],
+                        encode_options=report.encode_options,
                     )
             except Exception as error:
                 message = f"rewrite failed: {type(error).__name__}: {error}"

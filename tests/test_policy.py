@@ -218,7 +218,7 @@ def test_relative_thresholds_use_calibration():
     assert cal.threshold_at_fpr(0.02) == 9.79
     rewrite = decide(strict, make_score(9.99), "p", cal)  # strict rewrites (verified) instead of blocking
     assert rewrite.action == "rewrite" and rewrite.rewrite_target == cal.threshold_at_fpr(0.5)
-    assert rewrite.rewrite.rungs == ("guidance_schedule", "prompt_embedding", "initial_noise", "combined")
+    assert rewrite.rewrite.rungs == ("guidance_schedule", "token", "prompt_embedding", "initial_noise", "combined")
     assert decide(strict, make_score(9.79), "p", cal).action == "warn"
     assert decide(strict, make_score(1.0), "p", cal).action == "allow"
 

@@ -1,11 +1,12 @@
 """The rewrite ladder: mitigation methods tried cheapest first, each generation verified before release.
 
 For every prompt whose decision is ``rewrite``: its probes are generated once (``verification``); then at
-each level of its ladder the rung's input is prepared (a guidance schedule, an adapted prompt embedding, an
-optimised initial noise, or all three), the front end generates the call, and the prompt's images are
-verified. A prompt whose images pass keeps that rung's input and is done; one that passes no rung takes its
-rule's ``fallback``. Rungs of different prompts of one call share each generation, so other prompts' images
-come out exactly as the call would have made them.
+each level of its ladder the rung's input is prepared (a guidance schedule, the prompt without the words
+that carry its score, an adapted prompt embedding, an optimised initial noise, or the last two with the
+schedule), the front end generates the call, and the prompt's images are verified. A prompt whose images
+pass keeps that rung's input and is done; one that passes no rung takes its rule's ``fallback``. Rungs of
+different prompts of one call share each generation, so other prompts' images come out exactly as the call
+would have made them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -29,12 +31,17 @@ from ..policy import (
     VerifySettings,
     decide_on_error,
 )
-from ..scoring import Scorer, TextConditioning
+from ..scoring import Scorer, TextConditioning, explain_prompt, prompt_words
 from .generation import GenerationJob, GenerationResult, Generator
 from .mitigation import mitigate_initial_noise, mitigate_prompt_embedding, noise_seed
+from .trigger_words import rewrite_triggers, word_indices
 from .verification import probe_similarity, run_probes
 
 __all__ = ["LadderResult", "LadderState", "RungResult", "run_ladder"]
+
+#: Probes of one prompt from different noises this alike (lowest cosine) mean the model draws one image whatever
+#: the noise: the ``initial_noise`` rung cannot free it and is skipped (on the zoo it freed no strong memorizer).
+FIXED_IMAGE_AGREEMENT = 0.9
 
 #: The ladder's result for one prompt is the policy package's typed ``RewriteResult``.
 LadderResult = RewriteResult
@@ -94,6 +101,8 @@ def run_ladder(
     threshold: Callable[[VerifySettings], float],
     seed: int,
     results: dict[int, RewriteResult],
+    texts: Sequence[str | None] | None = None,
+    encode_options: Mapping[str, Any] | None = None,
 ) -> tuple[list[Decision], LadderState]:
     """Rewrite every ``rewrite`` decision of a call by its ladder (``decisions`` in the call's row order).
 
@@ -102,7 +111,9 @@ def run_ladder(
     verification threshold for a rule's settings (it may raise ``CalibrationError``). ``generate`` is None where
     the front end cannot generate (a conditioning node): then nothing can be verified, so only unverified rules
     (``verify: null``) rewrite, by their prompt-embedding rung. ``results`` receives each rewritten prompt's
-    ``RewriteResult`` under its prompt index. Returns the updated decisions and the inputs to release from.
+    ``RewriteResult`` under its prompt index. ``texts`` (per row; None where only embeddings are known) and the
+    call's ``encode_options`` are what the ``token`` rung edits and re-encodes. Returns the updated decisions and
+    the inputs to release from.
 
     Exceptions of the front end's generation propagate: the core turns them into the rules' fallbacks.
     """
@@ -151,19 +162,33 @@ def run_ladder(
     def reset(k: int) -> None:
         _restore(state, cond, latents, k, per)
 
-    depth = max(len(settings.rungs) for settings in pending.values())
-    for level in range(depth):
+    position = dict.fromkeys(pending, 0)  # each prompt's next rung
+    token_words: dict[int, int] = {}  # a token rung that failed verification is tried again one word deeper
+    while any(position[k] < len(settings.rungs) for k, settings in pending.items()):
         generated: dict[int, RungResult] = {}
         for k, settings in list(pending.items()):
-            if level >= len(settings.rungs):
+            if position[k] >= len(settings.rungs):
                 continue
-            rung = settings.rungs[level]
+            rung = settings.rungs[position[k]]
+            position[k] += 1
             ladder = results[decisions[k].prompt_index]
             rung_started = time.perf_counter()
-            outcome, met = _prepare(rung, k, settings, decisions[k], scorer, cond, latents, state, per,
-                                    guidance_available)
+            if rung == "initial_noise" and (ladder.probe_agreement or 0.0) >= FIXED_IMAGE_AGREEMENT:
+                ladder.rungs.append(RungResult(rung=rung, ran=False, note=(
+                    f"skipped: the prompt's probes from different noises agree at {ladder.probe_agreement:.3f} "
+                    f">= {FIXED_IMAGE_AGREEMENT}, so another initial noise cannot move its image")))
+                continue
+            if rung == "token":
+                text = texts[k] if texts is not None and k < len(texts) else None
+                steps = generate.steps if generate is not None else 50
+                outcome, met = _prepare_token(k, settings, decisions[k], scorer, cond, latents, state, per, text,
+                                              dict(encode_options or {}), steps, token_words.get(k, 0))
+            else:
+                outcome, met = _prepare(rung, k, settings, decisions[k], scorer, cond, latents, state, per,
+                                        guidance_available)
             outcome.seconds = time.perf_counter() - rung_started
             ladder.rungs.append(outcome)
+            ladder.generations += outcome.generations  # what preparing it cost (the token rung's scoring)
             if not outcome.ran:
                 continue
             if settings.verify is None and not met:
@@ -202,6 +227,9 @@ def run_ladder(
             else:
                 reset(k)
                 state.last = None  # the inputs changed since that generation
+                if outcome.rung == "token" and outcome.edits and not outcome.edits.get("exhausted"):
+                    token_words[k] = len(outcome.edits["words"]) + 1
+                    position[k] -= 1
     for k, settings in pending.items():
         decisions[k] = _fallback(decisions[k], settings, results[decisions[k].prompt_index])
     elapsed = time.perf_counter() - started
@@ -310,6 +338,60 @@ def _prepare(
     if rung == "combined" and guidance_available is not None:
         outcome.note = f"without the guidance schedule: {guidance_available}"
     return outcome, met
+
+
+def _prepare_token(
+    k: int,
+    settings: RewriteSettings,
+    decision: Decision,
+    scorer: Scorer,
+    cond: TextConditioning,
+    latents: torch.Tensor | None,
+    state: LadderState,
+    per: int,
+    text: str | None,
+    encode_options: dict[str, Any],
+    steps: int,
+    min_words: int,
+) -> tuple[RungResult, bool]:
+    """Prompt ``k``'s conditioning re-encoded from its text without the words that carry its score: occlusion
+    names the top word, it is deleted, the rest re-attributed, until the score is under the rewrite target or
+    ``max_words`` are gone (at least ``min_words``: a deeper edit after one that failed verification). The record
+    keeps the deleted words' indices (the words too; the audit logger drops them
+    unless prompts are logged plain) and the scoring passes spent, in generations."""
+    _restore(state, cond, latents, k, per)
+    if not text or not text.strip():
+        return RungResult(rung="token", ran=False, note="needs the prompt's text; the call gave only embeddings"), False
+    target = float(decision.rewrite_target)
+    try:
+        found = rewrite_triggers(
+            text,
+            explain=lambda prompt: explain_prompt(scorer, prompt, encode_options=encode_options).words,
+            score=lambda prompts: [r.score for r in scorer.score(list(prompts), **encode_options)],
+            target=target,
+            max_words=settings.max_words,
+            min_words=min_words,
+        )
+        if not found.changed or len(found.removed) < min_words:
+            return RungResult(rung="token", ran=False, note="no (further) word raises the score, so none is "
+                                                            "deleted"), False
+        edited = scorer.encode([found.prompt], **encode_options)
+        state.cond.embeds[k] = edited.embeds[0].to(state.cond.embeds.device, state.cond.embeds.dtype)
+        if state.cond.pooled is not None and edited.pooled is not None:
+            state.cond.pooled[k] = edited.pooled[0].to(state.cond.pooled.device, state.cond.pooled.dtype)
+    except Exception as error:  # a prompt that cannot be edited or re-encoded is a failed rung, not a crash
+        _restore(state, cond, latents, k, per)
+        return RungResult(rung="token", ran=False, note=f"{type(error).__name__}: {error}"), False
+    scoring = found.scored * scorer.samples / max(steps, 1)  # one scored prompt: `samples` rows of 2 evaluations
+    outcome = RungResult(rung="token", ran=True, generations=scoring, edits={
+        "word_indices": word_indices(text, found.removed, prompt_words(text)),
+        "words": list(found.removed),
+        "score": round(found.score, 6),
+        "target": round(target, 6),
+        "scored_prompts": found.scored,
+        "exhausted": found.exhausted,
+    })
+    return outcome, found.score <= target
 
 
 def _fallback(decision: Decision, settings: RewriteSettings, ladder: RewriteResult) -> Decision:

@@ -31,6 +31,7 @@ __all__ = [
     "ranked_spans",
     "replace_spans",
     "rewrite_triggers",
+    "word_indices",
 ]
 
 #: Kind -> phrases of that kind.
@@ -170,6 +171,7 @@ class TriggerRewrite:
     inserted: tuple[str, ...]
     rounds: int
     scored: int
+    exhausted: bool = False  # no further word raises the score (or max_words reached): no deeper edit exists
 
     @property
     def changed(self) -> bool:
@@ -184,6 +186,7 @@ def rewrite_triggers(
     target: float,
     lexicon: Lexicon | None = None,
     max_words: int = 3,
+    min_words: int = 0,
     limit: int = 64,
 ) -> TriggerRewrite:
     """Greedy trigger-word rewrite: while the score is above ``target`` and fewer than ``max_words`` words were
@@ -191,18 +194,21 @@ def rewrite_triggers(
     objects, occlusion), take the top word, build its edits (``edits(..., mode="replace")``: each other
     phrase of its kind, or deletion), score them all and keep the lowest-scoring one. Each round re-explains
     the edited prompt, because removing one trigger changes what the others carry (a word pair splits its
-    weight). Stops early when no word has a positive weight.
+    weight). Stops early when no word has a positive weight. ``min_words`` edits at least that many words even
+    below the target (a deeper edit after a shallower one failed verification).
     """
     current = prompt
     current_score = float(score([prompt])[0])
     scored, rounds = 1, 0
     removed: list[str] = []
     inserted: list[str] = []
-    while current_score > target and len(removed) < max_words:
+    exhausted = False
+    while (current_score > target or len(removed) < min_words) and len(removed) < max_words:
         words = list(explain(current))
         scored += len(words) + 1
         spans = ranked_spans(words, 1)
         if not spans:
+            exhausted = True
             break
         candidates = edits(current, spans, lexicon, limit=limit)
         values = [float(v) for v in score([c.prompt for c in candidates])]
@@ -212,4 +218,23 @@ def rewrite_triggers(
         removed += candidates[best].removed
         inserted += candidates[best].inserted
         rounds += 1
-    return TriggerRewrite(current, current_score, tuple(removed), tuple(inserted), rounds, scored)
+    exhausted = exhausted or len(removed) >= max_words
+    return TriggerRewrite(current, current_score, tuple(removed), tuple(inserted), rounds, scored, exhausted)
+
+
+def word_indices(prompt: str, words: Sequence[str], spans: Sequence[tuple[int, int]]) -> list[int]:
+    """The indices (into ``spans``, the prompt's words) of ``words`` edited out of ``prompt``: each taken at its
+    first unused occurrence, case-insensitively; a phrase covers every word it spans. What an audit record keeps
+    when the words themselves may not be logged."""
+    used: set[int] = set()
+    found: list[int] = []
+    lowered = prompt.lower()
+    for word in words:
+        pattern = r"(?<![\w'-])" + r"\s+".join(map(re.escape, word.lower().split())) + r"(?![\w'-])"
+        for match in re.finditer(pattern, lowered):
+            covered = [i for i, (a, b) in enumerate(spans) if match.start() <= a and b <= match.end()]
+            if covered and not used.intersection(covered):
+                used.update(covered)
+                found.extend(covered)
+                break
+    return sorted(found)

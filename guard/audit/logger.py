@@ -98,8 +98,8 @@ def add_request_id(_: Any, __: str, event: EventDict) -> EventDict:
 
 
 class ProtectPrompt:
-    """Replaces the plain prompt by its hash or ``[redacted]`` (and drops the explanation's words), unless the event
-    says how it is stored."""
+    """Replaces the plain prompt by its hash or ``[redacted]`` (and drops the explanation's words and the words a
+    rewrite deleted), unless the event says how it is stored."""
 
     def __init__(self, mode: PromptMode, salt: str | None = None):
         self.mode = mode
@@ -113,6 +113,13 @@ class ProtectPrompt:
             if isinstance(explanation, dict) and self.mode != "plain":  # the words are prompt text
                 event["explanation"] = {**explanation, "words": [
                     {k: v for k, v in item.items() if k != "word"} for item in explanation.get("words") or ()]}
+        elif event.get("event") == "outcome" and self.mode != "plain":
+            extras = event.get("extras")
+            mitigation = extras.get("mitigation") if isinstance(extras, dict) else None
+            if isinstance(mitigation, dict) and any(rung.get("edits") for rung in mitigation.get("rungs") or ()):
+                event["extras"] = {**extras, "mitigation": {**mitigation, "rungs": [  # deleted words: prompt text
+                    {**rung, "edits": {k: v for k, v in rung["edits"].items() if k != "words"}} if rung.get("edits")
+                    else rung for rung in mitigation["rungs"]]}}
         return event
 
 

@@ -125,7 +125,7 @@ class RewriteTarget(_Model):
         return self
 
 
-Rung = Literal["guidance_schedule", "prompt_embedding", "initial_noise", "combined"]
+Rung = Literal["guidance_schedule", "token", "prompt_embedding", "initial_noise", "combined"]
 
 
 class GuidanceStage(_Model):
@@ -169,8 +169,10 @@ class RewriteSettings(_Model):
     ``ladder`` lists mitigation methods cheapest first; each rung's generation is verified (``verify``) and
     released as soon as one passes; if none does, ``fallback`` applies. ``method`` is a one-rung ladder
     (give one of the two). Optimising rungs stop at ``target`` (default: below the score threshold of the
-    rule that matched) or after ``max_steps``. With ``verify: null`` nothing is verified: the first rung that
-    meets the score target is released as an unverified rewrite.
+    rule that matched) or after ``max_steps``. ``token`` deletes the words that carry the score (occlusion), one
+    at a time and re-attributed after each, until the score is under the target or ``max_words`` are gone. With
+    ``verify: null`` nothing is verified: the first rung that meets the score target is released as an unverified
+    rewrite.
     """
 
     method: Rung | None = None
@@ -179,6 +181,7 @@ class RewriteSettings(_Model):
     max_steps: int = Field(default=10, ge=1, le=1000)
     lr: float = Field(default=0.05, gt=0.0, le=10.0, allow_inf_nan=False)
     proximity: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
+    max_words: int = Field(default=3, ge=1, le=16)
     guidance: tuple[GuidanceStage, ...] = (GuidanceStage(until=0.5, scale=-2.0),)
     verify: VerifySettings | None = VerifySettings()
     fallback: ErrorAction = "block"
