@@ -14,7 +14,8 @@ def test_readme_example_on_the_shipped_model_runs(tmp_path, monkeypatch, capsys)
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "allow"
     action, method, verified = printed[1].split()
-    assert action == "rewrite" and method in {"guidance_schedule", "token", "prompt_embedding", "initial_noise", "combined"}
+    assert action == "rewrite"
+    assert method in {"guidance_schedule", "token", "prompt_embedding", "initial_noise", "combined"}
     assert verified == "True"
     assert printed[2].startswith("blocked: rule block-memorized matched")
     assert (tmp_path / "demo-audit.jsonl").exists()
