@@ -280,6 +280,13 @@ def _restore(state: LadderState, cond: TextConditioning, latents: torch.Tensor |
         state.guidance.pop(row, None)
 
 
+def _set_row(state: LadderState, k: int, row: TextConditioning) -> None:
+    """Prompt ``k``'s conditioning in ``state`` replaced by the one-row ``row`` (pooled too, where both have it)."""
+    state.cond.embeds[k] = row.embeds[0].to(state.cond.embeds.device, state.cond.embeds.dtype)
+    if state.cond.pooled is not None and row.pooled is not None:
+        state.cond.pooled[k] = row.pooled[0].to(state.cond.pooled.device, state.cond.pooled.dtype)
+
+
 def _prepare(
     rung: Rung,
     k: int,
@@ -318,9 +325,7 @@ def _prepare(
             outcome.optimisations.append(adapted.summary())
             met = met and adapted.met
             row = adapted.cond
-            state.cond.embeds[k] = row.embeds[0].to(state.cond.embeds.device, state.cond.embeds.dtype)
-            if state.cond.pooled is not None and row.pooled is not None:
-                state.cond.pooled[k] = row.pooled[0].to(state.cond.pooled.device, state.cond.pooled.dtype)
+            _set_row(state, k, row)
         if rung in ("initial_noise", "combined"):
             own = latents[rows]
             moved = mitigate_initial_noise(scorer, row, own, target=target, max_steps=settings.max_steps,
@@ -376,9 +381,7 @@ def _prepare_token(
             return RungResult(rung="token", ran=False, note="no (further) word raises the score, so none is "
                                                             "deleted"), False
         edited = scorer.encode([found.prompt], **encode_options)
-        state.cond.embeds[k] = edited.embeds[0].to(state.cond.embeds.device, state.cond.embeds.dtype)
-        if state.cond.pooled is not None and edited.pooled is not None:
-            state.cond.pooled[k] = edited.pooled[0].to(state.cond.pooled.device, state.cond.pooled.dtype)
+        _set_row(state, k, edited)
     except Exception as error:  # a prompt that cannot be edited or re-encoded is a failed rung, not a crash
         _restore(state, cond, latents, k, per)
         return RungResult(rung="token", ran=False, note=f"{type(error).__name__}: {error}"), False
