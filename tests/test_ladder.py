@@ -113,6 +113,27 @@ def test_every_rung_in_order_then_the_fallback(sd_pipe, tmp_path):
     assert all(r["extras"]["mitigation"]["verified"] is False for r in outcomes(log))
 
 
+def test_a_budget_stops_the_ladder_before_a_rung_it_cannot_afford(sd_pipe, tmp_path):
+    """With ``max_generations``, no rung starts with less than one generation left; the rest are recorded as
+    skipped, and the prompt takes its fallback having spent at most the budget plus the last rung's cost."""
+    policy = ladder_policy(RUNGS, verify={"max_similarity": -1.0}, fallback="warn")
+    unbounded = Guard(sd_pipe, policy, audit_path=tmp_path / "a.jsonl")
+    with pytest.warns(MemorizationWarning):
+        full = generate(unbounded, CAT).memguard.mitigations[0]
+    spent_before = [sum(r.generations for r in full.rungs[:i]) + (full.generations - sum(
+        r.generations for r in full.rungs)) for i in range(len(full.rungs))]
+    budget = spent_before[2] + 1.25  # the third rung starts (one generation left); after it, less than one is
+    assert spent_before[3] + 1.0 > budget
+    policy["rules"][0]["rewrite"]["max_generations"] = budget
+    bounded = Guard(sd_pipe, policy, audit_path=tmp_path / "b.jsonl")
+    with pytest.warns(MemorizationWarning):
+        ladder = generate(bounded, CAT).memguard.mitigations[0]
+    assert [r.rung for r in ladder.rungs] == RUNGS
+    assert [r.ran for r in ladder.rungs] == [True, True, True, False]
+    assert "generations spent" in ladder.rungs[3].note
+    assert ladder.generations == pytest.approx(spent_before[3], rel=1e-6)
+
+
 def test_the_ladder_stops_at_the_first_rung_that_passes(sd_pipe, tmp_path):
     similarity = {}
     for rung in ("guidance_schedule", "prompt_embedding"):

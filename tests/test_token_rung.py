@@ -134,3 +134,16 @@ def test_word_indices_name_the_deleted_words_in_the_original_prompt():
     assert word_indices(prompt, ["red", "red"], spans) == [1, 4]
     assert word_indices(prompt, ["blue sky"], spans) == [8, 9]
     assert word_indices(prompt, ["green"], spans) == []
+
+
+def test_initial_noise_is_skipped_when_the_model_draws_one_image_whatever_the_noise(vhard, tmp_path):
+    pipe, memorized = vhard
+    guard = Guard(pipe, _token_policy(ladder=("initial_noise", "token")), calibration=VHARD / "calibration.json",
+                  audit_path=tmp_path / "audit.jsonl")
+    report = _run(guard, prompt=memorized[2])
+    guard.close()
+    ladder = report.mitigations[0]
+    assert ladder.probe_agreement >= 0.9  # v-hard's probes of a memorized prompt from two noises: one image
+    noise = ladder.rungs[0]
+    assert noise.rung == "initial_noise" and not noise.ran and "agree" in noise.note
+    assert ladder.rungs[1].rung == "token" and ladder.rungs[1].ran

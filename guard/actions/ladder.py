@@ -33,7 +33,7 @@ from ..policy import (
 )
 from ..scoring import Scorer, TextConditioning, explain_prompt, prompt_words
 from .generation import GenerationJob, GenerationResult, Generator
-from .mitigation import mitigate_initial_noise, mitigate_prompt_embedding, noise_seed
+from .mitigation import NOISE_CANDIDATES, mitigate_initial_noise, mitigate_prompt_embedding, noise_seed
 from .trigger_words import rewrite_triggers, word_indices
 from .verification import probe_similarity, run_probes
 
@@ -173,6 +173,11 @@ def run_ladder(
             position[k] += 1
             ladder = results[decisions[k].prompt_index]
             rung_started = time.perf_counter()
+            budget = settings.max_generations
+            if budget is not None and ladder.generations + 1.0 > budget:
+                ladder.rungs.append(RungResult(rung=rung, ran=False, note=(
+                    f"skipped: {ladder.generations:.2f} of the rewrite's {budget:g} generations spent")))
+                continue
             if rung == "initial_noise" and (ladder.probe_agreement or 0.0) >= FIXED_IMAGE_AGREEMENT:
                 ladder.rungs.append(RungResult(rung=rung, ran=False, note=(
                     f"skipped: the prompt's probes from different noises agree at {ladder.probe_agreement:.3f} "
@@ -184,8 +189,9 @@ def run_ladder(
                 outcome, met = _prepare_token(k, settings, decisions[k], scorer, cond, latents, state, per, text,
                                               dict(encode_options or {}), steps, token_words.get(k, 0))
             else:
+                steps = generate.steps if generate is not None else 50
                 outcome, met = _prepare(rung, k, settings, decisions[k], scorer, cond, latents, state, per,
-                                        guidance_available)
+                                        guidance_available, steps)
             outcome.seconds = time.perf_counter() - rung_started
             ladder.rungs.append(outcome)
             ladder.generations += outcome.generations  # what preparing it cost (the token rung's scoring)
@@ -280,6 +286,12 @@ def _restore(state: LadderState, cond: TextConditioning, latents: torch.Tensor |
         state.guidance.pop(row, None)
 
 
+def _share(rows: float, steps: int) -> float:
+    """What ``rows`` denoiser row evaluations cost in guided ``steps``-step generations (2 rows per step). A scored
+    noise draw is 2 rows (the two timesteps); an optimisation step on it, forward and backward, about 6."""
+    return rows / (2.0 * max(steps, 1))
+
+
 def _set_row(state: LadderState, k: int, row: TextConditioning) -> None:
     """Prompt ``k``'s conditioning in ``state`` replaced by the one-row ``row`` (pooled too, where both have it)."""
     state.cond.embeds[k] = row.embeds[0].to(state.cond.embeds.device, state.cond.embeds.dtype)
@@ -298,6 +310,7 @@ def _prepare(
     state: LadderState,
     per: int,
     guidance_available: str | None,
+    steps: int,
 ) -> tuple[RungResult, bool]:
     """Set prompt ``k``'s inputs in ``state`` for ``rung`` (starting from its original inputs); returns the rung's
     result and whether every optimisation met its score target."""
@@ -323,6 +336,7 @@ def _prepare(
             adapted = mitigate_prompt_embedding(scorer, row, target=target, max_steps=settings.max_steps,
                                                 lr=settings.lr, proximity=settings.proximity)
             outcome.optimisations.append(adapted.summary())
+            outcome.generations += _share(6 * adapted.steps * scorer.samples, steps)
             met = met and adapted.met
             row = adapted.cond
             _set_row(state, k, row)
@@ -331,6 +345,7 @@ def _prepare(
             moved = mitigate_initial_noise(scorer, row, own, target=target, max_steps=settings.max_steps,
                                            lr=settings.lr, seed=noise_seed(own))
             outcome.optimisations.append(moved.summary())
+            outcome.generations += _share(6 * moved.steps * NOISE_CANDIDATES * scorer.samples, steps)
             met = met and moved.met
             state.latents[rows] = moved.latents.to(state.latents.device, state.latents.dtype)
     except Exception as error:  # a failed optimisation is a failed rung, not a crash of the call
@@ -385,8 +400,7 @@ def _prepare_token(
     except Exception as error:  # a prompt that cannot be edited or re-encoded is a failed rung, not a crash
         _restore(state, cond, latents, k, per)
         return RungResult(rung="token", ran=False, note=f"{type(error).__name__}: {error}"), False
-    scoring = found.scored * scorer.samples / max(steps, 1)  # one scored prompt: `samples` rows of 2 evaluations
-    outcome = RungResult(rung="token", ran=True, generations=scoring, edits={
+    outcome = RungResult(rung="token", ran=True, generations=_share(2 * found.scored * scorer.samples, steps), edits={
         "word_indices": word_indices(text, found.removed, prompt_words(text)),
         "words": list(found.removed),
         "score": round(found.score, 6),

@@ -33,6 +33,9 @@ __all__ = [
     "noise_seed",
 ]
 
+#: Initial noises the ``initial_noise`` rung optimises side by side (the call's own first).
+NOISE_CANDIDATES = 8
+
 
 @dataclass
 class MitigationResult:
@@ -147,7 +150,7 @@ def mitigate_initial_noise(
     max_steps: int = 10,
     lr: float = 0.05,
     lam: float | None = None,
-    candidates: int = 8,
+    candidates: int = NOISE_CANDIDATES,
     threshold: float | None = None,
     seed: int = 0,
 ) -> MitigationResult:

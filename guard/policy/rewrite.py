@@ -42,7 +42,8 @@ class Optimisation(_Result):
 
 class RungResult(_Result):
     """One rung for one prompt: whether it ran, what its optimisations did, what verification measured, and what
-    it cost in generations (the rung's own candidate generation shared out, extra re-scorings not counted)."""
+    it cost in generations (its candidate generation, and its optimisation or scoring passes at their share of a
+    generation: a pass over ``r`` rows costs ``r / (2 * steps)`` of a guided ``steps``-step generation)."""
 
     rung: str
     ran: bool

@@ -170,7 +170,9 @@ class RewriteSettings(_Model):
     released as soon as one passes; if none does, ``fallback`` applies. ``method`` is a one-rung ladder
     (give one of the two). Optimising rungs stop at ``target`` (default: below the score threshold of the
     rule that matched) or after ``max_steps``. ``token`` deletes the words that carry the score (occlusion), one
-    at a time and re-attributed after each, until the score is under the target or ``max_words`` are gone. With
+    at a time and re-attributed after each, until the score is under the target or ``max_words`` are gone.
+    ``max_generations`` caps what one prompt's rewrite spends (probes, candidate generations, optimisation and
+    scoring passes at their share of a generation): no rung starts with less than one generation left. With
     ``verify: null`` nothing is verified: the first rung that meets the score target is released as an unverified
     rewrite.
     """
@@ -182,6 +184,7 @@ class RewriteSettings(_Model):
     lr: float = Field(default=0.05, gt=0.0, le=10.0, allow_inf_nan=False)
     proximity: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     max_words: int = Field(default=3, ge=1, le=16)
+    max_generations: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
     guidance: tuple[GuidanceStage, ...] = (GuidanceStage(until=0.5, scale=-2.0),)
     verify: VerifySettings | None = VerifySettings()
     fallback: ErrorAction = "block"
