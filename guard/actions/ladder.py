@@ -34,7 +34,7 @@ from ..policy import (
 from ..scoring import Scorer, TextConditioning, explain_prompt, prompt_words
 from .generation import GenerationJob, GenerationResult, Generator
 from .mitigation import NOISE_CANDIDATES, mitigate_initial_noise, mitigate_prompt_embedding, noise_seed
-from .trigger_words import rewrite_triggers, word_indices
+from .trigger_words import TriggerRewrite, rewrite_triggers, word_indices
 from .verification import probe_similarity, run_probes
 
 __all__ = ["LadderResult", "LadderState", "RungResult", "run_ladder"]
@@ -163,7 +163,7 @@ def run_ladder(
         _restore(state, cond, latents, k, per)
 
     position = dict.fromkeys(pending, 0)  # each prompt's next rung
-    token_words: dict[int, int] = {}  # a token rung that failed verification is tried again one word deeper
+    deeper: dict[int, TriggerRewrite] = {}  # a token edit that failed verification, to go one word deeper from
     while any(position[k] < len(settings.rungs) for k, settings in pending.items()):
         generated: dict[int, RungResult] = {}
         for k, settings in list(pending.items()):
@@ -183,18 +183,21 @@ def run_ladder(
                     f"skipped: the prompt's probes from different noises agree at {ladder.probe_agreement:.3f} "
                     f">= {FIXED_IMAGE_AGREEMENT}, so another initial noise cannot move its image")))
                 continue
+            steps = generate.steps if generate is not None else 50
+            previous = deeper.pop(k, None)
             if rung == "token":
                 text = texts[k] if texts is not None and k < len(texts) else None
-                steps = generate.steps if generate is not None else 50
-                outcome, met = _prepare_token(k, settings, decisions[k], scorer, cond, latents, state, per, text,
-                                              dict(encode_options or {}), steps, token_words.get(k, 0))
+                outcome, met, edit = _prepare_token(k, settings, decisions[k], scorer, cond, latents, state, per,
+                                                    text, dict(encode_options or {}), steps, previous)
             else:
-                steps = generate.steps if generate is not None else 50
                 outcome, met = _prepare(rung, k, settings, decisions[k], scorer, cond, latents, state, per,
                                         guidance_available, steps)
+                edit = None
             outcome.seconds = time.perf_counter() - rung_started
             ladder.rungs.append(outcome)
-            ladder.generations += outcome.generations  # what preparing it cost (the token rung's scoring)
+            ladder.generations += outcome.generations  # what preparing it cost (optimisation or scoring passes)
+            if edit is not None and not edit.exhausted:
+                deeper[k] = edit
             if not outcome.ran:
                 continue
             if settings.verify is None and not met:
@@ -233,9 +236,8 @@ def run_ladder(
             else:
                 reset(k)
                 state.last = None  # the inputs changed since that generation
-                if outcome.rung == "token" and outcome.edits and not outcome.edits.get("exhausted"):
-                    token_words[k] = len(outcome.edits["words"]) + 1
-                    position[k] -= 1
+                if outcome.rung == "token" and k in deeper:
+                    position[k] -= 1  # the same rung again, one word deeper
     for k, settings in pending.items():
         decisions[k] = _fallback(decisions[k], settings, results[decisions[k].prompt_index])
     elapsed = time.perf_counter() - started
@@ -372,43 +374,48 @@ def _prepare_token(
     text: str | None,
     encode_options: dict[str, Any],
     steps: int,
-    min_words: int,
-) -> tuple[RungResult, bool]:
+    previous: TriggerRewrite | None,
+) -> tuple[RungResult, bool, TriggerRewrite | None]:
     """Prompt ``k``'s conditioning re-encoded from its text without the words that carry its score: occlusion
     names the top word, it is deleted, the rest re-attributed, until the score is under the rewrite target or
-    ``max_words`` are gone (at least ``min_words``: a deeper edit after one that failed verification). The record
-    keeps the deleted words' indices (the words too; the audit logger drops them
-    unless prompts are logged plain) and the scoring passes spent, in generations."""
+    ``max_words`` are gone. After an edit that failed verification (``previous``) it goes on from that edit, one
+    word deeper. The record keeps the deleted words' indices and the words (the audit logger drops the words unless
+    prompts are logged plain), and the scoring passes spent, in generations. Returns the rung's result, whether the
+    score target was met, and the edit (None when the rung did not run)."""
     _restore(state, cond, latents, k, per)
     if not text or not text.strip():
-        return RungResult(rung="token", ran=False, note="needs the prompt's text; the call gave only embeddings"), False
+        return RungResult(rung="token", ran=False, note="needs the prompt's text; the call gave only embeddings"), \
+            False, None
     target = float(decision.rewrite_target)
+    start = previous.prompt if previous is not None else text
+    done = len(previous.removed) if previous is not None else 0
     try:
         found = rewrite_triggers(
-            text,
+            start,
             explain=lambda prompt: explain_prompt(scorer, prompt, encode_options=encode_options).words,
             score=lambda prompts: [r.score for r in scorer.score(list(prompts), **encode_options)],
             target=target,
-            max_words=settings.max_words,
-            min_words=min_words,
+            max_words=settings.max_words - done,
+            min_words=1 if previous is not None else 0,
         )
-        if not found.changed or len(found.removed) < min_words:
+        if not found.changed:
             return RungResult(rung="token", ran=False, note="no (further) word raises the score, so none is "
-                                                            "deleted"), False
+                                                            "deleted"), False, None
         edited = scorer.encode([found.prompt], **encode_options)
         _set_row(state, k, edited)
     except Exception as error:  # a prompt that cannot be edited or re-encoded is a failed rung, not a crash
         _restore(state, cond, latents, k, per)
-        return RungResult(rung="token", ran=False, note=f"{type(error).__name__}: {error}"), False
+        return RungResult(rung="token", ran=False, note=f"{type(error).__name__}: {error}"), False, None
+    removed = (*(previous.removed if previous is not None else ()), *found.removed)
     outcome = RungResult(rung="token", ran=True, generations=_share(2 * found.scored * scorer.samples, steps), edits={
-        "word_indices": word_indices(text, found.removed, prompt_words(text)),
-        "words": list(found.removed),
+        "word_indices": word_indices(text, removed, prompt_words(text)),
+        "words": list(removed),
         "score": round(found.score, 6),
         "target": round(target, 6),
         "scored_prompts": found.scored,
-        "exhausted": found.exhausted,
     })
-    return outcome, found.score <= target
+    edit = TriggerRewrite(found.prompt, found.score, removed, (), found.rounds, found.scored, found.exhausted)
+    return outcome, found.score <= target, edit
 
 
 def _fallback(decision: Decision, settings: RewriteSettings, ladder: RewriteResult) -> Decision:
