@@ -106,6 +106,19 @@ def forced(policy_name: str) -> dict:
     return policy
 
 
+def cost_account(rows: list[dict], plain_cost: float, policy: str) -> str:
+    """Per outcome (released, blocked): prompts, the generations the guard recorded spending (probes, candidates,
+    optimisation and scoring passes at their share) and the wall time, both per prompt in plain generations."""
+    body = []
+    for label, group in (("released", [r for r in rows if r["released"]]),
+                         ("blocked", [r for r in rows if not r["released"]])):
+        counted = [r["generations"] for r in group if r.get("generations") is not None]
+        body.append([label, len(group), round(statistics.mean(counted), 2) if counted else "-",
+                     round(statistics.mean(r["seconds"] for r in group) / plain_cost, 2) if group else "-"])
+    return table([f"{policy}: outcome", "prompts", "generations recorded, mean", "wall time (x one generation), mean"],
+                 body)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, required=True)
@@ -189,6 +202,7 @@ def main() -> None:
                          "released": released, "seconds": time.perf_counter() - started,
                          "action": report.decisions[0].action, "rule": report.decisions[0].rule,
                          "rung": None if ladder is None else ladder.released,
+                         "generations": 1.0 if ladder is None else round(ladder.generations, 3),
                          "rungs": [] if ladder is None else [r.rung for r in ladder.rungs if r.ran]})
         print(f"  {caption[:40]!r} ({copies} copies) done", flush=True)
     meter.handle.remove()
@@ -220,6 +234,7 @@ def main() -> None:
     for row in by_variant[args.policy]:
         rungs_used[row["rung"] or f"fell back ({row['action']})"] += 1
     print("\n" + table([f"{args.policy}: released by", "prompts"], [[k, v] for k, v in rungs_used.items()]))
+    print("\n" + cost_account(by_variant[args.policy], plain_cost, args.policy))
 
     rewritten = [r for v in RUNGS for r in by_variant[v]]
     signal_rows = []
