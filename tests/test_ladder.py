@@ -113,25 +113,30 @@ def test_every_rung_in_order_then_the_fallback(sd_pipe, tmp_path):
     assert all(r["extras"]["mitigation"]["verified"] is False for r in outcomes(log))
 
 
-def test_a_budget_stops_the_ladder_before_a_rung_it_cannot_afford(sd_pipe, tmp_path):
-    """With ``max_generations``, no rung starts with less than one generation left; the rest are recorded as
-    skipped, and the prompt takes its fallback having spent at most the budget plus the last rung's cost."""
-    policy = ladder_policy(RUNGS, verify={"max_similarity": -1.0}, fallback="warn")
+def test_a_budget_caps_what_a_prompt_s_rewrite_spends(sd_pipe, tmp_path):
+    """With ``max_generations``, a rung starts only if its generation fits in what is left and its optimisation
+    steps are cut to fit: the prompt takes its fallback having spent no more than the budget, the rungs it could
+    not afford recorded as skipped."""
+    policy = ladder_policy(RUNGS, verify={"max_similarity": -1.0}, fallback="warn", max_steps=4)
     unbounded = Guard(sd_pipe, policy, audit_path=tmp_path / "a.jsonl")
     with pytest.warns(MemorizationWarning):
         full = generate(unbounded, CAT).memguard.mitigations[0]
-    spent_before = [sum(r.generations for r in full.rungs[:i]) + (full.generations - sum(
-        r.generations for r in full.rungs)) for i in range(len(full.rungs))]
-    budget = spent_before[2] + 1.25  # the third rung starts (one generation left); after it, less than one is
-    assert spent_before[3] + 1.0 > budget
+    probes = full.generations - sum(r.generations for r in full.rungs)
+    noise_step = (full.rungs[2].generations - 1.0) / full.rungs[2].optimisations[0].steps
+    # two rungs, then initial_noise's generation and 2.5 of its optimisation steps
+    budget = probes + full.rungs[0].generations + full.rungs[1].generations + 1.0 + 2.5 * noise_step
+    assert full.generations > budget + 1.0
     policy["rules"][0]["rewrite"]["max_generations"] = budget
     bounded = Guard(sd_pipe, policy, audit_path=tmp_path / "b.jsonl")
     with pytest.warns(MemorizationWarning):
         ladder = generate(bounded, CAT).memguard.mitigations[0]
     assert [r.rung for r in ladder.rungs] == RUNGS
-    assert [r.ran for r in ladder.rungs] == [True, True, True, False]
-    assert "generations spent" in ladder.rungs[3].note
-    assert ladder.generations == pytest.approx(spent_before[3], rel=1e-6)
+    assert [r.ran for r in ladder.rungs[:2]] == [True, True]
+    assert ladder.rungs[0].generations == pytest.approx(full.rungs[0].generations)
+    assert ladder.generations <= budget + 1e-9
+    noise, combined = ladder.rungs[2:]
+    assert noise.ran and [o.steps for o in noise.optimisations] == [2]  # cut to what the budget leaves
+    assert not combined.ran and "budget" in combined.note
 
 
 def test_the_ladder_stops_at_the_first_rung_that_passes(sd_pipe, tmp_path):

@@ -174,7 +174,8 @@ def run_ladder(
             ladder = results[decisions[k].prompt_index]
             rung_started = time.perf_counter()
             budget = settings.max_generations
-            if budget is not None and ladder.generations + 1.0 > budget:
+            left = None if budget is None else budget - ladder.generations - per  # after the rung's generation
+            if left is not None and left < 0:
                 ladder.rungs.append(RungResult(rung=rung, ran=False, note=(
                     f"skipped: {ladder.generations:.2f} of the rewrite's {budget:g} generations spent")))
                 continue
@@ -191,7 +192,7 @@ def run_ladder(
                                                     text, dict(encode_options or {}), steps, previous)
             else:
                 outcome, met = _prepare(rung, k, settings, decisions[k], scorer, cond, latents, state, per,
-                                        guidance_available, steps)
+                                        guidance_available, steps, left)
                 edit = None
             outcome.seconds = time.perf_counter() - rung_started
             ladder.rungs.append(outcome)
@@ -313,9 +314,11 @@ def _prepare(
     per: int,
     guidance_available: str | None,
     steps: int,
+    left: float | None,
 ) -> tuple[RungResult, bool]:
     """Set prompt ``k``'s inputs in ``state`` for ``rung`` (starting from its original inputs); returns the rung's
-    result and whether every optimisation met its score target."""
+    result and whether every optimisation met its score target. ``left``: the generations its optimisations may
+    spend (None: no budget); their step counts are cut to fit it, and a rung that cannot take one step is skipped."""
     rows = _rows(k, per)
     _restore(state, cond, latents, k, per)
     if latents is None and rung in ("initial_noise", "combined"):
@@ -329,25 +332,34 @@ def _prepare(
         if rung == "guidance_schedule":
             return RungResult(rung=rung, ran=False, note=guidance_available), False
         uses_guidance = False
+    embedding_step = _share(6 * scorer.samples, steps) if rung in ("prompt_embedding", "combined") else 0.0
+    noise_step = _share(6 * NOISE_CANDIDATES * scorer.samples, steps) if rung in ("initial_noise", "combined") else 0.0
+    if left is not None and left < embedding_step + noise_step:
+        return RungResult(rung=rung, ran=False, note=f"skipped: the rewrite's budget leaves {left:.2f} generations, "
+                                                     "less than one optimisation step"), False
     outcome = RungResult(rung=rung, ran=True)
     met = True
     target = float(decision.rewrite_target)
     row = cond.select([k])
     try:
         if rung in ("prompt_embedding", "combined"):
-            adapted = mitigate_prompt_embedding(scorer, row, target=target, max_steps=settings.max_steps,
-                                                lr=settings.lr, proximity=settings.proximity)
+            cap = settings.max_steps if left is None else min(settings.max_steps,
+                                                               int((left - noise_step) // embedding_step))
+            adapted = mitigate_prompt_embedding(scorer, row, target=target, max_steps=cap, lr=settings.lr,
+                                                proximity=settings.proximity)
             outcome.optimisations.append(adapted.summary())
-            outcome.generations += _share(6 * adapted.steps * scorer.samples, steps)
+            outcome.generations += adapted.steps * embedding_step
             met = met and adapted.met
             row = adapted.cond
             _set_row(state, k, row)
         if rung in ("initial_noise", "combined"):
             own = latents[rows]
-            moved = mitigate_initial_noise(scorer, row, own, target=target, max_steps=settings.max_steps,
-                                           lr=settings.lr, seed=noise_seed(own))
+            cap = settings.max_steps if left is None else min(settings.max_steps,
+                                                               int((left - outcome.generations) // noise_step))
+            moved = mitigate_initial_noise(scorer, row, own, target=target, max_steps=cap, lr=settings.lr,
+                                           seed=noise_seed(own))
             outcome.optimisations.append(moved.summary())
-            outcome.generations += _share(6 * moved.steps * NOISE_CANDIDATES * scorer.samples, steps)
+            outcome.generations += moved.steps * noise_step
             met = met and moved.met
             state.latents[rows] = moved.latents.to(state.latents.device, state.latents.dtype)
     except Exception as error:  # a failed optimisation is a failed rung, not a crash of the call

@@ -172,7 +172,8 @@ class RewriteSettings(_Model):
     rule that matched) or after ``max_steps``. ``token`` deletes the words that carry the score (occlusion), one
     at a time and re-attributed after each, until the score is under the target or ``max_words`` are gone.
     ``max_generations`` caps what one prompt's rewrite spends (probes, candidate generations, optimisation and
-    scoring passes at their share of a generation): no rung starts with less than one generation left. With
+    scoring passes at their share of a generation): a rung starts only if its generation fits in what is left,
+    and its optimisation steps are cut to fit. With
     ``verify: null`` nothing is verified: the first rung that meets the score target is released as an unverified
     rewrite.
     """
