@@ -982,6 +982,34 @@ def test_guarded_sampler_rewrites_by_guidance_schedule_and_verifies(comfy, objec
     assert "rewritten by guidance_schedule, verified" in report
 
 
+def test_guarded_sampler_token_rung_samples_the_edited_prompt(comfy, objects, pipe, tmp_path):
+    """The token rung in ComfyUI: the prompt's text (found in the graph) without the word that carries its score,
+    encoded by the graph's CLIP, sampled by ComfyUI: the released latent is KSampler's for the edited prompt."""
+    from guard.actions.trigger_words import delete_spans
+    from guard.scoring import Scorer, prompt_words
+
+    prompt = "a photo of a cat on a red beach"
+    clip = objects["clip"]
+    encoded, pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
+    score = Scorer(pipe).score([prompt])[0].score
+    rewrite = {"ladder": ["token"], "target": {"score": score - 1e-4}, "max_words": 1,
+               "verify": {"max_similarity": 1.0, "probes": 1, "probe_steps": 3}, "fallback": "block"}
+    policy = _action_policy(tmp_path, "rewrite", score, rewrite=rewrite)
+    out = run_node(comfy, nodes(comfy)["MemguardGuardedKSampler"], graph=workflow("7", prompt),
+                   **sampler_inputs(objects, tmp_path, policy, positive=[[encoded, {"pooled_output": pooled}]]))
+    assert block_message(out) is None, out.args[2]
+    record = decision_record(tmp_path)
+    assert (record["action"], record["outcome"]) == ("rewrite", "rewritten")
+    (token,) = record["extras"]["mitigation"]["rungs"]
+    assert token["rung"] == "token" and token["ran"] and "words" not in token["edits"]  # hashed prompts
+    (index,) = token["edits"]["word_indices"]
+    edited = delete_spans(prompt, [prompt_words(prompt)[index]])
+    edited_cond, edited_pooled = clip.encode_from_tokens(clip.tokenize(edited), return_pooled=True)
+    expected = ksampler(objects, positive=[[edited_cond, {"pooled_output": edited_pooled}]])
+    assert torch.allclose(out.args[0]["samples"], expected, atol=1e-5)
+    assert not torch.allclose(out.args[0]["samples"], ksampler(objects, positive=[[encoded, {}]]), atol=1e-3)
+
+
 def test_guarded_sampler_unverified_rewrite_takes_the_fallback(comfy, objects, pipe, tmp_path):
     """No rung gets below the similarity threshold: the rule's fallback (block) ends the item with the reason."""
     expected = reference_score(pipe).score
