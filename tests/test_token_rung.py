@@ -147,3 +147,36 @@ def test_initial_noise_is_skipped_when_the_model_draws_one_image_whatever_the_no
     noise = ladder.rungs[0]
     assert noise.rung == "initial_noise" and not noise.ran and "agree" in noise.note
     assert ladder.rungs[1].rung == "token" and ladder.rungs[1].ran
+
+
+def test_strict_releases_vhard_prompts_only_as_images_that_are_not_copies(vhard, tmp_path):
+    """The outcome, not the proxy: against v-hard's own training latents (rebuilt by the memorizer's data code),
+    the unguarded model copies each of these memorized captions, and what the shipped strict policy releases for
+    them is no closer to the training image than unseen captions' images come to any training image. At 50 steps,
+    as the benchmark runs: strict's budget is in generations of the call, so shorter calls leave the ladder less
+    (at 20 steps the 25-step probes alone cost 2.5 generations)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from memorizers import cosine_rows, data_for, nearest
+
+    pipe, _ = vhard
+    data = data_for(VHARD)
+    unseen = data.nmem_captions[:24]
+    images = pipe(unseen, num_inference_steps=50, output_type="latent",
+                  generator=[torch.Generator().manual_seed(1000 + i) for i in range(len(unseen))]).images
+    near = nearest(images, data.train_latents)
+    level = float(near.mean() + 2.5 * near.std())  # the benchmark's copy level
+    guard = Guard(pipe, "strict", calibration=VHARD / "calibration.json", audit_path=tmp_path / "audit.jsonl")
+    for i in (1, 2):  # the two of the first three that need a deeper edit or a second word
+        caption, truth = data.mem_captions[i], data.train_latents[data.mem_latent_index[i]][None]
+        plain = pipe(caption, num_inference_steps=50, output_type="latent",
+                     generator=torch.Generator().manual_seed(i)).images
+        assert float(cosine_rows(plain, truth)[0]) > level  # unguarded: a copy
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = guard(prompt=caption, num_inference_steps=50, output_type="latent",
+                        generator=torch.Generator().manual_seed(i))
+        assert out.memguard.mitigations[0].verified
+        assert abs(float(cosine_rows(out.images, truth)[0])) < level, (caption, level)
+    guard.close()
