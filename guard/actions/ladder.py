@@ -162,6 +162,7 @@ def run_ladder(
     def reset(k: int) -> None:
         _restore(state, cond, latents, k, per)
 
+    steps = generate.steps if generate is not None else 50  # what a generation of this call is
     position = dict.fromkeys(pending, 0)  # each prompt's next rung
     deeper: dict[int, TriggerRewrite] = {}  # a token edit that failed verification, to go one word deeper from
     while any(position[k] < len(settings.rungs) for k, settings in pending.items()):
@@ -184,12 +185,12 @@ def run_ladder(
                     f"skipped: the prompt's probes from different noises agree at {ladder.probe_agreement:.3f} "
                     f">= {FIXED_IMAGE_AGREEMENT}, so another initial noise cannot move its image")))
                 continue
-            steps = generate.steps if generate is not None else 50
             previous = deeper.pop(k, None)
+            reset(k)  # every rung starts from the prompt's original inputs
             if rung == "token":
                 text = texts[k] if texts is not None and k < len(texts) else None
-                outcome, met, edit = _prepare_token(k, settings, decisions[k], scorer, cond, latents, state, per,
-                                                    text, dict(encode_options or {}), steps, previous)
+                outcome, met, edit = _prepare_token(k, settings, decisions[k], scorer, state, text,
+                                                    dict(encode_options or {}), steps, previous)
             else:
                 outcome, met = _prepare(rung, k, settings, decisions[k], scorer, cond, latents, state, per,
                                         guidance_available, steps, left)
@@ -200,6 +201,7 @@ def run_ladder(
             if edit is not None and not edit.exhausted:
                 deeper[k] = edit
             if not outcome.ran:
+                reset(k)  # whatever a failed preparation left behind
                 continue
             if settings.verify is None and not met:
                 reset(k)  # nothing to verify with: only a met score target releases
@@ -316,11 +318,11 @@ def _prepare(
     steps: int,
     left: float | None,
 ) -> tuple[RungResult, bool]:
-    """Set prompt ``k``'s inputs in ``state`` for ``rung`` (starting from its original inputs); returns the rung's
-    result and whether every optimisation met its score target. ``left``: the generations its optimisations may
-    spend (None: no budget); their step counts are cut to fit it, and a rung that cannot take one step is skipped."""
+    """Set prompt ``k``'s inputs in ``state`` for ``rung`` (the caller has put its original inputs back and resets
+    them when the rung does not run); returns the rung's result and whether every optimisation met its score target.
+    ``left``: the generations its optimisations may spend (None: no budget); their step counts are cut to fit it,
+    and a rung that cannot take one step is skipped."""
     rows = _rows(k, per)
-    _restore(state, cond, latents, k, per)
     if latents is None and rung in ("initial_noise", "combined"):
         return RungResult(rung=rung, ran=False, note="needs the generation's initial noise, which this front end "
                                                      "does not have"), False
@@ -362,8 +364,7 @@ def _prepare(
             outcome.generations += moved.steps * noise_step
             met = met and moved.met
             state.latents[rows] = moved.latents.to(state.latents.device, state.latents.dtype)
-    except Exception as error:  # a failed optimisation is a failed rung, not a crash of the call
-        _restore(state, cond, latents, k, per)
+    except Exception as error:  # a failed optimisation is a failed rung, not a crash of the call (the caller resets)
         outcome.ran, outcome.note = False, f"{type(error).__name__}: {error}"
         return outcome, False
     if uses_guidance:
@@ -379,10 +380,7 @@ def _prepare_token(
     settings: RewriteSettings,
     decision: Decision,
     scorer: Scorer,
-    cond: TextConditioning,
-    latents: torch.Tensor | None,
     state: LadderState,
-    per: int,
     text: str | None,
     encode_options: dict[str, Any],
     steps: int,
@@ -393,8 +391,8 @@ def _prepare_token(
     ``max_words`` are gone. After an edit that failed verification (``previous``) it goes on from that edit, one
     word deeper. The record keeps the deleted words' indices and the words (the audit logger drops the words unless
     prompts are logged plain), and the scoring passes spent, in generations. Returns the rung's result, whether the
-    score target was met, and the edit (None when the rung did not run)."""
-    _restore(state, cond, latents, k, per)
+    score target was met, and the edit (None when the rung did not run). The caller has put the prompt's original
+    inputs back, and resets them when the rung does not run."""
     if not text or not text.strip():
         return RungResult(rung="token", ran=False, note="needs the prompt's text; the call gave only embeddings"), \
             False, None
@@ -416,7 +414,6 @@ def _prepare_token(
         edited = scorer.encode([found.prompt], **encode_options)
         _set_row(state, k, edited)
     except Exception as error:  # a prompt that cannot be edited or re-encoded is a failed rung, not a crash
-        _restore(state, cond, latents, k, per)
         return RungResult(rung="token", ran=False, note=f"{type(error).__name__}: {error}"), False, None
     removed = (*(previous.removed if previous is not None else ()), *found.removed)
     outcome = RungResult(rung="token", ran=True, generations=_share(2 * found.scored * scorer.samples, steps), edits={
